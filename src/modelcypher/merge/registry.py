@@ -1,0 +1,75 @@
+"""Merge methods, registered by name.
+
+A method is a pure function on float32 tensors of one parameter:
+
+    fn(xs, base, **params) -> Tensor
+
+- ``xs``: the models' tensors in config order (the base model excluded when the method uses a base),
+- ``base``: the base model's tensor, or None,
+- per-model parameters (``weight``, ``density``, ...) arrive as lists, one value per entry of ``xs``;
+  global parameters (``normalize``, ``t``, ...) as scalars; the config name ``lambda`` arrives as
+  ``lambda_`` (a Python keyword);
+- ``rng``: a ``torch.Generator`` on the tensors' device, when the method is registered ``random=True``;
+- statistics named in ``stats`` (e.g. a per-model Fisher diagonal) arrive as lists of tensors.
+
+Methods never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+REQUIRED = object()  # default marking a parameter the config must give
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Any]
+    base: Literal["required", "optional", "none"]
+    paper: str
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+    global_params: Mapping[str, Any] = field(default_factory=dict)
+    random: bool = False
+    stats: tuple[str, ...] = ()
+    min_models: int = 1
+    max_models: int | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    *,
+    base: Literal["required", "optional", "none"],
+    paper: str,
+    model_params: Mapping[str, Any] | None = None,
+    global_params: Mapping[str, Any] | None = None,
+    random: bool = False,
+    stats: tuple[str, ...] = (),
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} registered twice")
+        METHODS[name] = Method(
+            name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
+            random, stats, min_models, max_models,
+        )
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    from modelcypher.merge import methods  # noqa: F401  (importing registers every method)
+
+    if name not in METHODS:
+        from modelcypher.errors import UserError
+
+        raise UserError(f"unknown merge_method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
