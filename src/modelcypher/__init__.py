@@ -1,0 +1,19 @@
+"""ModelCypher: align and merge neural networks with geometry.
+
+The API is imported lazily so that ``modelcypher --help`` does not pay for torch.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["merge", "plan_merge", "UserError"]
+
+
+def __getattr__(name: str):
+    if name in ("merge", "plan_merge"):
+        from modelcypher import api
+
+        return getattr(api, name)
+    if name == "UserError":
+        from modelcypher.errors import UserError
+
+        return UserError
+    raise AttributeError(f"module 'modelcypher' has no attribute {name!r}")

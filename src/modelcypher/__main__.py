@@ -1,0 +1,5 @@
+import sys
+
+from modelcypher.cli import main
+
+sys.exit(main())

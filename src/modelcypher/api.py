@@ -1,0 +1,42 @@
+"""The public Python API; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelcypher.checkpoint.writer import atomic_dir, parse_size
+from modelcypher.errors import UserError
+from modelcypher.merge.config import MergeConfig, parse_config
+from modelcypher.merge.plan import Plan, make_plan
+from modelcypher.merge.run import execute, resolve_device
+
+
+def plan_merge(config: str | Path | dict | MergeConfig, *, truncate_vocab: bool = False) -> Plan:
+    """Validate a config and plan every output tensor, reading only checkpoint headers."""
+    config_dir = Path(config).parent if isinstance(config, (str, Path)) and Path(config).is_file() else None
+    cfg = config if isinstance(config, MergeConfig) else parse_config(config)
+    return make_plan(cfg, config_dir=config_dir, truncate_vocab=truncate_vocab)
+
+
+def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: str = "auto",
+          max_shard_size: str | int = "5GB", random_seed: int = 0, allow_nonfinite: bool = False,
+          truncate_vocab: bool = False, overwrite: bool = False, dry_run: bool = False,
+          progress: bool = False) -> Plan:
+    """Merge the models a mergekit-style config names and write a Hugging Face model directory.
+
+    ``config`` is a YAML path, a YAML string, a dict or a parsed MergeConfig. Nothing is written when
+    ``dry_run`` is set; otherwise ``out`` appears whole or not at all.
+    """
+    shard_bytes = parse_size(max_shard_size)
+    dev = resolve_device(device)
+    plan = plan_merge(config, truncate_vocab=truncate_vocab)
+    out = Path(out)
+    for ck, name in zip(plan.models, plan.names, strict=True):
+        if out.resolve() == ck.path.resolve() or out.resolve().is_relative_to(ck.path.resolve()):
+            raise UserError(f"{out}: the output may not be inside the input model {name}")
+    if dry_run:
+        return plan
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
+                max_shard_size=shard_bytes, progress=progress)
+    return plan

@@ -1,0 +1,136 @@
+"""Writing a Hugging Face model directory: sharded safetensors with an index, atomically.
+
+Everything goes into a temporary directory beside the target and is renamed into place at the end;
+a failed or interrupted run removes it, so no half-written model is ever left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from modelcypher.checkpoint.safetensors_io import StreamingFile
+from modelcypher.errors import UserError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2e9 bytes (decimal, as Hugging Face does), '2GiB' -> 2**31, 1000 -> 1000."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
+    if not m:
+        raise UserError(f"size {text!r}: expected a number with a unit such as 500MB or 2GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def shard(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
+    """Consecutive tensors fill a shard up to the size limit (a larger tensor gets a shard of its own);
+    inside a shard wider dtypes come first so every tensor starts aligned to its element size."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        n = e[2].itemsize
+        for s in e[1]:
+            n *= s
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return [sorted(s, key=lambda e: -e[2].itemsize) for s in shards]
+
+
+class ShardedWriter:
+    """Writes tensors in ``order`` (decided by the sharding) into model[-0000i-of-0000n].safetensors."""
+
+    def __init__(self, out_dir: Path, entries: Sequence[Entry], max_shard_size: int):
+        self.out_dir = out_dir
+        self.shards = shard(entries, max_shard_size)
+        n = len(self.shards)
+        self.files = (["model.safetensors"] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.order = [e[0] for s in self.shards for e in s]
+        self._where = {e[0]: i for i, s in enumerate(self.shards) for e in s}
+        self._open: StreamingFile | None = None
+        self._opened = -1
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        i = self._where[name]
+        if i != self._opened:
+            if self._open:
+                self._open.close()
+            self._open = StreamingFile(self.out_dir / self.files[i], self.shards[i])
+            self._opened = i
+        self._open.write(name, t)
+
+    def finish(self) -> None:
+        if self._open:
+            self._open.close()
+        if len(self.files) > 1:
+            total = sum(e[2].itemsize * _numel(e[1]) for s in self.shards for e in s)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {e[0]: self.files[i] for i, s in enumerate(self.shards) for e in s}}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@contextmanager
+def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``target``; rename it to ``target`` on success."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: already exists; choose another output or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    # SIGTERM becomes an exception so the clean-up below runs, as it does for Ctrl-C.
+    old = signal.getsignal(signal.SIGTERM)
+    swapped = _swap_sigterm()
+    try:
+        yield tmp
+        if target.exists():
+            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, trash)
+            os.rename(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if swapped:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _swap_sigterm() -> bool:
+    def _raise(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    try:
+        signal.signal(signal.SIGTERM, _raise)
+        return True
+    except ValueError:  # not the main thread: leave signals alone
+        return False

@@ -1,0 +1,80 @@
+"""The `modelcypher` command: one entry point with verbs, all sharing one error handler.
+
+Heavy modules (torch, transformers) are imported inside each verb so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from modelcypher.api import merge
+
+    t0 = time.perf_counter()
+    plan = merge(args.config, args.output, device=args.device, max_shard_size=args.max_shard_size,
+                 random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite,
+                 truncate_vocab=args.truncate_vocab, overwrite=args.overwrite, dry_run=args.dry_run,
+                 progress=not args.no_progress and sys.stderr.isatty())
+    gb = plan.nbytes / 1e9
+    summary = (f"{plan.method.name}: {len(plan.tasks)} tensors, {gb:.3f} GB from {len(plan.models)} models")
+    if args.dry_run:
+        print(f"dry run, nothing written. {summary}")
+        for n in plan.notes:
+            print(f"note: {n}")
+    else:
+        print(f"wrote {args.output} ({summary}) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from modelcypher.zoo.demo import run_demo
+
+    run_demo(workdir=args.workdir, quick=args.quick, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelcypher", description="Align and merge neural networks with geometry.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    m = sub.add_parser("merge", help="merge models described by a mergekit-style YAML config")
+    m.add_argument("config", help="YAML config (merge_method, base_model, models or slices, parameters)")
+    m.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
+    m.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
+    m.add_argument("--random-seed", type=int, default=0, help="seed for DARE/DELLA drops (default 0)")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge tensors containing NaN/Inf")
+    m.add_argument("--truncate-vocab", action="store_true",
+                   help="when vocabulary sizes differ, keep the first rows of the base (or first) model's size")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=_merge)
+
+    d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
+    d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")
+    d.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from modelcypher.errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"modelcypher: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelcypher: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The merge config: mergekit's YAML format for everything we share with it, validated up front.
+
+Parameter values take three forms, as in mergekit:
+  - a scalar:                       ``density: 0.5``
+  - a gradient over depth:          ``t: [0, 0.5, 1]`` (interpolated linearly over the layer index)
+  - filtered by tensor name:        ``t: [{filter: self_attn, value: [0, 1]}, {value: 0.5}]``
+    (the first entry whose ``filter`` is a substring of the tensor name wins; no filter = fallback).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modelcypher.errors import UserError
+
+Scalar = Union[float, int, bool, str]  # noqa: UP007  (pydantic reads the union order)
+Gradient = list[float]
+
+
+class Filtered(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, Gradient]  # noqa: UP007
+
+
+ParamValue = Union[Scalar, Gradient, list[Filtered]]  # noqa: UP007
+
+# mergekit keys that mean something we do not do yet: refuse them by name rather than ignore them.
+NOT_YET = {
+    "tokenizer": "the 'tokenizer' section (vocabulary union/merging)",
+    "chat_template": "'chat_template'",
+    "modules": "'modules' (per-module configs)",
+    "embed_slice": "'embed_slice'",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(Strict):
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _no_lora(cls, v: str) -> str:
+        if "+" in v and not Path(v).exists():
+            raise ValueError(f"model {v!r}: 'model+lora' references are not supported yet")
+        return v
+
+
+class SliceSource(ModelEntry):
+    layer_range: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _range(self) -> SliceSource:
+        a, b = self.layer_range
+        if not 0 <= a < b:
+            raise ValueError(f"layer_range {list(self.layer_range)} of {self.model}: need 0 <= start < end")
+        return self
+
+
+class Slice(Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Slice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError("all sources of a slice need layer ranges of the same length")
+        return self
+
+
+class MergeConfig(Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    layer_pattern: str | None = None  # frankenmerge shorthand: "ABBA" over the models, in order
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    tokenizer_source: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_yet(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, what in NOT_YET.items():
+                if key in data:
+                    raise ValueError(f"{what} is not supported yet")
+            if data.get("tokenizer_source") == "union":
+                raise ValueError("tokenizer_source: union is not supported yet (use base or a model's name)")
+        return data
+
+    @model_validator(mode="after")
+    def _shape(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.layer_pattern is not None:
+            if self.models is None:
+                raise ValueError("layer_pattern works with 'models', not 'slices'")
+            letters = {chr(ord("A") + i) for i in range(len(self.models))}
+            bad = sorted(set(self.layer_pattern) - letters)
+            if not self.layer_pattern or bad:
+                raise ValueError(f"layer_pattern {self.layer_pattern!r}: letters must be among "
+                                 f"{''.join(sorted(letters))} (one per model, in order)")
+        return self
+
+    def model_names(self) -> list[str]:
+        """Every model the config names, base first, then in config order, without repeats."""
+        names = [self.base_model] if self.base_model else []
+        for e in self.models or [s for sl in self.slices or [] for s in sl.sources]:
+            names.append(e.model)
+        return list(dict.fromkeys(names))
+
+
+def _first_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "missing key"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(source: str | Path | dict) -> MergeConfig:
+    """A config from a YAML file path, a YAML string or a dict; any mistake is one UserError line."""
+    where = "config"
+    if isinstance(source, dict):
+        data = source
+    else:
+        text = str(source)
+        if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+            path = Path(source)
+            where = str(path)
+            if not path.is_file():
+                raise UserError(f"{path}: no such config file")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping with merge_method and models")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_first_line(e)}") from None
