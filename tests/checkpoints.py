@@ -36,8 +36,14 @@ def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def save(model: torch.nn.Module, path: Path, *, dtype: torch.dtype = torch.float32,
          shard: str | None = None, safe: bool = True) -> Path:
     model = model.to(dtype)
+    if not safe:  # the legacy pickle format, which transformers no longer writes itself
+        model.config.save_pretrained(path)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+              or not model.config.tie_word_embeddings}
+        torch.save(sd, path / "pytorch_model.bin")
+        return path
     kw = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(path, safe_serialization=safe, **kw)
+    model.save_pretrained(path, **kw)
     return path
 
 

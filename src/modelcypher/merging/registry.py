@@ -66,7 +66,7 @@ def register(
 
 
 def get_method(name: str) -> Method:
-    from modelcypher.merge import methods  # noqa: F401  (importing registers every method)
+    from modelcypher.merging import methods  # noqa: F401  (importing registers every method)
 
     if name not in METHODS:
         from modelcypher.errors import UserError

@@ -16,7 +16,7 @@ import yaml
 from modelcypher.checkpoint.reader import GENERATION_FILES, TOKENIZER_FILES
 from modelcypher.checkpoint.writer import ShardedWriter
 from modelcypher.errors import UserError
-from modelcypher.merge.plan import Plan, TensorTask
+from modelcypher.merging.plan import Plan, TensorTask
 
 
 def resolve_device(device: str) -> torch.device:

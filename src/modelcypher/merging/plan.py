@@ -13,8 +13,8 @@ import torch
 from modelcypher.arch.families import family_of, layer_index, num_layers, ties_embeddings, with_layer
 from modelcypher.checkpoint import Checkpoint
 from modelcypher.errors import UserError
-from modelcypher.merge.config import Filtered, MergeConfig, ModelEntry, ParamValue
-from modelcypher.merge.registry import REQUIRED, Method, get_method
+from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
+from modelcypher.merging.registry import REQUIRED, Method, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -146,18 +146,13 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     out_config = dict(ref_ck.config)
     notes: list[str] = []
 
-    # Which output tensors exist: the reference's, plus an untied head if any model has one.
-    head_names = {out for _, out in family_of(ref_ck.config).tied}
-    untie = False
+    # Which output tensors exist: the reference's; the head is untied unless every model ties it.
     for i, ck in enumerate(models):
         for n in ck.names:
             if _resolve_name(ref_ck, n) is None:
-                if n in head_names and not ties_embeddings(ck.config):
-                    untie = True
-                    continue
                 raise UserError(f"tensor {n!r} is in model {names[i]} but missing from {names[ref]}")
     out_names = list(ref_ck.names)
-    if untie or (not ties_embeddings(ref_ck.config) and family_of(ref_ck.config).tied):
+    if family_of(ref_ck.config).tied and not all(ties_embeddings(ck.config) for ck in models):
         for inp, out in family_of(ref_ck.config).tied:
             if out not in out_names and inp in out_names:
                 out_names.append(out)

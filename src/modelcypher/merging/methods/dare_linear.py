@@ -1,0 +1,53 @@
+"""``dare_linear``: DARE drop-and-rescale, then task arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from modelcypher.merging.methods._sparsify import (
+    apply_delta,
+    check_fraction,
+    drop_and_rescale,
+    per_model,
+    task_vectors,
+    weighted_sum,
+)
+from modelcypher.merging.registry import register
+
+DARE_PAPER = (
+    "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch; "
+    "Le Yu, Bowen Yu, Haiyang Yu, Fei Huang, Yongbin Li; 2023 (ICML 2024); arXiv:2311.03099"
+)
+
+
+@register(
+    "dare_linear",
+    base="required",
+    paper=DARE_PAPER,
+    model_params={"weight": 1.0, "density": 1.0},
+    global_params={"normalize": False, "lambda": 1.0},
+    random=True,
+)
+def dare_linear(
+    xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
+    weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
+    normalize: bool = False, lambda_: float = 1.0,
+) -> Tensor:
+    """DARE + task arithmetic.
+
+    ``d_i = m_i * (x_i - base) / density_i`` with ``m_i ~ Bernoulli(density_i)`` elementwise (drop
+    rate ``p = 1 - density_i``; ``density_i = 1`` keeps everything exactly, ``density_i = 0`` drops
+    everything); ``result = base + lambda_ * sum_i w_i d_i`` (sum divided by ``sum_i w_i`` when
+    ``normalize``, default False). ``E[result]`` is the undropped task-arithmetic result. The masks
+    come from ``rng``, drawn model by model in config order.
+    """
+    n = len(xs)
+    w = per_model(weight, n, "weight")
+    dens = per_model(density, n, "density")
+    check_fraction(dens, "density")
+    with torch.no_grad():
+        dropped = [drop_and_rescale(t, d, rng) for t, d in zip(task_vectors(xs, base), dens, strict=True)]
+        return apply_delta(base, weighted_sum(dropped, w, normalize), lambda_)

@@ -1,0 +1,49 @@
+"""``dare_ties``: DARE drop-and-rescale, then TIES sign election and disjoint merge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from modelcypher.merging.methods._sparsify import (
+    apply_delta,
+    check_fraction,
+    drop_and_rescale,
+    per_model,
+    sign_consensus,
+    task_vectors,
+)
+from modelcypher.merging.methods.dare_linear import DARE_PAPER
+from modelcypher.merging.methods.ties import TIES_PAPER
+from modelcypher.merging.registry import register
+
+
+@register(
+    "dare_ties",
+    base="required",
+    paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
+    model_params={"weight": 1.0, "density": 1.0},
+    global_params={"normalize": True, "lambda": 1.0},
+    random=True,
+)
+def dare_ties(
+    xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
+    weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
+    normalize: bool = True, lambda_: float = 1.0,
+) -> Tensor:
+    """DARE + TIES.
+
+    ``d_i = m_i * (x_i - base) / density_i`` with ``m_i ~ Bernoulli(density_i)`` (as ``dare_linear``);
+    then with ``c_i = w_i d_i``, ``s = sign(sum_i c_i)``, ``A = {i : c_i * s > 0}``:
+    ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``, default True) or the bare sum;
+    ``result = base + lambda_ * tau``.
+    """
+    n = len(xs)
+    w = per_model(weight, n, "weight")
+    dens = per_model(density, n, "density")
+    check_fraction(dens, "density")
+    with torch.no_grad():
+        dropped = [drop_and_rescale(t, d, rng) for t, d in zip(task_vectors(xs, base), dens, strict=True)]
+        return apply_delta(base, sign_consensus(dropped, w, normalize), lambda_)

@@ -1,0 +1,37 @@
+"""``della``: DELLA-Merging (MagPrune, then TIES sign election and disjoint merge)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from modelcypher.merging.methods._sparsify import apply_delta, per_model, sign_consensus
+from modelcypher.merging.methods.della_linear import DELLA_PAPER, della_deltas
+from modelcypher.merging.registry import register
+
+
+@register(
+    "della",
+    base="required",
+    paper=DELLA_PAPER,
+    model_params={"weight": 1.0, "density": 1.0, "epsilon": 0.1},
+    global_params={"normalize": True, "lambda": 1.0},
+    random=True,
+)
+def della(
+    xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
+    weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
+    epsilon: Sequence[float] | float = 0.1, normalize: bool = True, lambda_: float = 1.0,
+) -> Tensor:
+    """DELLA: MagPrune each task vector (see ``della_linear``), then elect and fuse as in TIES: with
+    ``c_i = w_i d_i``, ``s = sign(sum_i c_i)``, ``A = {i : c_i * s > 0}``,
+    ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``, default True) or the bare sum;
+    ``result = base + lambda_ * tau``. Defaults: ``weight`` 1, ``density`` 1, ``epsilon`` 0.1,
+    ``lambda_`` 1.
+    """
+    w = per_model(weight, len(xs), "weight")
+    with torch.no_grad():
+        deltas = della_deltas(xs, base, density, epsilon, rng)
+        return apply_delta(base, sign_consensus(deltas, w, normalize), lambda_)

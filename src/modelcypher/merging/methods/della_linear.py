@@ -1,0 +1,70 @@
+"""``della_linear``: DELLA MagPrune (magnitude-ranked drop-and-rescale), then task arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from modelcypher.errors import UserError
+from modelcypher.merging.methods._sparsify import (
+    apply_delta,
+    check_fraction,
+    magprune,
+    per_model,
+    task_vectors,
+    weighted_sum,
+)
+from modelcypher.merging.registry import register
+
+DELLA_PAPER = (
+    "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling; "
+    "Pala Tej Deep, Rishabh Bhardwaj, Soujanya Poria; 2024; arXiv:2406.11617"
+)
+
+
+def della_deltas(
+    xs: Sequence[Tensor], base: Tensor | None, density: Sequence[float] | float,
+    epsilon: Sequence[float] | float, rng: torch.Generator,
+) -> list[Tensor]:
+    """MagPrune each ``tau_i = x_i - base`` (see ``_sparsify.magprune``)."""
+    n = len(xs)
+    dens = per_model(density, n, "density")
+    eps = per_model(epsilon, n, "epsilon")
+    check_fraction(dens, "density")
+    for e in eps:
+        if e < 0.0:
+            raise UserError(f"parameter 'epsilon' must be >= 0, got {e}")
+    return [magprune(t, d, e, rng) for t, d, e in zip(task_vectors(xs, base), dens, eps, strict=True)]
+
+
+@register(
+    "della_linear",
+    base="required",
+    paper=DELLA_PAPER,
+    model_params={"weight": 1.0, "density": 1.0, "epsilon": 0.1},
+    global_params={"normalize": False, "lambda": 1.0},
+    random=True,
+)
+def della_linear(
+    xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
+    weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
+    epsilon: Sequence[float] | float = 0.1, normalize: bool = False, lambda_: float = 1.0,
+) -> Tensor:
+    """DELLA MagPrune + task arithmetic.
+
+    Within each row of ``tau_i = x_i - base`` (row = first dimension; the whole tensor when 1-D),
+    entries ranked by magnitude (largest first, ties by index) get keep probabilities ``p_j`` linearly
+    spaced from ``density_i + e_i`` (largest) to ``density_i - e_i`` (smallest), with
+    ``e_i = min(epsilon_i, density_i, 1 - density_i)`` so that ``p`` stays in ``[0, 1]`` and averages
+    ``density_i`` (the paper spaces drop probabilities over a window of total width epsilon; here the
+    half-width is ``epsilon``, as mergekit configs use it). ``d_ij = m_ij tau_ij / p_j`` with
+    ``m_ij ~ Bernoulli(p_j)``; ``result = base + lambda_ * sum_i w_i d_i`` (divided by ``sum_i w_i``
+    when ``normalize``, default False). ``E[d_i] = tau_i``; ``density`` 1 keeps everything exactly.
+    Defaults: ``weight`` 1, ``density`` 1, ``epsilon`` 0.1, ``lambda_`` 1.
+    """
+    w = per_model(weight, len(xs), "weight")
+    with torch.no_grad():
+        deltas = della_deltas(xs, base, density, epsilon, rng)
+        return apply_delta(base, weighted_sum(deltas, w, normalize), lambda_)

@@ -1,0 +1,62 @@
+"""``slerp``: spherical linear interpolation between the base and one other model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from modelcypher.errors import UserError
+from modelcypher.merging.methods._sparsify import f32
+from modelcypher.merging.registry import REQUIRED, register
+
+#: Below this norm a tensor has no usable direction and slerp falls back to lerp.
+NORM_EPS = 1e-12
+
+
+@register(
+    "slerp",
+    base="required",
+    paper="Animating Rotation with Quaternion Curves; Ken Shoemake; SIGGRAPH 1985 (no arXiv id)",
+    global_params={"t": REQUIRED, "DOT_THRESHOLD": 1.0 - 1e-6},
+    min_models=1,
+    max_models=1,
+)
+def slerp(
+    xs: Sequence[Tensor], base: Tensor | None, *, t: float, DOT_THRESHOLD: float = 1.0 - 1e-6,
+) -> Tensor:
+    """Spherical interpolation from ``v0 = base`` (``t = 0``) to ``v1 = xs[0]`` (``t = 1``).
+
+    The flattened tensors are treated as vectors. The angle comes from normalized copies,
+    ``theta = 2 * atan2(|u0 - u1|, |u0 + u1|)`` with ``u = v / |v|`` (accurate also for tiny
+    angles, unlike ``acos`` of a float32 dot product), and the ORIGINAL vectors are combined:
+
+        result = sin((1 - t) theta) / sin(theta) * v0 + sin(t theta) / sin(theta) * v1
+
+    Falls back to ``lerp = (1 - t) v0 + t v1`` when ``|cos theta| > DOT_THRESHOLD`` (default
+    ``1 - 1e-6``, i.e. an angle under ~0.08 degrees of parallel or antiparallel: there lerp and slerp
+    differ by less than ``theta**2 / 8 ~ 2.5e-7`` relatively, below float32 resolution, and for the
+    antiparallel case slerp is undefined) or when either norm is below ``1e-12``. ``t`` outside
+    ``[0, 1]`` extrapolates. ``t = 0`` returns the base and ``t = 1`` the other model exactly.
+    """
+    if base is None:
+        raise UserError("slerp needs a base_model")
+    if len(xs) != 1:
+        raise UserError(f"slerp interpolates the base with exactly one other model, got {len(xs)}")
+    v0, v1 = f32(base), f32(xs[0])
+    if v0.shape != v1.shape:
+        raise UserError(f"slerp: tensor shape {tuple(v1.shape)} differs from the base's {tuple(v0.shape)}")
+    t = float(t)
+    with torch.no_grad():
+        n0, n1 = float(v0.norm()), float(v1.norm())
+        s0, s1 = 1.0 - t, t  # lerp unless the angle is usable
+        if n0 > NORM_EPS and n1 > NORM_EPS and math.isfinite(n0) and math.isfinite(n1):
+            u0, u1 = v0 / n0, v1 / n1
+            theta = 2.0 * math.atan2(float((u0 - u1).norm()), float((u0 + u1).norm()))
+            if abs(math.cos(theta)) <= DOT_THRESHOLD:
+                sin_theta = math.sin(theta)
+                s0 = math.sin((1.0 - t) * theta) / sin_theta
+                s1 = math.sin(t * theta) / sin_theta
+        return v0 * s0 + v1 * s1

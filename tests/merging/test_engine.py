@@ -1,0 +1,178 @@
+"""End to end through the CLI: real checkpoints in, a model transformers loads out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from checkpoints import CONFIGS, build, family_set, finetune, load, save, state
+from cli_util import run_cli, write_config
+
+from modelcypher.merging.methods.slerp import slerp
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_linear_merge_of_sharded_bf16_checkpoints_loads_in_transformers(tmp_path, family):
+    base, a, b = family_set(tmp_path, family, 2, dtype=torch.bfloat16, shard="20KB")
+    cfg = write_config(tmp_path / "m.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"weight": 3.0}}, {"model": str(b), "parameters": {"weight": 1.0}}],
+    })
+    r = run_cli("merge", cfg, "-o", tmp_path / "out", "--max-shard-size", "40KB")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert (out / "model.safetensors.index.json").is_file()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    sa, sb, so = state(a), state(b), state(out)
+    assert set(so) == set(sa)
+    for n in so:
+        want = ((3 * sa[n] + sb[n]) / 4).bfloat16().float()
+        torch.testing.assert_close(so[n], want, atol=1e-2, rtol=1e-2)
+    model = load(out, family)
+    ids = torch.randint(0, 97, (2, 7))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_ties_output_equals_method_on_every_tensor(tmp_path):
+    base, a, b = family_set(tmp_path, "llama", 2)
+    cfg = write_config(tmp_path / "m.yaml", {
+        "merge_method": "ties", "base_model": str(base),
+        "models": [{"model": str(a), "parameters": {"density": 0.3}}, {"model": str(b), "parameters": {"density": 0.7}}],
+        "parameters": {"lambda": 0.8},
+    })
+    assert run_cli("merge", cfg, "-o", tmp_path / "out").returncode == 0
+    from modelcypher.merging.registry import get_method
+
+    ties = get_method("ties").fn
+    s0, sa, sb, so = state(base), state(a), state(b), state(tmp_path / "out")
+    for n in so:
+        want = ties([sa[n], sb[n]], s0[n], weight=[1.0, 1.0], density=[0.3, 0.7], normalize=True, lambda_=0.8)
+        torch.testing.assert_close(so[n], want)
+
+
+def test_slerp_gradient_and_filters_follow_the_layer_index(tmp_path):
+    base, other = family_set(tmp_path, "llama", 1)  # 3 layers
+    cfg = write_config(tmp_path / "m.yaml", {
+        "merge_method": "slerp", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(other)}],
+        "parameters": {"t": [{"filter": "mlp", "value": 1.0}, {"value": [0.0, 1.0]}]},
+    })
+    assert run_cli("merge", cfg, "-o", tmp_path / "out").returncode == 0
+    s0, s1, so = state(base), state(other), state(tmp_path / "out")
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    torch.testing.assert_close(so[q.format(0)], s0[q.format(0)])  # t = 0 at the first layer
+    torch.testing.assert_close(so[q.format(2)], s1[q.format(2)])  # t = 1 at the last
+    torch.testing.assert_close(so[q.format(1)], slerp([s1[q.format(1)]], s0[q.format(1)], t=0.5))
+    torch.testing.assert_close(so["model.layers.0.mlp.up_proj.weight"], s1["model.layers.0.mlp.up_proj.weight"])
+    torch.testing.assert_close(so["model.embed_tokens.weight"], s0["model.embed_tokens.weight"])  # before layers
+    torch.testing.assert_close(so["lm_head.weight"], s1["lm_head.weight"])  # after layers: last value
+
+
+def test_passthrough_slices_stack_layers_and_relayer_the_config(tmp_path):
+    a = save(build("qwen2", seed=1), tmp_path / "a")
+    b = save(build("qwen2", seed=2), tmp_path / "b")
+    cfg = write_config(tmp_path / "m.yaml", {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(b), "layer_range": [1, 2]}]}],
+    })
+    r = run_cli("merge", cfg, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert conf["num_hidden_layers"] == 3 and len(conf["layer_types"]) == 3
+    sa, sb, so = state(a), state(b), state(tmp_path / "out")
+    k = "model.layers.{}.mlp.down_proj.weight"
+    assert torch.equal(so[k.format(0)], sa[k.format(0)]) and torch.equal(so[k.format(1)], sa[k.format(1)])
+    assert torch.equal(so[k.format(2)], sb[k.format(1)])
+    assert torch.equal(so["model.embed_tokens.weight"], sa["model.embed_tokens.weight"])
+    assert load(tmp_path / "out", "qwen2")(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 97)
+
+
+def test_layer_pattern_picks_each_layer_from_its_letter(tmp_path):
+    a = save(build("gpt2", seed=1, n_layer=4), tmp_path / "a")
+    b = save(build("gpt2", seed=2, n_layer=4), tmp_path / "b")
+    cfg = write_config(tmp_path / "m.yaml", {"merge_method": "passthrough", "layer_pattern": "ABBA",
+                                             "models": [{"model": str(a)}, {"model": str(b)}]})
+    assert run_cli("merge", cfg, "-o", tmp_path / "out").returncode == 0
+    sa, sb, so = state(a), state(b), state(tmp_path / "out")
+    k = "transformer.h.{}.mlp.c_fc.weight"
+    for i, src in enumerate([sa, sb, sb, sa]):
+        assert torch.equal(so[k.format(i)], src[k.format(i)])
+    assert torch.equal(so["transformer.wte.weight"], sa["transformer.wte.weight"])
+
+
+def test_dare_is_reproducible_from_the_seed(tmp_path):
+    base, a, b = family_set(tmp_path, "gpt2", 2)
+    cfg = write_config(tmp_path / "m.yaml", {
+        "merge_method": "dare_ties", "base_model": str(base),
+        "models": [{"model": str(a)}, {"model": str(b)}], "parameters": {"density": 0.5}})
+    for out, seed in [("o1", 1), ("o2", 1), ("o3", 2)]:
+        assert run_cli("merge", cfg, "-o", tmp_path / out, "--random-seed", seed).returncode == 0
+    s1, s2, s3 = (state(tmp_path / o) for o in ("o1", "o2", "o3"))
+    k = "transformer.h.0.mlp.c_fc.weight"
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
+    assert not torch.equal(s1[k], s3[k])
+
+
+def test_mixed_tied_and_untied_heads_are_merged_as_transformers_loads_them(tmp_path):
+    tied = build("llama", seed=0, tie_word_embeddings=True)
+    untied = finetune(build("llama", seed=0, tie_word_embeddings=False), seed=5)
+    save(tied, tmp_path / "tied")
+    save(untied, tmp_path / "untied")
+    assert "lm_head.weight" not in state(tmp_path / "tied")
+    cfg = write_config(tmp_path / "m.yaml", {"merge_method": "linear",
+                                             "models": [{"model": str(tmp_path / "tied")},
+                                                        {"model": str(tmp_path / "untied")}]})
+    r = run_cli("merge", cfg, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert conf["tie_word_embeddings"] is False
+    so, st, su = state(tmp_path / "out"), state(tmp_path / "tied"), state(tmp_path / "untied")
+    torch.testing.assert_close(so["lm_head.weight"], (st["model.embed_tokens.weight"] + su["lm_head.weight"]) / 2)
+    merged = load(tmp_path / "out", "llama")
+    torch.testing.assert_close(merged.lm_head.weight, so["lm_head.weight"])
+
+
+def test_pytorch_bin_inputs_and_single_file_output(tmp_path):
+    base = build("gpt2")
+    save(base, tmp_path / "a", safe=False)
+    save(finetune(base, 3), tmp_path / "b", safe=False)
+    assert (tmp_path / "a" / "pytorch_model.bin").is_file()
+    cfg = write_config(tmp_path / "m.yaml", {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "a"),
+                                             "models": [{"model": str(tmp_path / "b")}],
+                                             "parameters": {"lambda": 0.5}, "out_dtype": "float16"})
+    r = run_cli("merge", cfg, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    sa, sb, so = state(tmp_path / "a"), state(tmp_path / "b"), state(tmp_path / "out")
+    n = "transformer.h.1.attn.c_attn.weight"
+    torch.testing.assert_close(so[n], (sa[n] + 0.5 * (sb[n] - sa[n])).half().float())
+    assert load(tmp_path / "out", "gpt2").dtype == torch.float32  # loads; config says float16
+
+
+def test_tokenizer_files_come_from_tokenizer_source(tmp_path):
+    base, a = family_set(tmp_path, "gpt2", 1)
+    (a / "tokenizer.json").write_text('{"from": "a"}')
+    (base / "tokenizer.json").write_text('{"from": "base"}')
+    for src, want in [("base", "base"), (str(a), "a")]:
+        cfg = write_config(tmp_path / "m.yaml", {"merge_method": "linear", "base_model": str(base),
+                                                 "models": [{"model": str(base)}, {"model": str(a)}],
+                                                 "tokenizer_source": src})
+        out = tmp_path / f"out-{want}"
+        assert run_cli("merge", cfg, "-o", out).returncode == 0
+        assert json.loads((out / "tokenizer.json").read_text())["from"] == want
+    assert "linear" in (tmp_path / "out-a" / "README.md").read_text()
+
+
+def test_dry_run_writes_nothing_and_public_api_matches_cli(tmp_path):
+    base, a = family_set(tmp_path, "mistral", 1)
+    cfg = {"merge_method": "linear", "models": [{"model": str(base)}, {"model": str(a)}]}
+    r = run_cli("merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "out", "--dry-run")
+    assert r.returncode == 0 and "dry run" in r.stdout
+    assert not (tmp_path / "out").exists()
+    import modelcypher
+
+    plan = modelcypher.merge(cfg, tmp_path / "api", device="cpu")
+    assert len(plan.tasks) == len(state(base))
+    assert (tmp_path / "api" / "model.safetensors").is_file()
