@@ -6,9 +6,9 @@ from pathlib import Path
 
 from modelcypher.checkpoint.writer import atomic_dir, parse_size
 from modelcypher.errors import UserError
-from modelcypher.merge.config import MergeConfig, parse_config
-from modelcypher.merge.plan import Plan, make_plan
-from modelcypher.merge.run import execute, resolve_device
+from modelcypher.merging.config import MergeConfig, parse_config
+from modelcypher.merging.plan import Plan, make_plan
+from modelcypher.merging.run import execute, resolve_device
 
 
 def plan_merge(config: str | Path | dict | MergeConfig, *, truncate_vocab: bool = False) -> Plan:

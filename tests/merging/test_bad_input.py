@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+
 from checkpoints import build, family_set, finetune, save
 from cli_util import run_cli, snapshot, write_config
 
@@ -153,8 +154,9 @@ def test_method_mistakes(tmp_path, trio):
     refuse(tmp_path, ties_cfg(base, a, parameters={"t": 0.5}), match="has no parameter 't'")
     refuse(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(a)}]},
            match="needs parameter 't'")
-    refuse(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(a)}, {"model": str(b)}],
-                      "parameters": {"t": 0.5}}, match="exactly 1")
+    two = [{"model": str(a)}, {"model": str(b)}]
+    refuse(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": two, "parameters": {"t": 0.5}},
+           match="exactly 1")
 
 
 def test_existing_output_is_never_overwritten_silently(tmp_path, trio):

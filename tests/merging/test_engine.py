@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+
 from checkpoints import CONFIGS, build, family_set, finetune, load, save, state
 from cli_util import run_cli, write_config
-
 from modelcypher.merging.methods.slerp import slerp
 
 
@@ -38,7 +38,8 @@ def test_ties_output_equals_method_on_every_tensor(tmp_path):
     base, a, b = family_set(tmp_path, "llama", 2)
     cfg = write_config(tmp_path / "m.yaml", {
         "merge_method": "ties", "base_model": str(base),
-        "models": [{"model": str(a), "parameters": {"density": 0.3}}, {"model": str(b), "parameters": {"density": 0.7}}],
+        "models": [{"model": str(a), "parameters": {"density": 0.3}},
+                   {"model": str(b), "parameters": {"density": 0.7}}],
         "parameters": {"lambda": 0.8},
     })
     assert run_cli("merge", cfg, "-o", tmp_path / "out").returncode == 0
