@@ -1,0 +1,207 @@
+"""Merge speed and memory on ~200M-parameter Llama-shaped checkpoints (base + 3 fine-tunes, bf16).
+
+For each method: wall time and peak RSS of a fresh `modelcypher merge` process, next to the I/O floor
+measured in the same run (a process that reads every input tensor once and writes one model with
+safetensors). Where mergekit is installed in a separate environment (MERGEKIT_PYTHON=/path/to/python),
+it is timed on the same configs. Results: benchmarks/results/merge_speed.{json,md}.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_speed.py [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+CACHE = HERE / ".cache" / "merge_speed"
+METHODS = {
+    "linear": {"parameters": {"weight": 1.0}},
+    "slerp": {"parameters": {"t": 0.5}},
+    "task_arithmetic": {"parameters": {"weight": 0.5}},
+    "ties": {"parameters": {"weight": 1.0, "density": 0.5}},
+    "dare_ties": {"parameters": {"weight": 1.0, "density": 0.5}},
+}
+SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+             num_attention_heads=16, num_key_value_heads=8)
+SMALL = dict(vocab_size=4000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=4)
+
+
+def build_models(shape: dict, root: Path) -> list[Path]:
+    """Llama-shaped checkpoints written tensor by tensor (no full model in memory)."""
+    import torch
+
+    from modelcypher.checkpoint.writer import ShardedWriter
+
+    h, f, L, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    names = [("model.embed_tokens.weight", (v, h))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                  (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                  (p + "mlp.down_proj.weight", (h, f))]
+    names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "bfloat16",
+              "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+              "hidden_act": "silu", **shape}
+    paths = []
+    for k, tag in enumerate(["base", "ft1", "ft2", "ft3"]):
+        out = root / tag
+        paths.append(out)
+        if (out / "done").exists():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        w = ShardedWriter(out, [(n, s, torch.bfloat16) for n, s in names], 200 * 10**6)
+        g = torch.Generator().manual_seed(0)
+        gk = torch.Generator().manual_seed(k)
+        shapes = dict(names)
+        for n in w.order:
+            s = shapes[n]
+            t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
+            if k:
+                t = t + torch.randn(s, generator=gk) * 0.002
+            w.write(n, t.to(torch.bfloat16))
+        w.finish()
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        (out / "done").write_text("")
+    return paths
+
+
+def config_for(method: str, paths: list[Path]) -> dict:
+    base, fts = paths[0], paths[1:]
+    if method == "slerp":
+        fts = fts[:1]
+    models = [{"model": str(p), **({"parameters": {k: v for k, v in METHODS[method]["parameters"].items()
+                                                    if k != "t"}} if method != "slerp" else {})} for p in fts]
+    cfg = {"merge_method": method, "base_model": str(base), "models": models, "dtype": "bfloat16"}
+    if method == "slerp":
+        cfg["parameters"] = {"t": 0.5}
+        cfg["models"] = [{"model": str(base)}] + cfg["models"]
+    if method == "linear":
+        cfg.pop("base_model")
+    return cfg
+
+
+FLOOR = r"""
+import time
+t0 = time.perf_counter()
+import resource, sys
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+models = sys.argv[1].split(",")
+out = {}
+files = [sorted(Path(m).glob("*.safetensors")) for m in models]
+for k, fs in enumerate(files):
+    for f in fs:
+        with safe_open(str(f), "pt") as h:
+            for n in h.keys():
+                t = h.get_tensor(n)
+                if k == 0:
+                    out[n] = t
+                del t
+Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
+save_file(out, str(Path(sys.argv[2]) / "model.safetensors"), metadata={"format": "pt"})
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+OURS = r"""
+import time
+t0 = time.perf_counter()
+import resource, sys, yaml
+from modelcypher import merge
+merge(yaml.safe_load(open(sys.argv[1])), sys.argv[2], device="cpu", max_shard_size="2GB", overwrite=True)
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+MERGEKIT = r"""
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+r = subprocess.run([sys.argv[3], "-m", "mergekit.scripts.run_yaml", sys.argv[1], sys.argv[2], "--allow-crimes",
+                    "--lazy-unpickle", "--out-shard-size", "2B", "--no-copy-tokenizer"], capture_output=True, text=True)
+if r.returncode:
+    print(r.stderr[-2000:], file=sys.stderr)
+    sys.exit(1)
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def timed(python: str, script: str, *args: str) -> tuple[float, int]:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    r = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    secs, rss = r.stdout.split()[-2:]
+    return float(secs), int(rss)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="a tiny shape, to check the script itself")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    import shutil
+
+    import yaml
+
+    shape = SMALL if args.small else SHAPE
+    root = CACHE / ("small" if args.small else "full")
+    paths = build_models(shape, root)
+    n_params = sum(json.loads((paths[0] / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+                   for _ in [0]) // 2 if (paths[0] / "model.safetensors.index.json").exists() else 0
+    mk_python = os.environ.get("MERGEKIT_PYTHON")
+    out = root / "out"
+    rows = []
+    floor = min(timed(sys.executable, FLOOR, ",".join(map(str, paths)), str(out)) for _ in range(args.repeats))
+    shutil.rmtree(out, ignore_errors=True)
+    for method in METHODS:
+        cfg_path = root / f"{method}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
+        ours = min(timed(sys.executable, OURS, str(cfg_path), str(out)) for _ in range(args.repeats))
+        shutil.rmtree(out, ignore_errors=True)
+        row = {"method": method, "seconds": ours[0], "peak_rss_bytes": ours[1], "floor_seconds": floor[0],
+               "ratio_to_floor": ours[0] / floor[0]}
+        if mk_python:
+            try:
+                mk = timed(sys.executable, MERGEKIT, str(cfg_path), str(out), mk_python)
+                row.update(mergekit_seconds=mk[0], mergekit_peak_rss_bytes=mk[1], speedup_vs_mergekit=mk[0] / ours[0])
+            except RuntimeError as e:
+                row["mergekit_error"] = str(e).strip().splitlines()[-1][:200]
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"shape": shape, "parameters": n_params, "models": len(paths), "dtype": "bfloat16",
+              "floor_seconds": floor[0], "floor_peak_rss_bytes": floor[1], "rows": rows,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    dest = HERE / "results"
+    dest.mkdir(exist_ok=True)
+    tag = "_small" if args.small else ""
+    (dest / f"merge_speed{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Merge speed, {n_params / 1e6:.0f}M-parameter Llama-shaped bf16 checkpoints, base + 3 fine-tunes, "
+             f"{result['machine']}, {result['date']}.", "",
+             f"I/O floor (read every input tensor once, write one model with safetensors): {floor[0]:.1f} s, "
+             f"peak RSS {floor[1] / 2**30:.2f} GiB.", "",
+             "| method | seconds | x floor | peak RSS (GiB) | mergekit seconds | mergekit RSS (GiB) | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mk = (f"{r['mergekit_seconds']:.1f} | {r['mergekit_peak_rss_bytes'] / 2**30:.2f} | "
+              f"{r['speedup_vs_mergekit']:.2f}x") if "mergekit_seconds" in r else (
+              f"{r.get('mergekit_error', 'not installed')} | - | -")
+        lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['ratio_to_floor']:.2f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {mk} |")
+    (dest / f"merge_speed{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
