@@ -1,0 +1,27 @@
+"""Alignment: find the symmetry transforms that bring model B onto model A, and apply them exactly.
+
+- ``transform``: the ``Alignment`` (one transform per symmetry group) and ``apply`` / ``fold_norms``;
+- ``weight_matching``: data-free Git Re-Basin coordinate descent (``match_weights``);
+- ``activation_matching``: the same solves from activation statistics (``match_activations``);
+- ``equivalence``: the proof that an aligned checkpoint computes the same function (``check_equivalent``);
+- ``solvers``: the exact per-group solvers (``solve_lap``, ``procrustes``, ...).
+
+The symmetry groups of each family are data, in ``modelcypher.arch.symmetry``.
+"""
+
+from modelcypher.align.activation_matching import match_activations
+from modelcypher.align.equivalence import NotEquivalentError, apply_verified, check_equivalent
+from modelcypher.align.transform import Alignment, apply, fold_norms, random_alignment
+from modelcypher.align.weight_matching import match_weights
+
+__all__ = [
+    "Alignment",
+    "NotEquivalentError",
+    "apply",
+    "apply_verified",
+    "check_equivalent",
+    "fold_norms",
+    "match_activations",
+    "match_weights",
+    "random_alignment",
+]

@@ -1,0 +1,277 @@
+"""Weight matching (data-free): Git Re-Basin's coordinate descent over every symmetry group.
+
+Objective: ``<aligned theta_B, theta_A>``, summed over all tensors. One group at a time, with all others
+fixed, the objective is linear in the group's transform, ``<T, M>`` with ``M = sum X_A X_B^T`` over the
+group's slots (B's other axes already transformed, A's side of later transforms on the same axis undone),
+and an exact solver maximizes it: linear assignment for permutations, a structured assignment for GQA
+heads, Procrustes for the residual and for the per-head V-O bases. Groups are visited in a fresh random
+order each sweep; a solve is kept only if it raises the group's exact objective (which also covers a
+group acting on two axes of one tensor, where the objective is not linear), so the history is
+non-decreasing. The descent stops after a sweep with no improvement or after ``max_sweeps``.
+
+With an orthogonal residual both models are compared with their norms folded (gains all ones): that is
+the parameterization the aligned B is written in, so fold A too (``transform.fold_norms``) before
+interpolating.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+
+from modelcypher.align.solvers import procrustes, procrustes_fixing_ones, solve_heads, solve_lap
+from modelcypher.align.transform import (
+    Alignment,
+    Op,
+    StateDict,
+    apply_slot,
+    check_tensors,
+    fold,
+    group_ops,
+    is_perm,
+    materialize_tied,
+    slots_by_tensor,
+    space_ops,
+)
+from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec
+from modelcypher.errors import UserError
+
+ResidualMode = Literal["auto", "orthogonal", "permutation", "none"]
+
+
+def resolve_residual(spec: SymmetrySpec, residual: ResidualMode) -> str:
+    """``auto``: orthogonal where exact after folding, otherwise a permutation."""
+    if spec.residual is None:
+        return "none"
+    if residual == "auto":
+        return "orthogonal" if spec.residual_orthogonal_ok else "permutation"
+    if residual == "orthogonal" and not spec.residual_orthogonal_ok:
+        raise UserError(f"{spec.family} is post-norm: only residual='permutation' (or 'none') is exact")
+    if residual not in ("orthogonal", "permutation", "none"):
+        raise UserError(f"residual must be auto, orthogonal, permutation or none, not {residual!r}")
+    return residual
+
+
+def identity(group: Group, residual: str) -> torch.Tensor:
+    if group.kind == "vo":
+        h = group.heads
+        return torch.eye(h.head_dim, dtype=torch.float64).expand(h.n_kv_heads, -1, -1).clone()
+    if group.kind == "residual" and residual == "orthogonal":
+        return torch.eye(group.size, dtype=torch.float64)
+    return torch.arange(group.size)
+
+
+def inverse(group: Group, t: torch.Tensor) -> torch.Tensor:
+    """Inverse of a transform produced by matching (permutations and orthogonal matrices only)."""
+    if is_perm(t):
+        return torch.argsort(t)
+    return t.transpose(-1, -2)
+
+
+def prepare(sd: Mapping[str, torch.Tensor], spec: SymmetrySpec, residual: str) -> StateDict:
+    sd, _ = materialize_tied(dict(sd), spec)
+    check_tensors(sd, spec)
+    return fold(sd, spec) if residual == "orthogonal" else sd
+
+
+def overlaps(s: Slot, t: Slot) -> bool:
+    if s.axis != t.axis:
+        return False
+    s_stop = float("inf") if s.stop is None else s.stop
+    t_stop = float("inf") if t.stop is None else t.stop
+    return s.start < t_stop and t.start < s_stop
+
+
+def unit_rows(w: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """The slot's units as rows: ``[units, everything else]`` in float64."""
+    stop = w.shape[slot.axis] if slot.stop is None else slot.stop
+    part = w.narrow(slot.axis, slot.start, stop - slot.start)
+    return torch.movedim(part, slot.axis, 0).reshape(stop - slot.start, -1).double()
+
+
+def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x.double() * y.double()).sum())
+
+
+class Matcher:
+    """The state of one coordinate descent: both models, the current transforms and their actions."""
+
+    def __init__(self, a: StateDict, b: StateDict, spec: SymmetrySpec, transforms: dict[str, torch.Tensor]):
+        self.a, self.b, self.spec = a, b, spec
+        self.by_tensor = slots_by_tensor(spec)
+        self.transforms = transforms
+        self.ops = group_ops(spec, transforms)
+        self.inv_ops = {i: space_ops(g, inverse(g, transforms[g.name])) for i, g in enumerate(spec.groups)
+                        if g.name in transforms}
+
+    def set(self, i: int, t: torch.Tensor) -> None:
+        g = self.spec.groups[i]
+        self.transforms[g.name] = t
+        self.ops[i] = space_ops(g, t)
+        self.inv_ops[i] = space_ops(g, inverse(g, t))
+
+    def aligned(self, name: str, ops: Mapping[int, Mapping[str, Op]]) -> torch.Tensor:
+        w = self.b[name]
+        for i, s in self.by_tensor.get(name, []):
+            if i in ops:
+                w = apply_slot(w, s, ops[i][s.space])
+        return w
+
+    def objective(self) -> float:
+        return sum(dot(self.aligned(k, self.ops), self.a[k]) for k in self.a)
+
+    def group_objective(self, candidates: Mapping[int, torch.Tensor]) -> float:
+        """The objective over the tensors the candidate groups touch, with those groups replaced."""
+        ops = {**self.ops, **{i: space_ops(self.spec.groups[i], t) for i, t in candidates.items()}}
+        names = {s.tensor for i in candidates for s in self.spec.groups[i].slots}
+        return sum(dot(self.aligned(k, ops), self.a[k]) for k in names)
+
+    def similarity(self, i: int, skip_diag: bool = False, only: set[Slot] | None = None) -> dict[str, torch.Tensor]:
+        """``M[space] = sum X_A X_B^T`` over the group's slots (or those in ``only``), the rest held fixed."""
+        m: dict[str, torch.Tensor] = {}
+        for slot in self.spec.groups[i].slots:
+            if (skip_diag and slot.role == "diag") or (only is not None and slot not in only):
+                continue
+            wb, wa = self.b[slot.tensor], self.a[slot.tensor]
+            undo = []
+            for j, other in self.by_tensor[slot.tensor]:
+                if j not in self.ops or (j == i and overlaps(slot, other)):
+                    continue
+                if not overlaps(slot, other) or j < i:
+                    wb = apply_slot(wb, other, self.ops[j][other.space])
+                else:  # applied after this group on the same units: undo it on A's side instead
+                    undo.append((j, other))
+            for j, other in reversed(undo):
+                wa = apply_slot(wa, other, self.inv_ops[j][other.space])
+            xa, xb = unit_rows(wa, slot), unit_rows(wb, slot)
+            m[slot.space] = m.get(slot.space, 0) + xa @ xb.T
+        return m
+
+    def solve(self, i: int, residual: str) -> torch.Tensor:
+        g = self.spec.groups[i]
+        if g.kind == "perm":
+            return solve_lap(self.similarity(i)["unit"])
+        if g.kind == "residual":
+            if residual == "permutation":
+                return solve_lap(self.similarity(i)["unit"])
+            m = self.similarity(i, skip_diag=True)["unit"]
+            t = procrustes_fixing_ones(m) if self.spec.norm == "layernorm" else procrustes(m)
+            return t.T  # the alignment stores Q (x -> x Q), the transpose of the unit transform
+        mq, mkv = head_blocks(self.similarity(i), g)
+        if g.kind == "heads":
+            return solve_heads(trace(mq), trace(mkv), g.heads.group_size)
+        return torch.stack([procrustes(x) for x in vo_blocks(mq, mkv, g)])
+
+    def solve_heads_and_vo(self, i: int, i_vo: int) -> dict[int, torch.Tensor]:
+        """Heads and their V-O bases together: a head pairing is scored with the best V-O basis for it
+        (nuclear norm of its V/O similarity block) rather than with the current one."""
+        g, vo = self.spec.groups[i], self.spec.groups[i_vo]
+        saved = self.transforms[vo.name]
+        self.set(i_vo, identity(vo, "none"))
+        vo_slots = set(vo.slots)
+        free = set(g.slots) - vo_slots
+        mq, mkv = head_blocks(self.similarity(i, only=free), g)
+        vq, vkv = head_blocks(self.similarity(i, only=vo_slots), g)
+        nuclear = lambda x: torch.linalg.matrix_norm(x, ord="nuc")  # noqa: E731
+        perm = solve_heads(trace(mq) + nuclear(vq), trace(mkv) + nuclear(vkv), g.heads.group_size)
+        saved_heads = self.transforms[g.name]
+        self.set(i, perm)
+        basis = self.solve(i_vo, "none")
+        self.set(i, saved_heads)
+        self.set(i_vo, saved)
+        return {i: perm, i_vo: basis}
+
+
+def trace(x: torch.Tensor) -> torch.Tensor:
+    return x.diagonal(dim1=2, dim2=3).sum(-1)
+
+
+def head_blocks(m: Mapping[str, torch.Tensor], g: Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities per pair of heads: ``[n_heads, n_heads, hd, hd]`` (query) and ``[n_kv, n_kv, hd, hd]``."""
+    h = g.heads
+    hd = h.head_dim
+
+    def blocks(space: str, n: int) -> torch.Tensor:
+        if space not in m:
+            return torch.zeros(n, n, hd, hd, dtype=torch.float64)
+        return m[space].view(n, hd, n, hd).transpose(1, 2)
+
+    return blocks("query", h.n_heads), blocks("kv", h.n_kv_heads)
+
+
+def vo_blocks(mq: torch.Tensor, mkv: torch.Tensor, g: Group) -> torch.Tensor:
+    """Per KV head, the similarity its V-O basis sees: its own KV block plus its query heads' blocks."""
+    h = g.heads
+    own = torch.arange(h.n_heads)
+    own_kv = torch.arange(h.n_kv_heads)
+    per_kv = mq[own, own].view(h.n_kv_heads, h.group_size, h.head_dim, h.head_dim).sum(1)
+    return mkv[own_kv, own_kv] + per_kv
+
+
+def match_weights(
+    sd_b: Mapping[str, torch.Tensor],
+    sd_a: Mapping[str, torch.Tensor],
+    spec: SymmetrySpec,
+    *,
+    residual: ResidualMode = "auto",
+    vo: bool = False,
+    max_sweeps: int = 20,
+    seed: int = 0,
+) -> Alignment:
+    """Transforms bringing B onto A, by coordinate descent; ``history`` holds the objective per sweep.
+
+    A first descent matches permutations and the residual; with ``vo`` a second one adds each head's
+    V-O basis (orthogonal), solved jointly with its head permutation. ``max_sweeps`` caps each descent.
+    ``residual``: ``orthogonal`` (Procrustes; norms folded), ``permutation`` (exact in the original
+    parameterization), ``none``, or ``auto`` (orthogonal where exact, else permutation).
+    """
+    residual = resolve_residual(spec, residual)
+    a, b = prepare(sd_a, spec, residual), prepare(sd_b, spec, residual)
+    for name in {s.tensor for g in spec.groups for s in g.slots}:
+        if a[name].shape != b[name].shape:
+            raise UserError(f"models differ in shape at {name}: {list(a[name].shape)} vs {list(b[name].shape)}")
+    matcher = Matcher(a, b, spec, {})
+    stage_1 = [(i,) for i, g in enumerate(spec.groups)
+               if g.kind in ("perm", "heads") or (g.kind == "residual" and residual != "none")]
+    for (i,) in stage_1:
+        matcher.set(i, identity(spec.groups[i], residual))
+    rng = random.Random(seed)
+    history = [matcher.objective()]
+    descend(matcher, stage_1, residual, max_sweeps, rng, history)
+    if vo:
+        for _, j in vo_pairs(spec):
+            matcher.set(j, identity(spec.groups[j], residual))
+        heads = {i for i, _ in vo_pairs(spec)}
+        stage_2 = [c for c in stage_1 if c[0] not in heads] + vo_pairs(spec)
+        descend(matcher, stage_2, residual, max_sweeps, rng, history)
+    return Alignment(dict(matcher.transforms), history)
+
+
+def vo_pairs(spec: SymmetrySpec) -> list[tuple[int, int]]:
+    """(heads group, V-O group) index pairs: a V-O group's slots are some of its heads group's slots."""
+    pairs = []
+    for j, vo in enumerate(spec.groups):
+        if vo.kind == "vo":
+            pairs += [(i, j) for i, g in enumerate(spec.groups) if g.kind == "heads" and set(vo.slots) <= set(g.slots)]
+    return pairs
+
+
+def descend(matcher: Matcher, coords: list[tuple[int, ...]], residual: str, max_sweeps: int,
+            rng: random.Random, history: list[float]) -> None:
+    """Sweeps over ``coords`` (single groups, or a heads group with its V-O group) in random order."""
+    for _ in range(max_sweeps):
+        improved = False
+        for c in rng.sample(coords, len(coords)):
+            new = {c[0]: matcher.solve(c[0], residual)} if len(c) == 1 else matcher.solve_heads_and_vo(*c)
+            old = {i: matcher.transforms[matcher.spec.groups[i].name] for i in c}
+            before, after = matcher.group_objective(old), matcher.group_objective(new)
+            if after > before + 1e-9 * (abs(before) + 1.0):
+                for i, t in new.items():
+                    matcher.set(i, t)
+                improved = True
+        history.append(matcher.objective())
+        if not improved:
+            return

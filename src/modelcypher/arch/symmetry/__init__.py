@@ -1,0 +1,151 @@
+"""Function-preserving symmetries of each supported family, described as data.
+
+A :class:`SymmetrySpec` lists symmetry *groups*. Each group acts on a space of *units* (MLP hidden
+units, attention heads, the residual stream) and names every (tensor, axis) pair that carries those
+units as a :class:`Slot`. One algorithm per task then serves every family: ``align.transform.apply``
+applies a transform to the slots, ``align.weight_matching`` builds its cost matrices from the same slots.
+
+Group kinds and the transform each one takes (see ``align.transform.Alignment``):
+
+- ``perm``: a permutation of ``size`` units (MLP hidden units, the residual of post-norm BERT, ...).
+- ``heads``: a permutation of the query heads that keeps grouped-query structure: the KV groups move
+  as blocks together with their query heads, and query heads may also move within their group.
+  Slots live in the ``query`` space (one block of ``head_dim`` units per query head) or in the ``kv``
+  space (one block per KV head).
+- ``vo``: one invertible ``head_dim x head_dim`` matrix per KV head, acting on values and, through
+  the attention average, on the input of the output projection of each query head of the group.
+- ``residual``: the residual stream; a permutation, or an orthogonal matrix where the norms allow it
+  (``SymmetrySpec.norm``): after folding each norm's gain into its readers (``folds``), RMSNorm
+  commutes with any orthogonal matrix and pre-norm LayerNorm with those that fix the all-ones vector.
+
+Slot roles: ``out`` slots produce the units (a unit transform ``T`` mixes them by ``T``), ``in`` slots
+consume them (mixed by ``T^{-T}``, which keeps the product unchanged), ``diag`` slots are norm gains
+(permuted with the units, and folded away before any non-permutation transform).
+
+Tensor names are the state-dict names of the family's language-model class; when the checkpoint's own
+names are given, the base-model prefix (``model.``, ``transformer.``, ``bert.``) is detected from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from modelcypher.errors import UserError
+
+Role = Literal["out", "in", "diag"]
+Space = Literal["unit", "query", "kv"]
+GroupKind = Literal["perm", "heads", "vo", "residual"]
+NormKind = Literal["rmsnorm", "layernorm", "postnorm", "none"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Units of a group laid along ``axis`` of ``tensor``, in the index range ``[start, stop)``."""
+
+    tensor: str
+    axis: int
+    role: Role = "out"
+    space: Space = "unit"
+    start: int = 0
+    stop: int | None = None  # None: to the end of the axis
+
+
+@dataclass(frozen=True)
+class Heads:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head; HF's ``repeat_kv`` gives query head ``h`` the KV head ``h // group_size``."""
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where activation matching reads a group's units: the input or output of a named module."""
+
+    module: str
+    at: Literal["input", "output"] = "input"
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    kind: GroupKind
+    size: int  # perm/residual: units; heads: query heads; vo: KV heads
+    slots: tuple[Slot, ...]
+    heads: Heads | None = None
+    probes: tuple[Probe, ...] = ()
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """A norm whose gain (and bias) folds into the readers that follow it."""
+
+    weight: str
+    bias: str | None
+    readers: tuple[Slot, ...]  # the readers' residual-input axes
+    reader_biases: tuple[str | None, ...]  # each reader's output bias, or None
+
+
+@dataclass(frozen=True)
+class SymmetrySpec:
+    family: str
+    groups: tuple[Group, ...]
+    norm: NormKind = "none"
+    folds: tuple[NormFold, ...] = ()
+    embedding_head: tuple[str, str] | None = None  # (token embedding, output head) that can be tied
+    tied: bool = False  # the config ties them: checkpoints may store the head only as the embedding
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise UserError(f"no symmetry group named {name!r} in the {self.family} spec")
+
+    @property
+    def residual(self) -> Group | None:
+        return next((g for g in self.groups if g.kind == "residual"), None)
+
+    @property
+    def residual_orthogonal_ok(self) -> bool:
+        """Whether an orthogonal residual transform is exact (after folding the norms)."""
+        return self.norm in ("rmsnorm", "layernorm")
+
+
+def _builders():
+    from modelcypher.arch.symmetry import bert, gpt2, llama, mlp
+
+    return {
+        "llama": llama.spec,
+        "mistral": llama.spec,
+        "qwen2": llama.spec,
+        "gpt2": gpt2.spec,
+        "bert": bert.spec,
+        "modelcypher-mlp": mlp.spec,
+    }
+
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bert", "modelcypher-mlp")
+
+
+def spec_for(config: dict, names: Iterable[str] | None = None) -> SymmetrySpec:
+    """The symmetry spec of a checkpoint, from its HF config dict (and optionally its tensor names)."""
+    model_type = config.get("model_type")
+    builders = _builders()
+    if model_type not in builders:
+        raise UserError(
+            f"no symmetry spec for model_type {model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return builders[model_type](config, None if names is None else set(names))
+
+
+def detect_prefix(names: set[str] | None, default: str, probe: str) -> str:
+    """``default`` unless the checkpoint stores ``probe`` without the base-model prefix."""
+    if names is not None and probe in names and default + probe not in names:
+        return ""
+    return default
