@@ -13,7 +13,7 @@ def _gram(x):
 def test_registered():
     m = get_method("null_space")
     assert m.stats == ("gram",) and m.base == "required"
-    assert m.global_params["rank_threshold"] == 1e-4 and m.global_params["lambda_"] == 1.0
+    assert m.global_params["rank_threshold"] == 1e-4 and m.global_params["lambda"] == 1.0
 
 
 def test_projection_annihilates_other_tasks_inputs():

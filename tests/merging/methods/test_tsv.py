@@ -12,7 +12,7 @@ def _orthonormal(d, k, seed):
 
 def test_registered():
     m = get_method("tsv")
-    assert m.base == "required" and m.global_params["lambda_"] == 1.0
+    assert m.base == "required" and m.global_params["lambda"] == 1.0
 
 
 def test_orthogonal_rank1_tasks_reproduce_their_sum():

@@ -7,7 +7,7 @@ from modelcypher.merging.registry import get_method
 def test_registered():
     m = get_method("wudi")
     assert m.base == "required"
-    assert m.global_params == {"lambda_": 1.0, "steps": 300, "lr": 1e-5, "layout": "linear"}
+    assert m.global_params == {"lambda": 1.0, "steps": 300, "lr": 1e-5, "layout": "linear"}
 
 
 def test_objective_decreases():
