@@ -37,6 +37,17 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
     if dry_run:
         return plan
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        if plan.config.align is not None:
+            # Align every model onto the reference first (into the temporary output directory, so an
+            # interrupted run leaves nothing), then merge the aligned copies.
+            from modelcypher.align.pipeline import align_for_merge
+
+            aligned_cfg = align_for_merge(plan, tmp / ".aligned", device=dev)
+            plan = make_plan(aligned_cfg, truncate_vocab=truncate_vocab)
         execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
                 max_shard_size=shard_bytes, progress=progress)
+        if (tmp / ".aligned").exists():
+            import shutil
+
+            shutil.rmtree(tmp / ".aligned")
     return plan

@@ -36,6 +36,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from modelcypher.align.pipeline import cli_align
+
+    return cli_align(args)
+
+
+def _barrier(args: argparse.Namespace) -> int:
+    from modelcypher.measure.barrier import cli_barrier
+
+    return cli_barrier(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from modelcypher.measure.diagnose import cli_diagnose
+
+    return cli_diagnose(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelcypher", description="Align and merge neural networks with geometry.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -53,6 +71,41 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
+
+    a = sub.add_parser("align", help="permute/rotate model B onto model A; writes an equivalent checkpoint of B")
+    a.add_argument("model_b", help="the model to transform")
+    a.add_argument("--to", required=True, dest="model_a", help="the model to align onto")
+    a.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
+    a.add_argument("--method", choices=["weight", "activation"], default="weight")
+    a.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto",
+                   help="the residual-stream transform (auto: orthogonal where exact, else permutation)")
+    a.add_argument("--data", help="probe text for --method activation")
+    a.add_argument("--max-sweeps", type=int, default=20)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(func=_align)
+
+    b = sub.add_parser("barrier", help="loss along the straight line between two models (raw and aligned)")
+    b.add_argument("model_a")
+    b.add_argument("model_b")
+    b.add_argument("--data", required=True, help="held-out text")
+    b.add_argument("--align", choices=["none", "weight", "activation"], default="none",
+                   help="also measure the pair after aligning B onto A")
+    b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
+    b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
+    b.add_argument("--plot", help="write a PNG plot here")
+    b.add_argument("--max-tokens", type=int, default=65536)
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=_barrier)
+
+    g = sub.add_parser("diagnose", help="how much the task vectors of a merge config interfere, before merging")
+    g.add_argument("config", help="the merge config (needs a base_model)")
+    g.add_argument("--json", help="write the full report as JSON here")
+    g.add_argument("--plot", help="write PNG heatmaps into this directory")
+    g.add_argument("--top-k", type=int, default=None, help="k for top-k energy and subspace overlap")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=_diagnose)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")

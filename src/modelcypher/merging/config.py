@@ -76,6 +76,22 @@ class Slice(Strict):
         return self
 
 
+class AlignSection(Strict):
+    """Align every model onto the base (or the first model) before the merge method runs."""
+
+    method: Literal["weight", "activation"] = "weight"
+    data: str | None = None  # probe text, for activation matching
+    residual: Literal["auto", "orthogonal", "permutation", "none"] = "auto"
+    max_sweeps: int = Field(default=20, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _data(self) -> AlignSection:
+        if self.method == "activation" and not self.data:
+            raise ValueError("align: method activation needs data (a probe text file)")
+        return self
+
+
 class MergeConfig(Strict):
     merge_method: str
     base_model: str | None = None
@@ -86,6 +102,7 @@ class MergeConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None
+    align: AlignSection | None = None
     name: str | None = None
 
     @model_validator(mode="before")
