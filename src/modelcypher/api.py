@@ -42,8 +42,9 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
             # interrupted run leaves nothing), then merge the aligned copies.
             from modelcypher.align.pipeline import align_for_merge
 
-            aligned_cfg = align_for_merge(plan, tmp / ".aligned", device=dev)
-            plan = make_plan(aligned_cfg, truncate_vocab=truncate_vocab)
+            original = plan
+            plan = make_plan(align_for_merge(plan, tmp / ".aligned", device=dev), truncate_vocab=truncate_vocab)
+            plan.config, plan.names = original.config, original.names  # the card names what the user gave
         execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
                 max_shard_size=shard_bytes, progress=progress)
         if (tmp / ".aligned").exists():
