@@ -45,8 +45,13 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
             original = plan
             plan = make_plan(align_for_merge(plan, tmp / ".aligned", device=dev), truncate_vocab=truncate_vocab)
             plan.config, plan.names = original.config, original.names  # the card names what the user gave
-        execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
-                max_shard_size=shard_bytes, progress=progress)
+        stats = None
+        if plan.method.stats:  # after alignment: statistics describe the models as they are merged
+            from modelcypher.merging.stats import collect
+
+            stats = collect(plan, out, dev)
+        plan.reports = execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
+                               max_shard_size=shard_bytes, progress=progress, stats=stats)
         if (tmp / ".aligned").exists():
             import shutil
 

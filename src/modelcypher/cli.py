@@ -26,7 +26,26 @@ def _merge(args: argparse.Namespace) -> int:
             print(f"note: {n}")
     else:
         print(f"wrote {args.output} ({summary}) in {time.perf_counter() - t0:.1f}s")
+        _print_kept(plan)
     return 0
+
+
+def _print_kept(plan) -> None:
+    """Per layer, the share of each model's task vector that a filtering method kept."""
+    from modelcypher.arch.families import layer_index
+
+    rows: dict[str, list[list[float]]] = {}
+    for name, rep in plan.reports.items():
+        if "kept" in rep:
+            layer = layer_index(name)
+            rows.setdefault("-" if layer is None else str(layer), []).append(rep["kept"])
+    if not rows:
+        return
+    models = [plan.names[mi] for mi, _ in plan.tasks[0].sources]
+    print("kept share of each task vector (energy), per layer: " + ", ".join(models))
+    for layer, reps in sorted(rows.items(), key=lambda kv: (kv[0] == "-", int(kv[0]) if kv[0] != "-" else 0)):
+        means = [sum(r[i] for r in reps) / len(reps) for i in range(len(models))]
+        print(f"  layer {layer:>3}: " + "  ".join(f"{m:.3f}" for m in means))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ class Family:
     # tensors whose first axis runs over the vocabulary
     vocab_tensors: tuple[str, ...]
     tie_default: bool
+    # weights stored [in, out] (GPT-2's Conv1D), by name suffix; every other matrix is [out, in]
+    conv1d: tuple[str, ...] = ()
 
 
 FAMILIES = (
@@ -30,7 +32,8 @@ FAMILIES = (
            "num_hidden_layers", (("model.embed_tokens.weight", "lm_head.weight"),),
            ("model.embed_tokens.weight", "lm_head.weight"), False),
     Family("gpt2", ("gpt2",), "n_layer", (("transformer.wte.weight", "lm_head.weight"),),
-           ("transformer.wte.weight", "lm_head.weight"), True),
+           ("transformer.wte.weight", "lm_head.weight"), True,
+           ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")),
     Family("bert", ("bert", "roberta"), "num_hidden_layers",
            (("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
             ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight")),

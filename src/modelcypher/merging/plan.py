@@ -42,17 +42,22 @@ class Plan:
     reference: int  # the model whose config, generation defaults and layout the output follows
     tokenizer_from: int
     notes: list[str] = field(default_factory=list)
+    data: dict[int, Path] = field(default_factory=dict)  # model index -> its text, for data statistics
+    reports: dict[str, dict] = field(default_factory=dict)  # per-tensor figures from the method, after a run
 
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize for t in self.tasks)
 
 
-def _resolve_path(ref: str, config_dir: Path | None) -> Path:
+def _resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path:
+    """A path as written in the config: relative to the working directory, else to the config's folder."""
     for root in (Path.cwd(), config_dir):
         if root is not None and (root / ref).exists():
             return root / ref
     where = f" (looked in {Path.cwd()}" + (f" and {config_dir})" if config_dir else ")")
+    if what != "model":
+        raise UserError(f"{what} {ref!r}: not found{where}")
     raise UserError(f"model {ref!r}: no such local model directory{where}; downloads from a hub are not done")
 
 
@@ -80,6 +85,8 @@ def _param(value: ParamValue, name: str, layer: int | None, depth: int, before: 
 
 def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -> None:
     known = {**method.model_params, **method.global_params}
+    if method.stats:
+        known["data"] = None
     takes = ", ".join(sorted(known)) or "no parameters"
     for where, params in [("parameters", cfg.parameters)] + [(f"parameters of {e.model}", e.parameters)
                                                                for e in entries]:
@@ -199,7 +206,8 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     for out_n, layer, srcs, base_n in layer_plan:
         srcs = [(e, n) for e, n in srcs if not (uses_base and idx[e.model] == base)]
         before = out_n in fam_embeds or "embed" in out_n or ".wpe." in out_n
-        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, before)
+        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, before,
+                              family_of(ref_ck.config).conv1d)
         sources = []
         for e, n in srcs:
             mi = idx[e.model]
@@ -248,13 +256,38 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
         out_config["vocab_size"] = trunc_rows
         notes.append(f"vocabulary truncated to the first {trunc_rows} rows")
     _set_dtype(out_config, out_dtype)
-    return Plan(cfg, method, models, names, tasks, out_config, ref, tok, notes)
+    data = _data_files(cfg, method, entries, idx, base if uses_base else None, config_dir)
+    return Plan(cfg, method, models, names, tasks, out_config, ref, tok, notes, data)
+
+
+def _data_files(cfg: MergeConfig, method: Method, entries: list[ModelEntry], idx: dict[str, int],
+                base: int | None, config_dir: Path | None) -> dict[int, Path]:
+    """Each model's text for the method's statistics: its own `data` parameter, else the global one."""
+    if not method.stats:
+        return {}
+    out: dict[int, Path] = {}
+    for e in entries + ([ModelEntry(model=cfg.base_model)] if base is not None else []):
+        ref = e.parameters.get("data", cfg.parameters.get("data"))
+        if ref is None:
+            if idx[e.model] == base:
+                continue  # the base's statistics are optional (null_space reference: base)
+            raise UserError(f"merge_method {method.name} needs data for model {e.model}: "
+                            "add parameters: {data: path/to/text.txt}")
+        if not isinstance(ref, str):
+            raise UserError(f"parameter data of {e.model}: expected a path to a text file")
+        path = _resolve_path(ref, config_dir, what="data file")
+        if not path.is_file():
+            raise UserError(f"data file {ref!r} of {e.model}: not a file")
+        out[idx[e.model]] = path
+    return out
 
 
 def _task_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry], name: str,
-                 layer: int | None, depth: int, before: bool) -> dict[str, Any]:
+                 layer: int | None, depth: int, before: bool, conv1d: tuple[str, ...] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, default in method.model_params.items():
+        if key == "data":
+            continue
         vals = []
         for e in entries:
             v = e.parameters.get(key, cfg.parameters.get(key))
@@ -262,6 +295,9 @@ def _task_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry], na
             vals.append(default if v is None else v)
         out[key] = vals
     for key, default in method.global_params.items():
+        if key == "layout" and "layout" not in cfg.parameters:
+            out[key] = "conv1d" if name.endswith(conv1d) else "linear"
+            continue
         v = cfg.parameters.get(key)
         v = None if v is None else _param(v, name, layer, depth, before)
         if v is None and default is REQUIRED:

@@ -10,7 +10,10 @@ A method is a pure function on float32 tensors of one parameter:
   global parameters (``normalize``, ``t``, ...) as scalars; the config name ``lambda`` arrives as
   ``lambda_`` (a Python keyword);
 - ``rng``: a ``torch.Generator`` on the tensors' device, when the method is registered ``random=True``;
-- statistics named in ``stats`` (e.g. a per-model Fisher diagonal) arrive as lists of tensors.
+- statistics named in ``stats`` (e.g. a per-model Fisher diagonal) arrive as lists of tensors, one per
+  entry of ``xs`` (None where a tensor has no statistic), and ``base_<stat>`` for the base's;
+- ``report``: a dict the method may fill with figures about this tensor (registered ``reports=True``);
+  the runner writes them to ``merge_report.json``.
 
 Methods never modify their inputs.
 """
@@ -36,6 +39,7 @@ class Method:
     stats: tuple[str, ...] = ()
     min_models: int = 1
     max_models: int | None = None
+    reports: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -52,13 +56,14 @@ def register(
     stats: tuple[str, ...] = (),
     min_models: int = 1,
     max_models: int | None = None,
+    reports: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
             name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
-            random, stats, min_models, max_models,
+            random, stats, min_models, max_models, reports,
         )
         return fn
 

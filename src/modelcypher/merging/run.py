@@ -41,7 +41,8 @@ def _load(plan: Plan, mi: int, name: str, rows: int | None, device: torch.device
     return x
 
 
-def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool) -> torch.Tensor:
+def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool,
+            stats=None, report: dict | None = None) -> torch.Tensor:
     if task.copy:
         mi, n = task.sources[0] if task.sources else task.base
         return plan.models[mi].get(n)
@@ -54,9 +55,12 @@ def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow
         g = torch.Generator(device=device)
         g.manual_seed((seed * 1_000_003 + zlib.crc32(task.name.encode())) % 2**63)
         kwargs["rng"] = g
-    if plan.method.stats:
-        raise UserError(f"merge_method {plan.method.name} needs data statistics ({', '.join(plan.method.stats)}), "
-                        "which this runner does not collect yet")
+    for stat in plan.method.stats:
+        kwargs[stat] = [stats.get(stat, mi, n, device) if stats else None for mi, n in task.sources]
+        if task.base and stats and stats.get(stat, *task.base, device) is not None:
+            kwargs[f"base_{stat}"] = stats.get(stat, *task.base, device)
+    if plan.method.reports and report is not None:
+        kwargs["report"] = report
     y = plan.method.fn(xs, base, **kwargs)
     if y.shape != task.shape:
         raise RuntimeError(f"{plan.method.name} returned shape {tuple(y.shape)} for {task.name}, want {task.shape}")
@@ -64,8 +68,8 @@ def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow
 
 
 def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, allow_nonfinite: bool = False,
-            max_shard_size: int = 5 * 10**9, progress: bool = False) -> None:
-    """Write the merged model into ``out_dir`` (an empty directory)."""
+            max_shard_size: int = 5 * 10**9, progress: bool = False, stats=None) -> dict[str, dict]:
+    """Write the merged model into ``out_dir`` (an empty directory); returns the methods' per-tensor reports."""
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in plan.tasks], max_shard_size)
     by_name = {t.name: t for t in plan.tasks}
     order = writer.order
@@ -73,13 +77,20 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
         from tqdm import tqdm
 
         order = tqdm(order, desc=f"merge ({plan.method.name})", unit="tensor", leave=False)
+    reports: dict[str, dict] = {}
     for name in order:
-        writer.write(name, compute(plan, by_name[name], device, seed, allow_nonfinite))
+        reports[name] = {}
+        writer.write(name, compute(plan, by_name[name], device, seed, allow_nonfinite, stats, reports[name]))
     writer.finish()
+    reports = {k: v for k, v in reports.items() if v}
+    if reports:
+        models = [plan.names[mi] for mi, _ in plan.tasks[0].sources] if plan.tasks else []
+        (out_dir / "merge_report.json").write_text(json.dumps({"models": models, "tensors": reports}, indent=1))
     (out_dir / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
     _copy_files(plan.models[plan.tokenizer_from].path, out_dir, TOKENIZER_FILES)
     _copy_files(plan.models[plan.reference].path, out_dir, GENERATION_FILES)
     (out_dir / "README.md").write_text(model_card(plan))
+    return reports
 
 
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:

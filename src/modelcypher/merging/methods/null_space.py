@@ -120,10 +120,11 @@ def null_space_filter(
     paper="Null-space filtering of task vectors (after MINGLE, arXiv 2509.21413)",
     global_params={"lambda": 1.0, "rank_threshold": 1e-4, "reference": "others", "layout": "auto"},
     stats=("gram",),
+    reports=True,
 )
 def null_space(
     xs, base, *, gram=None, lambda_: float = 1.0, rank_threshold: float = 1e-4, reference: str = "others",
-    layout: str = "auto", base_gram=None,
+    layout: str = "auto", base_gram=None, report: dict | None = None,
 ):
     if reference not in REFERENCES:
         raise UserError(f"null_space: reference must be one of {REFERENCES}, got {reference!r}")
@@ -134,8 +135,10 @@ def null_space(
     have = base_gram is not None if reference == "base" else grams_given
     if b.dim() != 2 or not have:
         return b + float(lambda_) * torch.stack([x.float() - b for x in xs]).mean(0)
-    filtered, _ = null_space_filter(
+    filtered, kept = null_space_filter(
         xs, base, gram, rank_threshold=float(rank_threshold), reference=reference, layout=layout,
         base_gram=base_gram,
     )
+    if report is not None:
+        report["kept"] = [float(k) for k in kept]
     return b + float(lambda_) * torch.stack(filtered).sum(0)
