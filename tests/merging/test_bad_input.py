@@ -141,6 +141,8 @@ def test_vocab_sizes_differ_points_to_truncation(tmp_path):
     ({"merge_method": "linear", "models": [{"model": "x"}], "modules": {}}, "not supported yet"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),
     ("merge_method: [unclosed", "invalid YAML"),
+    ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": {"a": 1}}}]},
+     "models.0.parameters.weight: expected a number"),
 ])
 def test_config_mistakes(tmp_path, cfg, match):
     refuse(tmp_path, cfg, match=match)

@@ -138,9 +138,17 @@ class MergeConfig(Strict):
         return list(dict.fromkeys(names))
 
 
+_UNION_TAGS = {"float", "int", "bool", "str", "list[float]", "list[Filtered]"}
+
+
 def _first_line(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    parts = [str(p) for p in err["loc"]]
+    if any(p in _UNION_TAGS for p in parts):  # a value matched none of the accepted forms
+        loc = ".".join(p for p in parts[: next(i for i, p in enumerate(parts) if p in _UNION_TAGS)])
+        return (f"{loc}: expected a number, a list of numbers (a gradient over layers) or a list of "
+                "{filter, value} entries")
+    loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"

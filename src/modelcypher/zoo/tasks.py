@@ -1,0 +1,180 @@
+"""Small text tasks with exact answers, for character-level language models.
+
+Every example is one line ``NAME[INPUT]ANSWER`` followed by a newline, e.g. ``rev[stone]enots``.
+A model is asked the prompt ``NAME[INPUT]`` (preceded by a newline, the start of a line) and
+scored by exact match of what it writes after the ``]`` up to the next newline.  The brackets are
+used because the bundled Shakespeare vocabulary (:func:`modelcypher.zoo.shakespeare.vocab`) has no
+``=``, ``+`` or ``>``; every character of every example is in that vocabulary.
+
+Tasks (:data:`TASKS`); inputs are random lowercase strings (or numbers), drawn from a seed:
+
+=======  ==============================================  =====================
+name     answer                                          example
+=======  ==============================================  =====================
+``rev``  the word reversed                               ``rev[plum]mulp``
+``sort`` the word's letters in alphabetical order        ``sort[plum]lmpu``
+``add``  the sum of two numbers 0-99                     ``add[47,8]55``
+``up``   the word in capitals                            ``up[plum]PLUM``
+``rot``  every letter shifted by one (``z`` -> ``a``)    ``rot[plum]qmvn``
+``len``  the number of letters                           ``len[plum]4``
+=======  ==============================================  =====================
+
+Words have 3-7 letters (``len``: 1-12).  :func:`make_splits` draws distinct inputs and cuts them
+into disjoint train/validation/test sets, the same for the same seed on any machine (only
+:class:`random.Random` is used).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+OPEN, CLOSE, END = "[", "]", "\n"
+LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    input: str
+    answer: str
+
+    @property
+    def prompt(self) -> str:
+        """What the model is given: ``NAME[INPUT]`` (without the leading newline)."""
+        return f"{self.task}{OPEN}{self.input}{CLOSE}"
+
+    @property
+    def line(self) -> str:
+        """The full training line, newline included."""
+        return f"{self.prompt}{self.answer}{END}"
+
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+def _rot1(w: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)
+
+
+def _add_input(rng: random.Random) -> str:
+    return f"{rng.randint(0, 99)},{rng.randint(0, 99)}"
+
+
+def _add_answer(x: str) -> str:
+    a, b = x.split(",")
+    return str(int(a) + int(b))
+
+
+# name -> (input generator, answer function)
+TASKS: dict[str, tuple[Callable[[random.Random], str], Callable[[str], str]]] = {
+    "rev": (_word, lambda w: w[::-1]),
+    "sort": (_word, lambda w: "".join(sorted(w))),
+    "add": (_add_input, _add_answer),
+    "up": (_word, str.upper),
+    "rot": (_word, _rot1),
+    "len": (lambda rng: _word(rng, 1, 12), lambda w: str(len(w))),
+}
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+
+
+def answer(task: str, inp: str) -> str:
+    """The exact answer of ``task`` on input ``inp``."""
+    return TASKS[task][1](inp)
+
+
+def make_splits(
+    task: str, sizes: Sequence[int] = (2000, 300, 300), seed: int = 0
+) -> tuple[list[Example], ...]:
+    """Disjoint splits (e.g. train, val, test) of ``task`` with distinct inputs, deterministic in ``seed``.
+
+    Raises ``ValueError`` if the task has too few distinct inputs for the sizes asked.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASK_NAMES}")
+    gen, ans = TASKS[task]
+    rng = random.Random(f"{task}:{seed}")
+    total = sum(sizes)
+    seen: set[str] = set()
+    inputs: list[str] = []
+    tries = 0
+    while len(inputs) < total:
+        tries += 1
+        if tries > 50 * total + 1000:
+            raise ValueError(f"task {task!r}: could not draw {total} distinct inputs")
+        x = gen(rng)
+        if x not in seen:
+            seen.add(x)
+            inputs.append(x)
+    out, start = [], 0
+    for n in sizes:
+        out.append([Example(task, x, ans(x)) for x in inputs[start : start + n]])
+        start += n
+    return tuple(out)
+
+
+def to_text(examples: Sequence[Example]) -> str:
+    """The examples as training text: one line each, every line ending in a newline."""
+    return "".join(e.line for e in examples)
+
+
+def score(examples: Sequence[Example], outputs: Sequence[str]) -> float:
+    """Exact-match accuracy of ``outputs`` (what the model wrote after ``]``, up to the newline).
+
+    Anything from the first newline of an output on is ignored; nothing else is stripped.
+    """
+    if len(examples) != len(outputs):
+        raise ValueError(f"{len(examples)} examples but {len(outputs)} outputs")
+    if not examples:
+        return 0.0
+    hits = sum(e.answer == o.split(END, 1)[0] for e, o in zip(examples, outputs, strict=True))
+    return hits / len(examples)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, examples: Sequence[Example], max_new: int = 16,
+                   batch_size: int = 512) -> list[str]:
+    """Greedy completions of each example's prompt (after a newline), up to a newline or ``max_new`` chars.
+
+    Prompts of equal length are decoded together, so no padding is involved and the result does not
+    depend on the batch composition beyond float round-off.
+    """
+    from modelcypher.zoo.chartok import encode_ids
+
+    nl = int(encode_ids(END, tokenizer)[0])
+    id_to_tok = {i: t for t, i in tokenizer.get_vocab().items()}
+    model.eval()
+    prompts = [END + e.prompt for e in examples]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    outs: list[str] = [""] * len(prompts)
+    block = model.config.n_positions
+    for _, idx in sorted(by_len.items()):
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            ids = torch.stack([encode_ids(prompts[i], tokenizer) for i in chunk])
+            done = torch.zeros(len(chunk), dtype=torch.bool)
+            new = []
+            for _ in range(max_new):
+                logits = model(input_ids=ids[:, -block:], use_cache=False).logits[:, -1]
+                nxt = logits.argmax(-1)
+                new.append(nxt)
+                done |= nxt == nl
+                if bool(done.all()):
+                    break
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+            gen = torch.stack(new, dim=1)
+            for row, i in enumerate(chunk):
+                outs[i] = "".join(id_to_tok[t] for t in gen[row].tolist()).split(END, 1)[0]
+    return outs
+
+
+def accuracy(model, tokenizer, examples: Sequence[Example], max_new: int = 16) -> float:
+    """Exact-match accuracy of greedy decoding on ``examples``."""
+    return score(examples, greedy_answers(model, tokenizer, examples, max_new))

@@ -1,0 +1,25 @@
+"""Every shipped example config is valid (paths aside)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelcypher.merging.config import parse_config
+from modelcypher.merging.registry import get_method
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_parses_and_names_a_known_method(path):
+    cfg = parse_config(path)
+    method = get_method(cfg.merge_method)
+    known = set(method.model_params) | set(method.global_params) | ({"data"} if method.stats else set())
+    for params in [cfg.parameters] + [e.parameters for e in cfg.models or []]:
+        assert set(params) <= known
+    assert yaml.safe_load(path.read_text())
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 5
