@@ -191,7 +191,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, trio, monkeypatch):
     import modelcypher.merging.run as run
 
     calls = {"n": 0}
-    real = run.compute
+    real = run.compute_blocks
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -199,7 +199,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, trio, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(run, "compute", flaky)
+    monkeypatch.setattr(run, "compute_blocks", flaky)
     from modelcypher.api import merge
 
     with pytest.raises(KeyboardInterrupt):

@@ -111,11 +111,13 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._infos[name].dtype if name in self._infos else self._bin[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """One tensor, or a contiguous range of its rows (read from disk alone)."""
         if name in self._infos:
-            return read_tensor(self._infos[name])
+            return read_tensor(self._infos[name], rows)
         if name in self._bin:
-            return self._bin[name]
+            t = self._bin[name]
+            return t if rows is None or t.dim() == 0 else t[rows]
         raise UserError(f"{self.path}: has no tensor {name!r}")
 
     @property

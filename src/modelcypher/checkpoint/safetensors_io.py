@@ -75,15 +75,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, meta
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    buf = bytearray(info.nbytes)
+def read_tensor(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
+    """The tensor, or rows ``rows`` of it (a contiguous byte range: row-major storage)."""
+    shape, start, nbytes = info.shape, info.start, info.nbytes
+    if rows is not None and shape:
+        a, b, _ = rows.indices(shape[0])
+        row_bytes = info.nbytes // shape[0] if shape[0] else 0
+        shape, start, nbytes = (max(b - a, 0),) + shape[1:], start + a * row_bytes, max(b - a, 0) * row_bytes
+    if nbytes == 0:
+        return torch.empty(shape, dtype=info.dtype)
+    buf = bytearray(nbytes)
     with open(info.file, "rb") as f:
-        f.seek(info.start)
-        if f.readinto(buf) != info.nbytes:
-            raise UserError(f"{info.file}: truncated while reading a tensor at byte {info.start}")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        f.seek(start)
+        if f.readinto(buf) != nbytes:
+            raise UserError(f"{info.file}: truncated while reading a tensor at byte {start}")
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
 
 class StreamingFile:
@@ -107,13 +113,22 @@ class StreamingFile:
         self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
+        self._rows = 0  # rows of the current tensor written so far
 
     def write(self, name: str, t: torch.Tensor) -> None:
+        """Append tensor ``name``, whole or as its next block of rows."""
         want, shape, dtype = self.order[self._next]
-        if name != want or tuple(t.shape) != shape or t.dtype != dtype:
+        whole = tuple(t.shape) == shape and self._rows == 0
+        if name != want or t.dtype != dtype or not (whole or (shape and tuple(t.shape[1:]) == shape[1:])):
             raise RuntimeError(f"write order broken: got {name} {tuple(t.shape)} {t.dtype}, expected {want}")
         self._f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._rows = shape[0] if whole else self._rows + t.shape[0]
+        if shape and self._rows > shape[0]:
+            raise RuntimeError(f"{name}: more rows written than its shape {shape}")
+        if shape and self._rows < shape[0]:
+            return
         self._next += 1
+        self._rows = 0
         if self._next == len(self.order):
             self._f.flush()
             os.fsync(self._f.fileno())

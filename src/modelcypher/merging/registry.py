@@ -12,6 +12,8 @@ A method is a pure function on float32 tensors of one parameter:
 - ``rng``: a ``torch.Generator`` on the tensors' device, when the method is registered ``random=True``;
 - statistics named in ``stats`` (e.g. a per-model Fisher diagonal) arrive as lists of tensors, one per
   entry of ``xs`` (None where a tensor has no statistic), and ``base_<stat>`` for the base's;
+- ``rowwise=True`` declares that row r of the result depends only on row r of the inputs (for tensors
+  of two or more axes); the runner may then call the method on blocks of rows to bound memory;
 - ``report``: a dict the method may fill with figures about this tensor (registered ``reports=True``);
   the runner writes them to ``merge_report.json``.
 
@@ -40,6 +42,7 @@ class Method:
     min_models: int = 1
     max_models: int | None = None
     reports: bool = False
+    rowwise: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -57,13 +60,14 @@ def register(
     min_models: int = 1,
     max_models: int | None = None,
     reports: bool = False,
+    rowwise: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
             name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
-            random, stats, min_models, max_models, reports,
+            random, stats, min_models, max_models, reports, rowwise,
         )
         return fn
 

@@ -30,41 +30,70 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
-def _load(plan: Plan, mi: int, name: str, rows: int | None, device: torch.device, check: bool) -> torch.Tensor:
-    x = plan.models[mi].get(name)
-    if rows is not None:
-        x = x[:rows]
-    x = x.to(device=device, dtype=torch.float32)
-    if check and not torch.isfinite(x).all():
+# Row-local methods run over blocks of rows of about this many float32 elements (256 MiB) per input,
+# so the largest tensors (embeddings, heads) do not set the peak memory.
+BLOCK_ELEMENTS = 1 << 26
+
+
+def _load(plan: Plan, mi: int, name: str, rows: slice, device: torch.device, check: bool) -> torch.Tensor:
+    x = plan.models[mi].get(name, rows).to(device=device, dtype=torch.float32)
+    # One sum tells when every entry is finite (NaN and Inf propagate); the exact test runs only when
+    # the sum is not finite, which a huge but finite tensor can also cause.
+    if check and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise UserError(f"tensor {name!r} of model {plan.names[mi]} contains NaN or Inf; "
                         "pass --allow-nonfinite to merge it anyway")
     return x
 
 
+def row_blocks(task: TensorTask, rowwise: bool) -> list[slice]:
+    """The row ranges one tensor is computed in: all rows at once unless the method is row-local."""
+    n = task.shape[0] if task.shape else 1
+    per_row = 1
+    for s in task.shape[1:]:
+        per_row *= s
+    step = max(1, BLOCK_ELEMENTS // max(per_row, 1)) if rowwise and len(task.shape) >= 2 else n
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)] if task.shape else [slice(None)]
+
+
 def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool,
             stats=None, report: dict | None = None) -> torch.Tensor:
+    """The whole output tensor (used by tests and callers that want one tensor)."""
+    parts = [part for _, part in compute_blocks(plan, task, device, seed, allow_nonfinite, stats, report)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool,
+                   stats=None, report: dict | None = None):
+    """Yield (rows, result) for each block of rows of one output tensor, ready to write."""
     if task.copy:
         mi, n = task.sources[0] if task.sources else task.base
-        return plan.models[mi].get(n)
+        yield slice(None), plan.models[mi].get(n)
+        return
     check = not allow_nonfinite
-    xs = [_load(plan, mi, n, task.rows, device, check) for mi, n in task.sources]
-    base = _load(plan, *task.base, task.rows, device, check) if task.base else None
     kwargs = dict(task.params)
     if plan.method.random:
         # Seeded per tensor name: the result does not depend on the order tensors are visited in.
         g = torch.Generator(device=device)
         g.manual_seed((seed * 1_000_003 + zlib.crc32(task.name.encode())) % 2**63)
         kwargs["rng"] = g
-    for stat in plan.method.stats:
+    for stat in plan.method.stats:  # statistics belong to whole tensors: these methods are not row-local
         kwargs[stat] = [stats.get(stat, mi, n, device) if stats else None for mi, n in task.sources]
-        if task.base and stats and stats.get(stat, *task.base, device) is not None:
-            kwargs[f"base_{stat}"] = stats.get(stat, *task.base, device)
+        base_stat = stats.get(stat, *task.base, device) if stats and task.base else None
+        if base_stat is not None:
+            kwargs[f"base_{stat}"] = base_stat
     if plan.method.reports and report is not None:
         kwargs["report"] = report
-    y = plan.method.fn(xs, base, **kwargs)
-    if y.shape != task.shape:
-        raise RuntimeError(f"{plan.method.name} returned shape {tuple(y.shape)} for {task.name}, want {task.shape}")
-    return y.to(dtype=task.dtype, device="cpu")
+    whole = task.rows is None
+    for rows in row_blocks(task, plan.method.rowwise):
+        if not whole:  # vocabulary truncation: the first task.rows rows
+            rows = slice(rows.start or 0, rows.stop if rows.stop is not None else task.rows)
+        xs = [_load(plan, mi, n, rows, device, check) for mi, n in task.sources]
+        base = _load(plan, *task.base, rows, device, check) if task.base else None
+        y = plan.method.fn(xs, base, **kwargs)
+        if y.shape[1:] != task.shape[1:] or (len(task.shape) < 2 and y.shape != task.shape):
+            raise RuntimeError(f"{plan.method.name} returned shape {tuple(y.shape)} for {task.name}, "
+                               f"want {task.shape}")
+        yield rows, y.to(dtype=task.dtype, device="cpu")
 
 
 def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, allow_nonfinite: bool = False,
@@ -80,7 +109,8 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
     reports: dict[str, dict] = {}
     for name in order:
         reports[name] = {}
-        writer.write(name, compute(plan, by_name[name], device, seed, allow_nonfinite, stats, reports[name]))
+        for _, part in compute_blocks(plan, by_name[name], device, seed, allow_nonfinite, stats, reports[name]):
+            writer.write(name, part)
     writer.finish()
     reports = {k: v for k, v in reports.items() if v}
     if reports:

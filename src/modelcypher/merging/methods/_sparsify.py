@@ -82,23 +82,46 @@ def count(fraction: float, n: int) -> int:
     return min(n, max(0, math.floor(fraction * n + 0.5)))
 
 
+def kth_largest(m: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry (1-based) of a flat non-negative float32 tensor, exactly.
+
+    A radix select: for non-negative floats the int32 bit pattern orders like the value, so two
+    histograms (high 16 bits, then the low 16 bits inside the chosen bucket) find it in a few O(n)
+    passes, several times faster than ``kthvalue`` on large tensors, on CPU and CUDA alike.
+    """
+    bits = m.contiguous().view(torch.int32)
+    hi = bits >> 16  # 0 .. 2**15 - 1: the sign bit is 0
+    at_or_above = torch.bincount(hi, minlength=1 << 15).flip(0).cumsum(0)
+    j = int(torch.searchsorted(at_or_above, k))  # first bucket (from the top) reaching k entries
+    bucket = (1 << 15) - 1 - j
+    k_in = k - (int(at_or_above[j - 1]) if j > 0 else 0)
+    lo = bits[hi == bucket] & 0xFFFF
+    at_or_above_lo = torch.bincount(lo, minlength=1 << 16).flip(0).cumsum(0)
+    j_lo = int(torch.searchsorted(at_or_above_lo, k_in))
+    value = (bucket << 16) | ((1 << 16) - 1 - j_lo)
+    return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0].to(m.device)
+
+
 def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
     """Boolean mask (shape of ``t``) of the ``k`` largest-magnitude entries of the whole tensor.
 
-    Ties in magnitude are broken by flat index (smaller index kept first). O(n): one ``kthvalue``
-    for the threshold, then a cumulative count among the entries equal to it.
+    Ties in magnitude are broken by flat index (smaller index kept first). O(n): the threshold by
+    :func:`kth_largest`, then, only when several entries equal it, the first ``need`` of those.
     """
     n = t.numel()
     if k <= 0:
         return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
     if k >= n:
         return torch.ones(t.shape, dtype=torch.bool, device=t.device)
-    m = t.abs().reshape(-1)
-    v = torch.kthvalue(m, n - k + 1).values  # the k-th largest magnitude
-    above = m > v
+    m = t.to(torch.float32).abs().reshape(-1)
+    v = kth_largest(m, k)
+    keep = m > v
+    need = k - int(torch.count_nonzero(keep))
     at = m == v
-    need = k - int(above.sum())
-    keep = above | (at & (torch.cumsum(at, 0) <= need))
+    if int(torch.count_nonzero(at)) <= need:
+        keep |= at
+    else:
+        keep[at.nonzero().reshape(-1)[:need]] = True
     return keep.reshape(t.shape)
 
 

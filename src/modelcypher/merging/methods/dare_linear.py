@@ -25,6 +25,7 @@ DARE_PAPER = (
 
 @register(
     "dare_linear",
+    rowwise=True,
     base="required",
     paper=DARE_PAPER,
     model_params={"weight": 1.0, "density": 1.0},

@@ -22,6 +22,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "dare_ties",
+    rowwise=True,
     base="required",
     paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
     model_params={"weight": 1.0, "density": 1.0},

@@ -14,6 +14,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "della",
+    rowwise=True,
     base="required",
     paper=DELLA_PAPER,
     model_params={"weight": 1.0, "density": 1.0, "epsilon": 0.1},

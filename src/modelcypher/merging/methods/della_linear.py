@@ -41,6 +41,7 @@ def della_deltas(
 
 @register(
     "della_linear",
+    rowwise=True,
     base="required",
     paper=DELLA_PAPER,
     model_params={"weight": 1.0, "density": 1.0, "epsilon": 0.1},

@@ -14,6 +14,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "dfs",
+    rowwise=True,
     base="optional",
     paper=(
         "Inverse-variance weighting (classical; e.g. W. G. Cochran, 'The combination of estimates from "

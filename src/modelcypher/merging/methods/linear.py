@@ -13,6 +13,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "linear",
+    rowwise=True,
     base="none",
     paper=(
         "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "

@@ -13,6 +13,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "passthrough",
+    rowwise=True,
     base="none",
     paper=(
         "No merge: the tensor is copied unchanged (layer stacking / 'frankenmerge', as in "

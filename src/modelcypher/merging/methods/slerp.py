@@ -50,13 +50,25 @@ def slerp(
         raise UserError(f"slerp: tensor shape {tuple(v1.shape)} differs from the base's {tuple(v0.shape)}")
     t = float(t)
     with torch.no_grad():
-        n0, n1 = float(v0.norm()), float(v1.norm())
+        n00, n11, n01 = _grams(v0, v1)
+        n0, n1 = math.sqrt(n00), math.sqrt(n11)
         s0, s1 = 1.0 - t, t  # lerp unless the angle is usable
         if n0 > NORM_EPS and n1 > NORM_EPS and math.isfinite(n0) and math.isfinite(n1):
-            u0, u1 = v0 / n0, v1 / n1
-            theta = 2.0 * math.atan2(float((u0 - u1).norm()), float((u0 + u1).norm()))
+            # |u0 - u1|^2 = 2 - 2 cos and |u0 + u1|^2 = 2 + 2 cos, from float64 sums: no unit copies.
+            cos = max(-1.0, min(1.0, n01 / (n0 * n1)))
+            theta = 2.0 * math.atan2(math.sqrt(2.0 - 2.0 * cos), math.sqrt(2.0 + 2.0 * cos))
             if abs(math.cos(theta)) <= DOT_THRESHOLD:
                 sin_theta = math.sin(theta)
                 s0 = math.sin((1.0 - t) * theta) / sin_theta
                 s1 = math.sin(t * theta) / sin_theta
         return v0 * s0 + v1 * s1
+
+
+def _grams(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> tuple[float, float, float]:
+    """<a,a>, <b,b>, <a,b> accumulated in float64 over chunks (float32 sums lose small angles)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    aa = bb = ab = 0.0
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        aa, bb, ab = aa + float(x @ x), bb + float(y @ y), ab + float(x @ y)
+    return aa, bb, ab

@@ -13,6 +13,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "task_arithmetic",
+    rowwise=True,
     base="required",
     paper=(
         "Editing Models with Task Arithmetic; Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, "
