@@ -220,6 +220,7 @@ def match_weights(
     vo: bool = False,
     max_sweeps: int = 20,
     seed: int = 0,
+    prepared: bool = False,
 ) -> Alignment:
     """Transforms bringing B onto A, by coordinate descent; ``history`` holds the objective per sweep.
 
@@ -227,12 +228,17 @@ def match_weights(
     V-O basis (orthogonal), solved jointly with its head permutation. ``max_sweeps`` caps each descent.
     ``residual``: ``orthogonal`` (Procrustes; norms folded), ``permutation`` (exact in the original
     parameterization), ``none``, or ``auto`` (orthogonal where exact, else permutation).
+    ``prepared``: the mappings already hold a tied head and, for an orthogonal residual, folded norms,
+    with shapes checked (``align.pipeline.CheckpointView`` reads them lazily from disk); nothing is copied.
     """
     residual = resolve_residual(spec, residual)
-    a, b = prepare(sd_a, spec, residual), prepare(sd_b, spec, residual)
-    for name in {s.tensor for g in spec.groups for s in g.slots}:
-        if a[name].shape != b[name].shape:
-            raise UserError(f"models differ in shape at {name}: {list(a[name].shape)} vs {list(b[name].shape)}")
+    if prepared:
+        a, b = sd_a, sd_b
+    else:
+        a, b = prepare(sd_a, spec, residual), prepare(sd_b, spec, residual)
+        for name in {s.tensor for g in spec.groups for s in g.slots}:
+            if a[name].shape != b[name].shape:
+                raise UserError(f"models differ in shape at {name}: {list(a[name].shape)} vs {list(b[name].shape)}")
     matcher = Matcher(a, b, spec, {})
     stage_1 = [(i,) for i, g in enumerate(spec.groups)
                if g.kind in ("perm", "heads") or (g.kind == "residual" and residual != "none")]
