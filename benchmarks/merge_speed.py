@@ -157,8 +157,9 @@ def main() -> None:
     shape = SMALL if args.small else SHAPE
     root = CACHE / ("small" if args.small else "full")
     paths = build_models(shape, root)
-    n_params = sum(json.loads((paths[0] / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-                   for _ in [0]) // 2 if (paths[0] / "model.safetensors.index.json").exists() else 0
+    from modelcypher.checkpoint import Checkpoint
+
+    n_params = Checkpoint(paths[0]).num_parameters
     mk_python = os.environ.get("MERGEKIT_PYTHON")
     out = root / "out"
     rows = []
@@ -180,7 +181,19 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"shape": shape, "parameters": n_params, "models": len(paths), "dtype": "bfloat16",
+    # Peak memory against depth: the same width at 4 and 16 layers (a small vocabulary, so the embedding
+    # is not the largest tensor); streaming means the peak should not move.
+    depth_rows = []
+    for layers in (4, 16):
+        dshape = {**shape, "vocab_size": 1000, "num_hidden_layers": layers}
+        dpaths = build_models(dshape, root / f"depth{layers}")
+        cfg_path = root / f"depth{layers}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config_for("ties", dpaths)))
+        secs, rss = timed(sys.executable, OURS, str(cfg_path), str(out))
+        shutil.rmtree(out, ignore_errors=True)
+        depth_rows.append({"layers": layers, "seconds": secs, "peak_rss_bytes": rss})
+        print(json.dumps(depth_rows[-1]), flush=True)
+    result = {"depth": depth_rows, "shape": shape, "parameters": n_params, "models": len(paths), "dtype": "bfloat16",
               "floor_seconds": floor[0], "floor_peak_rss_bytes": floor[1], "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     dest = HERE / "results"
@@ -199,6 +212,8 @@ def main() -> None:
               f"{r.get('mergekit_error', 'not installed')} | - | -")
         lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['ratio_to_floor']:.2f} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {mk} |")
+    lines += ["", "Peak RSS against depth (ties, same width, vocabulary 1000): "
+              + ", ".join(f"{r['layers']} layers {r['peak_rss_bytes'] / 2**30:.2f} GiB" for r in depth_rows)]
     (dest / f"merge_speed{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
