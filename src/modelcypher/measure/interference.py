@@ -212,7 +212,9 @@ def recommend(metrics: Mapping[str, float]) -> tuple[str, str]:
     has_data = bool(metrics.get("has_data", False))
     note = ""
     if not math.isnan(conflict) and not math.isnan(conflict_chance) and conflict_chance > 0:
-        level = "near chance" if conflict >= NEAR_CHANCE_CONFLICT * conflict_chance else "below chance"
+        ratio = conflict / conflict_chance
+        level = ("above chance: the tasks pull weights in opposite directions" if ratio > 1.0 / NEAR_CHANCE_CONFLICT
+                 else "near chance" if ratio >= NEAR_CHANCE_CONFLICT else "below chance")
         note = f"; sign conflicts {conflict:.2f} ({level}, chance {conflict_chance:.2f})"
     ov = f"subspace overlap {overlap:.2f} (chance {chance:.2f}, excess {excess:.2f})"
     if cos >= NEAR_PARALLEL_COSINE:
