@@ -1,0 +1,267 @@
+"""Loss barriers between independently trained models, raw and aligned (seed 004, Table 1, scaled to a CPU).
+
+Protocol: two models that differ only in their seed (initialization and batch order), the loss on
+held-out data along the straight line between them at 11 values of lambda, and the barrier
+``max_lambda [L(mix) - ((1 - lambda) L_A + lambda L_B)]`` (SYMMETRIES.md section 5) for:
+
+- vanilla averaging (no alignment);
+- activation matching (correlations on training text; the residual by Procrustes where exact);
+- weight matching with permutations only (MLP units, heads, and the residual as a permutation);
+- weight matching with permutations and an orthogonal residual (norms folded; LayerNorm-aware).
+
+Pairs: a character-level GPT-2 (6 layers, 4 heads, width 256, MLP 1024, context 128) on the bundled
+Shakespeare with a contiguous 90/5/5 split, and a 3-hidden-layer ReLU MLP on scikit-learn's digits.
+Trained checkpoints are cached under benchmarks/.cache/barrier/ (keyed by the training recipe; training
+is reproducible from the seed). Results: benchmarks/results/barrier.{json,md} and barrier_gpt2.png.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/barrier.py [--train-only] [--skip-gpt2] [--skip-mlp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+CACHE = HERE / ".cache" / "barrier"
+RESULTS = HERE / "results"
+SEEDS = (0, 1)
+# Short training: the CPUs here are 2 shared cores, so the models are far from converged (the val
+# losses reached are in the results).
+GPT2_RECIPE = dict(n_layer=6, n_head=4, n_embd=256, n_inner=1024, block_size=128, batch_size=32,
+                   steps=500, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, bf16=True)
+MLP_RECIPE = dict(hidden=(512, 512, 512), epochs=30, batch_size=64, lr=1e-3)
+EVAL_TOKENS = 16384  # held-out (test split) tokens per loss
+PROBE_TOKENS = 16384  # training tokens for activation matching
+
+
+def recipe_key(recipe: dict, seed: int) -> str:
+    return hashlib.sha256(json.dumps([recipe, seed], sort_keys=True).encode()).hexdigest()[:10]
+
+
+def shakespeare_splits() -> tuple[str, str, str]:
+    from modelcypher.zoo import shakespeare
+
+    return shakespeare.split(shakespeare.text(), (0.9, 0.05, 0.05))
+
+
+def char_tokenizer():
+    from modelcypher.zoo import chartok, shakespeare
+
+    return chartok.build_char_tokenizer(shakespeare.vocab())
+
+
+def trained_gpt2(seed: int, splits: tuple[str, str, str]) -> Path:
+    """The cached checkpoint of the GPT-2 recipe with this seed, trained first if needed."""
+    from modelcypher.zoo import gpt2
+
+    out = CACHE / f"gpt2-{recipe_key(GPT2_RECIPE, seed)}-seed{seed}"
+    if (out / "train.json").is_file():
+        return out
+    cfg = gpt2.TrainConfig(**GPT2_RECIPE, seed=seed, eval_interval=25, eval_tokens=8192, verbose=True)
+    log: list[dict] = []
+    print(f"training GPT-2 seed {seed}: {GPT2_RECIPE}", flush=True)
+    t0 = time.perf_counter()
+    model = gpt2.train(splits[0], splits[1], cfg, char_tokenizer(), log=log)
+    seconds = time.perf_counter() - t0
+    gpt2.save(model, char_tokenizer(), out)
+    (out / "train.json").write_text(json.dumps({"recipe": GPT2_RECIPE, "seed": seed, "seconds": seconds,
+                                                "log": log}, indent=2) + "\n")
+    return out
+
+
+def trained_mlp(seed: int) -> Path:
+    from modelcypher.zoo.mlp import load_digits_split, save_mlp, train_mlp
+
+    out = CACHE / f"mlp-{recipe_key(MLP_RECIPE, seed)}-seed{seed}"
+    if (out / "train.json").is_file():
+        return out
+    t0 = time.perf_counter()
+    model = train_mlp(seed, data=load_digits_split(), **MLP_RECIPE)
+    save_mlp(model, out)
+    (out / "train.json").write_text(json.dumps({"recipe": MLP_RECIPE, "seed": seed,
+                                                "seconds": time.perf_counter() - t0}) + "\n")
+    return out
+
+
+def aligned_states(method: str, residual: str, ck_a, ck_b, probe_text: str | None = None, vo: bool = False):
+    """(A, B aligned onto A) as state dicts in one parameterization, and facts about the matching."""
+    from modelcypher.align import apply_verified, fold_norms
+    from modelcypher.align.pipeline import match, spec_of
+
+    raw_a = {n: ck_a.get(n) for n in ck_a.names}
+    raw_b = {n: ck_b.get(n) for n in ck_b.names}
+    t0 = time.perf_counter()
+    found, facts = match(ck_b, ck_a, spec_of(ck_a), method=method, data=None, residual=residual, max_sweeps=20,
+                         seed=0, device="cpu", vo=vo, text=probe_text, max_probe_tokens=PROBE_TOKENS)
+    facts["seconds"] = time.perf_counter() - t0
+    aligned_b, config_b = apply_verified(raw_b, ck_b.config, found)
+    if facts["residual"] == "orthogonal":
+        raw_a, config_a = fold_norms(raw_a, ck_a.config)
+    else:
+        config_a = ck_a.config
+    return (config_a, raw_a), (config_b, aligned_b), facts
+
+
+# The rows of the table: (name, matching method or None, residual, V-O bases).
+ROWS = [
+    ("vanilla averaging", None, None, False),
+    ("activation matching (permutations)", "activation", "permutation", False),
+    ("activation matching (permutations + orthogonal residual)", "activation", "orthogonal", False),
+    ("weight matching (permutations only)", "weight", "permutation", False),
+    ("weight matching (permutations + orthogonal residual)", "weight", "orthogonal", False),
+    ("weight matching (permutations + orthogonal residual + V-O bases)", "weight", "orthogonal", True),
+]
+
+
+def gpt2_table(dirs: list[Path], splits: tuple[str, str, str]) -> dict:
+    from modelcypher.checkpoint import Checkpoint
+    from modelcypher.measure.barrier import barrier_states, lm_loss_fn, lm_states
+    from modelcypher.zoo.chartok import encode_ids
+
+    ck_a, ck_b = (Checkpoint(d) for d in dirs)
+    tok = char_tokenizer()
+    ids = encode_ids(splits[2], tok)[:EVAL_TOKENS]  # the test split
+    probe = splits[0][:PROBE_TOKENS]  # training text: the alignment never sees held-out text
+    template, _ = lm_states(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})
+    loss = lm_loss_fn(template, ids, torch.device("cpu"), batch_size=32)
+    rows = {}
+    for name, method, residual, vo in ROWS:
+        t0 = time.perf_counter()
+        if method is None:
+            pair = [(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_a, ck_b)]
+            facts = {}
+        else:
+            *pair, facts = aligned_states(method, residual, ck_a, ck_b, probe, vo)
+        sd_a, sd_b = (lm_states(cfg, sd)[1] for cfg, sd in pair)
+        rows[name] = {**barrier_states(sd_a, sd_b, loss, 11), **facts, "wall_seconds": time.perf_counter() - t0}
+        print(f"gpt2  {name:66s} barrier {rows[name]['barrier']:.4f}", flush=True)
+    train = [json.loads((d / "train.json").read_text()) for d in dirs]
+    return {"models": [str(d) for d in dirs], "eval_tokens": len(ids), "probe_chars": len(probe),
+            "val_loss": [t["log"][-1]["val_loss"] for t in train],
+            "train_seconds": [t["seconds"] for t in train], "rows": rows}
+
+
+def mlp_table(dirs: list[Path]) -> dict:
+    from modelcypher.align.activation_matching import match_activations
+    from modelcypher.align.transform import apply
+    from modelcypher.align.weight_matching import match_weights
+    from modelcypher.arch.symmetry import spec_for
+    from modelcypher.measure.barrier import barrier_states
+    from modelcypher.zoo.mlp import evaluate, load_digits_split, load_mlp, mlp_from_config
+
+    data = load_digits_split()
+    a, b = (load_mlp(d) for d in dirs)
+    spec = spec_for(a.config)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+
+    def loss(sd):
+        model = mlp_from_config(a.config)
+        model.load_state_dict(sd)
+        return evaluate(model, data.x_test, data.y_test)[0]
+
+    found = {
+        "activation matching (permutations)": match_activations(b, a, spec, data.x_train.split(256)),
+        "weight matching (permutations only)": match_weights(sd_b, sd_a, spec),
+    }
+    rows = {"vanilla averaging": barrier_states(sd_a, sd_b, loss, 11)}
+    for name, alignment in found.items():
+        rows[name] = barrier_states(sd_a, apply(sd_b, b.config, alignment)[0], loss, 11)
+    for name, r in rows.items():
+        print(f"mlp   {name:66s} barrier {r['barrier']:.4f}", flush=True)
+    return {"models": [str(d) for d in dirs], "sizes": a.config["sizes"],
+            "test_accuracy": [evaluate(m, data.x_test, data.y_test)[1] for m in (a, b)], "rows": rows}
+
+
+PAPER = {  # seed 004, Table 1, Tiny Shakespeare (BPE GPT-2), mean over pairs
+    "vanilla averaging": 2.02, "activation matching (permutations)": 1.43,
+    "weight matching (permutations + orthogonal residual)": 0.34,
+}
+
+
+def markdown(result: dict) -> str:
+    g, m = result.get("gpt2"), result.get("mlp")
+    names = [r[0] for r in ROWS]
+    lines = ["# Loss barriers, raw and aligned (seed 004, Table 1 protocol on CPU-sized models)", ""]
+    if g:
+        lines += [f"GPT-2: char-level, 6 layers, 4 heads, width 256, MLP 1024, context 128, Shakespeare contiguous "
+                  f"90/5/5, seeds {SEEDS}, {GPT2_RECIPE['steps']} steps of {GPT2_RECIPE['batch_size']}x"
+                  f"{GPT2_RECIPE['block_size']} tokens (bf16 autocast); val loss reached "
+                  f"{', '.join(f'{v:.3f}' for v in g['val_loss'])} nats/char; barrier on {g['eval_tokens']} "
+                  f"test tokens; activation probes: {g['probe_chars']} training characters."]
+    if m:
+        lines += ["", f"MLP: {m['sizes']} ReLU on scikit-learn digits, seeds {SEEDS}, test accuracy "
+                  f"{', '.join(f'{x:.3f}' for x in m['test_accuracy'])}; barrier in test cross-entropy."]
+    head = ["method"] + (["GPT-2 barrier", "/ vanilla", "paper (Tiny Shakespeare)"] if g else [])
+    head += ["MLP barrier", "/ vanilla"] if m else []
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        cells = [n]
+        for t in (g, m):
+            if t is None:
+                continue
+            r = t["rows"].get(n)
+            v = t["rows"]["vanilla averaging"]["barrier"]
+            cells += [f"{r['barrier']:.3f}", f"{r['barrier'] / v:.0%}"] if r else ["n/a", ""]
+            if t is g:
+                cells.append(f"{PAPER[n]:.2f}" if n in PAPER else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    if g:
+        wm = g["rows"]["weight matching (permutations + orthogonal residual)"]["barrier"]
+        ratio = wm / g["rows"]["vanilla averaging"]["barrier"]
+        lines += ["", f"Goal (issue 3): weight matching below 15% of vanilla on the GPT-2 pair: "
+                  f"{'met' if ratio < 0.15 else 'not met'} ({ratio:.0%}). These models saw ~2M tokens "
+                  "(about half an epoch) where the paper trains 100 epochs."]
+    lines += ["", "Barrier = max over 11 lambdas of L(mix) - ((1-lambda) L_A + lambda L_B) (SYMMETRIES.md 5). "
+              "The MLP has no residual stream: its only symmetries are the hidden-unit permutations.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-only", action="store_true", help="train (or find cached) models and stop")
+    ap.add_argument("--skip-gpt2", action="store_true")
+    ap.add_argument("--skip-mlp", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
+    args = ap.parse_args()
+    if args.render:
+        (RESULTS / "barrier.md").write_text(markdown(json.loads((RESULTS / "barrier.json").read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    splits = shakespeare_splits()
+    gpt2_dirs = [] if args.skip_gpt2 else [trained_gpt2(s, splits) for s in SEEDS]
+    mlp_dirs = [] if args.skip_mlp else [trained_mlp(s) for s in SEEDS]
+    if args.train_only:
+        print("trained:", *map(str, gpt2_dirs + mlp_dirs))
+        return
+    t0 = time.perf_counter()
+    result = {"recipes": {"gpt2": GPT2_RECIPE, "mlp": MLP_RECIPE}, "seeds": SEEDS,
+              "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()}}
+    if mlp_dirs:
+        result["mlp"] = mlp_table(mlp_dirs)
+    if gpt2_dirs:
+        result["gpt2"] = gpt2_table(gpt2_dirs, splits)
+    result["seconds"] = time.perf_counter() - t0
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "barrier.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "barrier.md").write_text(markdown(result))
+    if gpt2_dirs:
+        from modelcypher.measure.barrier import plot_barrier
+
+        short = ["vanilla", "AM perm", "AM perm+orth", "WM perm", "WM perm+orth", "WM perm+orth+VO"]
+        curves = {k: result["gpt2"]["rows"][n] for k, (n, *_) in zip(short, ROWS, strict=True)}
+        plot_barrier({"lambdas": next(iter(result["gpt2"]["rows"].values()))["lambdas"], **curves},
+                     RESULTS / "barrier_gpt2.png", title="char-level GPT-2 on Shakespeare: two seeds")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
