@@ -43,7 +43,8 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
             from modelcypher.align.pipeline import align_for_merge
 
             original = plan
-            plan = make_plan(align_for_merge(plan, tmp / ".aligned", device=dev), truncate_vocab=truncate_vocab)
+            plan = make_plan(align_for_merge(plan, tmp / ".aligned", device=dev), truncate_vocab=truncate_vocab,
+                             config_dir=original.config_dir)
             plan.config, plan.names = original.config, original.names  # the card names what the user gave
         stats = None
         if plan.method.stats:  # after alignment: statistics describe the models as they are merged

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto",
                    help="the residual-stream transform (auto: orthogonal where exact, else permutation)")
     a.add_argument("--data", help="probe text for --method activation")
+    a.add_argument("--vo", action="store_true", help="also match each head's V-O basis (weight matching)")
     a.add_argument("--max-sweeps", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--device", default="auto")
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True, help="held-out text")
     b.add_argument("--align", choices=["none", "weight", "activation"], default="none",
                    help="also measure the pair after aligning B onto A")
+    b.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto")
+    b.add_argument("--probe", help="probe text for --align activation (default: the held-out text)")
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
     b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
     b.add_argument("--plot", help="write a PNG plot here")

@@ -459,11 +459,16 @@ def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
     workdir = Path(workdir)
     paths = {i: str(ck.path.resolve()) for i, ck in enumerate(plan.models)}
     orthogonal = False
+    data = section.data
+    if data is not None:  # relative to the working directory, else to the config's folder
+        from modelcypher.merging.plan import resolve_path
+
+        data = str(resolve_path(data, plan.config_dir, what="align data file"))
     for i, ck in enumerate(plan.models):
         if i == ref:
             continue
         out = workdir / f"{i:02d}-{ck.path.resolve().name}"
-        report = align_checkpoint(ck.path, ref_ck.path, out, method=section.method, data=section.data,
+        report = align_checkpoint(ck.path, ref_ck.path, out, method=section.method, data=data,
                                   residual=section.residual, max_sweeps=section.max_sweeps, seed=section.seed,
                                   device=device)
         orthogonal |= report["residual"] == "orthogonal"
@@ -490,7 +495,7 @@ def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
 def cli_align(args: argparse.Namespace) -> int:
     report = align_checkpoint(args.model_b, args.model_a, args.output, method=args.method, data=args.data,
                               residual=args.residual, max_sweeps=args.max_sweeps, seed=args.seed,
-                              device=args.device, overwrite=args.overwrite)
+                              device=args.device, overwrite=args.overwrite, vo=args.vo)
     how = f"{report['method']} matching, residual {report['residual']}"
     if "objective" in report:
         h = report["objective"]

@@ -202,7 +202,8 @@ def cli_barrier(args: argparse.Namespace) -> int:
     text = read_text(args.data)
     align = None if args.align == "none" else args.align
     result = barrier_curve(args.model_a, args.model_b, text, points=args.points, max_tokens=args.max_tokens,
-                           device=args.device, align=align)
+                           device=args.device, align=align, residual=args.residual,
+                           probe_text=read_text(args.probe) if args.probe else None)
     result["data"] = str(args.data)
     blob = json.dumps(result, indent=2) + "\n"
     if args.json:

@@ -44,13 +44,14 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     data: dict[int, Path] = field(default_factory=dict)  # model index -> its text, for data statistics
     reports: dict[str, dict] = field(default_factory=dict)  # per-tensor figures from the method, after a run
+    config_dir: Path | None = None  # where relative paths in the config also resolve
 
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize for t in self.tasks)
 
 
-def _resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path:
+def resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path:
     """A path as written in the config: relative to the working directory, else to the config's folder."""
     for root in (Path.cwd(), config_dir):
         if root is not None and (root / ref).exists():
@@ -126,7 +127,7 @@ class _Block:
 def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_vocab: bool = False) -> Plan:
     method = get_method(cfg.merge_method)
     names = cfg.model_names()
-    models = [Checkpoint(_resolve_path(n, config_dir)) for n in names]
+    models = [Checkpoint(resolve_path(n, config_dir)) for n in names]
     idx = {n: i for i, n in enumerate(names)}
     _check_family(models, names)
 
@@ -257,7 +258,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
         notes.append(f"vocabulary truncated to the first {trunc_rows} rows")
     _set_dtype(out_config, out_dtype)
     data = _data_files(cfg, method, entries, idx, base if uses_base else None, config_dir)
-    return Plan(cfg, method, models, names, tasks, out_config, ref, tok, notes, data)
+    return Plan(cfg, method, models, names, tasks, out_config, ref, tok, notes, data, config_dir=config_dir)
 
 
 def _data_files(cfg: MergeConfig, method: Method, entries: list[ModelEntry], idx: dict[str, int],
@@ -275,7 +276,7 @@ def _data_files(cfg: MergeConfig, method: Method, entries: list[ModelEntry], idx
                             "add parameters: {data: path/to/text.txt}")
         if not isinstance(ref, str):
             raise UserError(f"parameter data of {e.model}: expected a path to a text file")
-        path = _resolve_path(ref, config_dir, what="data file")
+        path = resolve_path(ref, config_dir, what="data file")
         if not path.is_file():
             raise UserError(f"data file {ref!r} of {e.model}: not a file")
         out[idx[e.model]] = path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,13 +31,15 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
-# Row-local methods run over blocks of rows of about this many float32 elements (256 MiB) per input,
+# Row-local methods run over blocks of rows of about this many float32 elements (16 MiB) per input,
 # so the largest tensors (embeddings, heads) do not set the peak memory.
-BLOCK_ELEMENTS = 1 << 26
+BLOCK_ELEMENTS = 1 << 22
 
 
-def _load(plan: Plan, mi: int, name: str, rows: slice, device: torch.device, check: bool) -> torch.Tensor:
-    x = plan.models[mi].get(name, rows).to(device=device, dtype=torch.float32)
+def _load(plan: Plan, mi: int, name: str, rows: slice, device: torch.device, check: bool,
+          ready: dict | None = None) -> torch.Tensor:
+    raw = ready.pop((mi, name), None) if ready else None
+    x = (plan.models[mi].get(name, rows) if raw is None else raw).to(device=device, dtype=torch.float32)
     # One sum tells when every entry is finite (NaN and Inf propagate); the exact test runs only when
     # the sum is not finite, which a huge but finite tensor can also cause.
     if check and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
@@ -62,9 +65,24 @@ def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def first_block(plan: Plan, task: TensorTask) -> slice:
+    rows = row_blocks(task, plan.method.rowwise)[0]
+    return rows if task.rows is None else slice(rows.start or 0, rows.stop if rows.stop is not None else task.rows)
+
+
+def read_first_block(plan: Plan, task: TensorTask) -> dict:
+    """The raw input tensors of a task's first block of rows (run ahead, in a reader thread)."""
+    if task.copy:
+        return {}
+    rows = first_block(plan, task)
+    srcs = list(task.sources) + ([task.base] if task.base else [])
+    return {(mi, n): plan.models[mi].get(n, rows) for mi, n in srcs}
+
+
 def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool,
-                   stats=None, report: dict | None = None):
-    """Yield (rows, result) for each block of rows of one output tensor, ready to write."""
+                   stats=None, report: dict | None = None, ready: dict | None = None):
+    """Yield (rows, result) for each block of rows of one output tensor, ready to write; ``ready`` holds
+    inputs of the first block already read."""
     if task.copy:
         mi, n = task.sources[0] if task.sources else task.base
         yield slice(None), plan.models[mi].get(n)
@@ -84,11 +102,12 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
     if plan.method.reports and report is not None:
         kwargs["report"] = report
     whole = task.rows is None
-    for rows in row_blocks(task, plan.method.rowwise):
+    for i, rows in enumerate(row_blocks(task, plan.method.rowwise)):
         if not whole:  # vocabulary truncation: the first task.rows rows
             rows = slice(rows.start or 0, rows.stop if rows.stop is not None else task.rows)
-        xs = [_load(plan, mi, n, rows, device, check) for mi, n in task.sources]
-        base = _load(plan, *task.base, rows, device, check) if task.base else None
+        pre = ready if i == 0 else None
+        xs = [_load(plan, mi, n, rows, device, check, pre) for mi, n in task.sources]
+        base = _load(plan, *task.base, rows, device, check, pre) if task.base else None
         y = plan.method.fn(xs, base, **kwargs)
         if y.shape[1:] != task.shape[1:] or (len(task.shape) < 2 and y.shape != task.shape):
             raise RuntimeError(f"{plan.method.name} returned shape {tuple(y.shape)} for {task.name}, "
@@ -107,10 +126,18 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
 
         order = tqdm(order, desc=f"merge ({plan.method.name})", unit="tensor", leave=False)
     reports: dict[str, dict] = {}
-    for name in order:
-        reports[name] = {}
-        for _, part in compute_blocks(plan, by_name[name], device, seed, allow_nonfinite, stats, reports[name]):
-            writer.write(name, part)
+    names = list(writer.order)
+    # A reader thread reads the next tensor's inputs while this one is computed (file reads release
+    # the GIL): the merge then costs about max(read, compute) per tensor rather than their sum.
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(read_first_block, plan, by_name[names[0]]) if names else None
+        for k, name in enumerate(order):
+            ready = ahead.result()
+            ahead = reader.submit(read_first_block, plan, by_name[names[k + 1]]) if k + 1 < len(names) else None
+            reports[name] = {}
+            for _, part in compute_blocks(plan, by_name[name], device, seed, allow_nonfinite, stats,
+                                          reports[name], ready):
+                writer.write(name, part)
     writer.finish()
     reports = {k: v for k, v in reports.items() if v}
     if reports:

@@ -229,23 +229,21 @@ def sign_consensus(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     For non-negative weights "c_i agrees" is the same as "d_i has the elected sign".
     """
     total = torch.zeros_like(deltas[0])
-    contribs = []
     for d, w in zip(deltas, weights, strict=True):
+        total.add_(d, alpha=w)
+    up, down = total > 0, total < 0
+    del total
+    num = torch.zeros_like(deltas[0])
+    den = torch.zeros_like(num) if normalize else None
+    for d, w in zip(deltas, weights, strict=True):  # c_i recomputed per model: one at a time in memory
         c = d * w
-        contribs.append(c)
-        total.add_(c)
-    s = torch.sign(total)
-    num = torch.zeros_like(total)
-    den = torch.zeros_like(total)
-    for c, w in zip(contribs, weights, strict=True):
-        agree = (c * s) > 0
-        num.add_(torch.where(agree, c, torch.zeros((), device=c.device)))
+        agree = torch.where(up, c > 0, down & (c < 0))
+        num.add_(torch.where(agree, c, 0.0))
         if normalize:
-            den.add_(agree.to(torch.float32), alpha=w)
+            den.add_(agree, alpha=w)
     if not normalize:
         return num
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones((), device=den.device)),
-                       torch.zeros((), device=num.device))
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
 
 
 def apply_delta(base: Tensor, merged_delta: Tensor, lambda_: float) -> Tensor:

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from modelcypher.errors import UserError
 from modelcypher.merging.methods._sparsify import (
     apply_delta,
     check_fraction,
+    check_shapes,
     magnitude_trim,
     per_model,
     sign_consensus,
-    task_vectors,
 )
 from modelcypher.merging.registry import register
 
@@ -50,5 +51,9 @@ def ties(
     dens = per_model(density, n, "density")
     check_fraction(dens, "density")
     with torch.no_grad():
-        trimmed = [magnitude_trim(tau, d) for tau, d in zip(task_vectors(xs, base), dens, strict=True)]
+        if base is None:
+            raise UserError("ties needs a base_model")
+        check_shapes([base, *xs])
+        b = base.to(torch.float32)
+        trimmed = [magnitude_trim(x.to(torch.float32) - b, d) for x, d in zip(xs, dens, strict=True)]  # one tau alive
         return apply_delta(base, sign_consensus(trimmed, w, normalize), lambda_)
