@@ -58,13 +58,6 @@ def row_blocks(task: TensorTask, rowwise: bool) -> list[slice]:
     return [slice(a, min(n, a + step)) for a in range(0, n, step)] if task.shape else [slice(None)]
 
 
-def compute(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool,
-            stats=None, report: dict | None = None) -> torch.Tensor:
-    """The whole output tensor (used by tests and callers that want one tensor)."""
-    parts = [part for _, part in compute_blocks(plan, task, device, seed, allow_nonfinite, stats, report)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def first_block(plan: Plan, task: TensorTask) -> slice:
     rows = row_blocks(task, plan.method.rowwise)[0]
     return rows if task.rows is None else slice(rows.start or 0, rows.stop if rows.stop is not None else task.rows)
