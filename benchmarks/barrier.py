@@ -230,8 +230,10 @@ def main() -> None:
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--skip-mlp", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gpt2-steps", type=int, default=GPT2_RECIPE["steps"], help="training steps per GPT-2")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = ap.parse_args()
+    GPT2_RECIPE["steps"] = args.gpt2_steps
     if args.render:
         (RESULTS / "barrier.md").write_text(markdown(json.loads((RESULTS / "barrier.json").read_text())))
         return
