@@ -238,7 +238,7 @@ def sign_consensus(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     for d, w in zip(deltas, weights, strict=True):  # c_i recomputed per model: one at a time in memory
         c = d * w
         agree = torch.where(up, c > 0, down & (c < 0))
-        num.add_(torch.where(agree, c, 0.0))
+        num.add_(c.masked_fill_(~agree, 0.0))
         if normalize:
             den.add_(agree, alpha=w)
     if not normalize:

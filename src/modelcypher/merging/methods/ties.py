@@ -12,9 +12,10 @@ from modelcypher.merging.methods._sparsify import (
     apply_delta,
     check_fraction,
     check_shapes,
-    magnitude_trim,
+    count,
     per_model,
     sign_consensus,
+    topk_magnitude_mask,
 )
 from modelcypher.merging.registry import register
 
@@ -55,5 +56,8 @@ def ties(
             raise UserError("ties needs a base_model")
         check_shapes([base, *xs])
         b = base.to(torch.float32)
-        trimmed = [magnitude_trim(x.to(torch.float32) - b, d) for x, d in zip(xs, dens, strict=True)]  # one tau alive
+        trimmed = []
+        for x, d in zip(xs, dens, strict=True):  # one untrimmed task vector alive at a time, trimmed in place
+            tau = x.to(torch.float32) - b
+            trimmed.append(tau.masked_fill_(~topk_magnitude_mask(tau, count(d, tau.numel())), 0.0))
         return apply_delta(base, sign_consensus(trimmed, w, normalize), lambda_)
