@@ -293,7 +293,7 @@ def diagnose_config(config: str | Path | dict, *, top_k: int | None = None, devi
             if base_src is None or not sources:
                 skipped.append(task.name)
                 continue
-            key = (base_src, tuple(sources), task.rows)
+            key = (base_src, tuple(sources), task.shape)
             if key in seen:  # a tied head reads the embedding: count it once
                 continue
             seen.add(key)
@@ -375,9 +375,7 @@ def diagnose_config(config: str | Path | dict, *, top_k: int | None = None, devi
 
 def _one_tensor(plan, task, sources, base_src, dev, top_k, exact_max_dim, labels, overall, groups, tensors):
     def load(mi: int, name: str) -> torch.Tensor:
-        x = plan.models[mi].get(name)
-        if task.rows is not None:
-            x = x[: task.rows]
+        x = plan.models[mi].get(name, slice(0, task.shape[0]) if task.shape else None)  # vocabulary cut
         return x.to(device=dev, dtype=torch.float32)
 
     base = load(*base_src)

@@ -25,9 +25,8 @@ class TensorTask:
     sources: tuple[tuple[int, str], ...]  # (model index, tensor name), one per x
     base: tuple[int, str] | None
     params: dict[str, Any]
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # a truncated vocabulary has already cut the first axis
     dtype: torch.dtype
-    rows: int | None = None  # keep only the first `rows` rows (vocabulary truncation)
     copy: bool = False  # integer/bool buffers: copied from the first source, never merged
 
 
@@ -182,7 +181,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
             if layer_index(n) is None:
                 srcs = [(e, n) for e in outside]
                 layer_plan.append((n, None, srcs, n if uses_base else None))
-        layer_types = []
+        src_layers = []  # the source layer behind each output layer
         for b in blocks:
             e0, s0 = b.sources[0]
             template = models[idx[e0.model]]
@@ -196,8 +195,8 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
                         bs = [s for e, s in b.sources if idx[e.model] == base]
                         base_n = with_layer(t, (bs[0] if bs else s0) + k)
                     layer_plan.append((out_n, b.out_start + k, srcs, base_n))
-                layer_types.append(s0 + k)
-        _relayer_config(out_config, ref_ck.config, layer_types)
+                src_layers.append(s0 + k)
+        _relayer_config(out_config, ref_ck.config, src_layers)
 
     tasks = []
     vocab = set(family_of(ref_ck.config).vocab_tensors)
@@ -252,7 +251,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
         in_dtype = models[everyone[0][0]].dtype(everyone[0][1])
         copy = not in_dtype.is_floating_point
         tasks.append(TensorTask(out_n, tuple(sources), base_src, params, shape,
-                                in_dtype if copy else out_dtype, rows, copy))
+                                in_dtype if copy else out_dtype, copy))
     if trunc_rows is not None:
         out_config["vocab_size"] = trunc_rows
         notes.append(f"vocabulary truncated to the first {trunc_rows} rows")

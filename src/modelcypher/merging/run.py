@@ -49,7 +49,8 @@ def _load(plan: Plan, mi: int, name: str, rows: slice, device: torch.device, che
 
 
 def row_blocks(task: TensorTask, rowwise: bool) -> list[slice]:
-    """The row ranges one tensor is computed in: all rows at once unless the method is row-local."""
+    """The row ranges one tensor is computed in: all rows at once unless the method is row-local.
+    Ranges stop at ``task.shape[0]``, which a truncated vocabulary has already cut."""
     n = task.shape[0] if task.shape else 1
     per_row = 1
     for s in task.shape[1:]:
@@ -58,16 +59,11 @@ def row_blocks(task: TensorTask, rowwise: bool) -> list[slice]:
     return [slice(a, min(n, a + step)) for a in range(0, n, step)] if task.shape else [slice(None)]
 
 
-def first_block(plan: Plan, task: TensorTask) -> slice:
-    rows = row_blocks(task, plan.method.rowwise)[0]
-    return rows if task.rows is None else slice(rows.start or 0, rows.stop if rows.stop is not None else task.rows)
-
-
 def read_first_block(plan: Plan, task: TensorTask) -> dict:
     """The raw input tensors of a task's first block of rows (run ahead, in a reader thread)."""
     if task.copy:
         return {}
-    rows = first_block(plan, task)
+    rows = row_blocks(task, plan.method.rowwise)[0]
     srcs = list(task.sources) + ([task.base] if task.base else [])
     return {(mi, n): plan.models[mi].get(n, rows) for mi, n in srcs}
 
@@ -94,10 +90,7 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
             kwargs[f"base_{stat}"] = base_stat
     if plan.method.reports and report is not None:
         kwargs["report"] = report
-    whole = task.rows is None
     for i, rows in enumerate(row_blocks(task, plan.method.rowwise)):
-        if not whole:  # vocabulary truncation: the first task.rows rows
-            rows = slice(rows.start or 0, rows.stop if rows.stop is not None else task.rows)
         pre = ready if i == 0 else None
         xs = [_load(plan, mi, n, rows, device, check, pre) for mi, n in task.sources]
         base = _load(plan, *task.base, rows, device, check, pre) if task.base else None
