@@ -136,15 +136,18 @@ def train(
     tokenizer: PreTrainedTokenizerFast,
     init: GPT2LMHeadModel | None = None,
     log: list[dict] | None = None,
+    device: str | torch.device = "cpu",
 ) -> GPT2LMHeadModel:
-    """Train a character-level GPT-2 on ``text_train`` and return it (CPU, eval mode).
+    """Train a character-level GPT-2 on ``text_train`` and return it (on CPU, in eval mode).
 
     ``init``: an existing model to fine-tune (it is copied, not modified; its
     architecture and context length are used).  ``text_val`` is only used for
     progress reports (every ``cfg.eval_interval`` steps and at the end, when
     ``eval_interval > 0``); each report is appended to ``log`` if a list is
-    given, and printed when ``cfg.verbose``.
+    given, and printed when ``cfg.verbose``.  ``device``: where to train (e.g. ``"cuda"``); batches are
+    drawn on the CPU from the seeded generator, so every device sees the same batches.
     """
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
     if init is None:
         model = make_model(cfg, tokenizer)
@@ -160,6 +163,7 @@ def train(
 
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.arange(block + 1)
+    model.to(device)
     opt = _optimizer(model, cfg)
     model.train()
     vocab = model.config.vocab_size
@@ -168,9 +172,9 @@ def train(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         starts = torch.randint(0, data.numel() - block, (cfg.batch_size,), generator=gen)
-        batch = data[starts[:, None] + offsets]
+        batch = data[starts[:, None] + offsets].to(device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(input_ids=x, use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -178,7 +182,7 @@ def train(
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        seen_loss += loss.item()
+        seen_loss += loss.detach()  # no per-step sync with an accelerator
         seen_steps += 1
 
         last = step == cfg.steps - 1
@@ -187,7 +191,7 @@ def train(
             t_train += now - t_mark
             record = {
                 "step": step + 1,
-                "train_loss": seen_loss / seen_steps,
+                "train_loss": float(seen_loss) / seen_steps,
                 "val_loss": lm_loss(model, val, block, cfg.batch_size) if val is not None else None,
                 "tokens_per_s": seen_steps * cfg.batch_size * block / max(now - t_mark, 1e-9),
                 "train_seconds": t_train,
@@ -203,7 +207,7 @@ def train(
                     flush=True,
                 )
             seen_loss, seen_steps, t_mark = 0.0, 0, time.perf_counter()
-    return model.eval()
+    return model.cpu().eval()
 
 
 def eval_loss(
