@@ -95,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model_b", help="the model to transform")
     a.add_argument("--to", required=True, dest="model_a", help="the model to align onto")
     a.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
-    a.add_argument("--method", choices=["weight", "activation"], default="weight")
+    a.add_argument("--method", choices=["weight", "activation", "learned"], default="weight",
+                   help="learned: weight matching, then the rotations refined on the midpoint's loss on --data")
     a.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto",
                    help="the residual-stream transform (auto: orthogonal where exact, else permutation)")
-    a.add_argument("--data", help="probe text for --method activation")
+    a.add_argument("--data", help="probe text for --method activation or learned (training text, not held out)")
     a.add_argument("--vo", action="store_true", help="also match each head's V-O basis (weight matching)")
     a.add_argument("--max-sweeps", type=int, default=20)
+    a.add_argument("--steps", type=int, default=200, help="learned matching: Adam steps (default 200)")
+    a.add_argument("--lr", type=float, default=1e-3, help="learned matching: step size (default 1e-3)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--device", default="auto")
     a.add_argument("--overwrite", action="store_true")
@@ -110,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model_a")
     b.add_argument("model_b")
     b.add_argument("--data", required=True, help="held-out text")
-    b.add_argument("--align", choices=["none", "weight", "activation"], default="none",
+    b.add_argument("--align", choices=["none", "weight", "activation", "learned"], default="none",
                    help="also measure the pair after aligning B onto A")
     b.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto")
-    b.add_argument("--probe", help="probe text for --align activation (default: the held-out text)")
+    b.add_argument("--probe", help="probe text for --align activation (default: the held-out text) or learned "
+                   "(required: training text)")
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
     b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
     b.add_argument("--plot", help="write a PNG plot here")

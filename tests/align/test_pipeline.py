@@ -212,3 +212,28 @@ def test_merge_with_orthogonal_alignment_computes_the_base_function(tmp_path):
     merge({"merge_method": "linear", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
            "align": {"method": "weight"}}, tmp_path / "out", device="cpu")
     torch.testing.assert_close(logits(tmp_path / "out"), logits(a), atol=1e-4, rtol=1e-4)
+
+
+def test_learned_matching_from_the_command_line_writes_an_equivalent_model(tmp_path, capsys):
+    a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
+    (tmp_path / "train.txt").write_text(TEXT)
+    rc, out, err = cli(capsys, "align", b, "--to", a, "-o", tmp_path / "out", "--method", "learned",
+                       "--data", tmp_path / "train.txt", "--steps", "5", "--lr", "1e-2")
+    assert rc == 0, err
+    assert "then midpoint loss" in out and "in 5 steps" in out
+    torch.testing.assert_close(logits(tmp_path / "out"), logits(b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "learned matching needs probe text"),
+    (["--residual", "permutation", "--data", "t.txt"], "learned matching refines an orthogonal residual"),
+])
+def test_learned_matching_bad_input_is_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
+    (tmp_path / "t.txt").write_text(TEXT)
+    rc, _, err = cli(capsys, "align", b, "--to", a, "-o", tmp_path / "out", "--method", "learned", *extra)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    rc, _, err = cli(capsys, "barrier", a, b, "--data", "t.txt", "--align", "learned")
+    assert rc == 2 and "pass --probe with training text" in err, err

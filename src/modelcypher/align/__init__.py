@@ -3,6 +3,7 @@
 - ``transform``: the ``Alignment`` (one transform per symmetry group) and ``apply`` / ``fold_norms``;
 - ``weight_matching``: data-free Git Re-Basin coordinate descent (``match_weights``);
 - ``activation_matching``: the same solves from activation statistics (``match_activations``);
+- ``learned_matching``: weight matching's rotations refined on the midpoint's loss (``match_learned``);
 - ``equivalence``: the proof that an aligned checkpoint computes the same function (``check_equivalent``);
 - ``solvers``: the exact per-group solvers (``solve_lap``, ``procrustes``, ...).
 
@@ -11,6 +12,7 @@ The symmetry groups of each family are data, in ``modelcypher.arch.symmetry``.
 
 from modelcypher.align.activation_matching import match_activations
 from modelcypher.align.equivalence import NotEquivalentError, apply_verified, check_equivalent
+from modelcypher.align.learned_matching import match_learned
 from modelcypher.align.transform import Alignment, apply, fold_norms, random_alignment
 from modelcypher.align.weight_matching import match_weights
 
@@ -22,6 +24,7 @@ __all__ = [
     "check_equivalent",
     "fold_norms",
     "match_activations",
+    "match_learned",
     "match_weights",
     "random_alignment",
 ]

@@ -39,6 +39,7 @@ from modelcypher.checkpoint.writer import ShardedWriter, atomic_dir
 from modelcypher.errors import UserError
 
 MIN_PROBE_TOKENS = 512
+LEARN_STEPS, LEARN_LR = 200, 1e-3  # learned matching: Adam steps on the midpoint loss, and their size
 CHECK_PARAMS = 64_000_000  # parameters per equivalence-check chunk (besides embeddings and head)
 CHECK_VOCAB_ROWS = 4096  # vocabulary rows per check chunk; chunks take turns over the vocabulary
 # Logit tolerance (atol, rtol relative to the largest logit) of the equivalence check, by the storage
@@ -202,9 +203,10 @@ def resolve(residual: str, spec: SymmetrySpec) -> str:
 
 def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str, data: str | Path | None,
           residual: str, max_sweeps: int, seed: int, device: str | torch.device, vo: bool = False,
-          text: str | None = None, max_probe_tokens: int = 65536) -> tuple[Alignment, dict]:
-    """Transforms bringing B onto A, and facts for the report. Activation matching reads its probe text
-    from the file ``data``, or takes it as ``text``."""
+          text: str | None = None, max_probe_tokens: int = 65536, steps: int = LEARN_STEPS,
+          lr: float = LEARN_LR) -> tuple[Alignment, dict]:
+    """Transforms bringing B onto A, and facts for the report. Activation and learned matching read their
+    text from the file ``data``, or take it as ``text``; ``steps`` and ``lr`` are learned matching's."""
     from modelcypher.align.activation_matching import match_activations
     from modelcypher.align.equivalence import build_model
     from modelcypher.align.weight_matching import match_weights
@@ -216,27 +218,47 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str
         found = match_weights(*views, spec, residual=residual, vo=vo, max_sweeps=max_sweeps, seed=seed,
                               prepared=True)
         return found, {"residual": residual, "objective": found.history, "sweeps": len(found.history) - 1}
-    if method != "activation":
-        raise UserError(f"alignment method must be weight or activation, not {method!r}")
+    if method not in ("activation", "learned"):
+        raise UserError(f"alignment method must be weight, activation or learned, not {method!r}")
     if spec.family == "modelcypher-mlp":
-        raise UserError("activation matching of a modelcypher-mlp model needs feature vectors, not text: use "
-                        "--method weight, or modelcypher.align.match_activations in Python")
+        raise UserError(f"{method} matching of a modelcypher-mlp model needs feature vectors, not text: use "
+                        "--method weight, or modelcypher.align in Python")
+    if method == "learned" and residual != "orthogonal":
+        raise UserError(f"learned matching refines an orthogonal residual, which {spec.family} "
+                        f"{'does not admit' if not spec.residual_orthogonal_ok else 'was not given'} "
+                        f"(--residual {residual}): use --method weight")
+    ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
+    batches = probe_batches(ids, context_length(ck_a.config))
+    if method == "learned":
+        from modelcypher.align.learned_matching import match_learned
+
+        init, facts = match(ck_b, ck_a, spec, method="weight", data=None, residual=residual,
+                            max_sweeps=max_sweeps, seed=seed, device=device, vo=True)
+        sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
+        found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=steps, lr=lr, seed=seed,
+                                      device=device)
+        return found, {**facts, "tokens": len(ids), "steps": steps, "midpoint_loss": [losses[0], losses[-1]]}
+    models = [build_model(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_b, ck_a)]
+    model_spec = spec_for(ck_b.config, models[0].state_dict().keys())  # probes name modules
+    found = match_activations(*models, model_spec, batches, device, residual=residual)
+    return found, {"residual": residual, "tokens": len(ids)}
+
+
+def probe_ids(ck_a: Checkpoint, spec: SymmetrySpec, method: str, data: str | Path | None, text: str | None,
+              max_tokens: int) -> torch.Tensor:
+    """The probe text in A's tokens; too little of it is a user error that says how much is needed."""
     if text is None:
         if not data:
-            raise UserError("activation matching needs probe text: pass --data text.txt")
+            raise UserError(f"{method} matching needs probe text: pass --data text.txt")
         text = read_text(data)
-    ids = token_ids(ck_a.path, text, max_probe_tokens)
+    ids = token_ids(ck_a.path, text, max_tokens)
     widest = probe_units(spec)
     need = max(MIN_PROBE_TOKENS, 2 * widest)
     if len(ids) < need:
-        raise UserError(f"{data or 'probe text'}: too short for activation matching: {len(ids)} tokens with the "
+        raise UserError(f"{data or 'probe text'}: too short for {method} matching: {len(ids)} tokens with the "
                         f"tokenizer of {ck_a.path}, need at least {need} (twice the widest unit space, "
                         f"{widest}, and no fewer than {MIN_PROBE_TOKENS})")
-    models = [build_model(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_b, ck_a)]
-    model_spec = spec_for(ck_b.config, models[0].state_dict().keys())  # probes name modules
-    batches = probe_batches(ids, context_length(ck_a.config))
-    found = match_activations(*models, model_spec, batches, device, residual=residual)
-    return found, {"residual": residual, "tokens": len(ids)}
+    return ids
 
 
 # ----------------------------------------------------------------------------- writing and checking
@@ -404,7 +426,7 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path, *, method: str = "weight",
                      data: str | Path | None = None, residual: str = "auto", max_sweeps: int = 20,
                      seed: int = 0, device: str | torch.device = "cpu", overwrite: bool = False,
-                     vo: bool = False) -> dict:
+                     vo: bool = False, steps: int = LEARN_STEPS, lr: float = LEARN_LR) -> dict:
     """Align checkpoint B onto A and write the aligned B to ``out``, a checkpoint of B's family computing
     B's function (checked on random inputs before anything is moved into place).
 
@@ -416,7 +438,7 @@ def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path, 
     check_output(out, [ck_a.path, ck_b.path], overwrite)
     device = _device(device)
     alignment, facts = match(ck_b, ck_a, spec, method=method, data=data, residual=residual,
-                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo)
+                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, steps=steps, lr=lr)
     t1 = time.perf_counter()
     gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite)
     return {
@@ -470,7 +492,7 @@ def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
         out = workdir / f"{i:02d}-{ck.path.resolve().name}"
         report = align_checkpoint(ck.path, ref_ck.path, out, method=section.method, data=data,
                                   residual=section.residual, max_sweeps=section.max_sweeps, seed=section.seed,
-                                  device=device)
+                                  device=device, steps=section.steps, lr=section.lr)
         orthogonal |= report["residual"] == "orthogonal"
         paths[i] = str(out.resolve())
     if orthogonal:
@@ -495,11 +517,15 @@ def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
 def cli_align(args: argparse.Namespace) -> int:
     report = align_checkpoint(args.model_b, args.model_a, args.output, method=args.method, data=args.data,
                               residual=args.residual, max_sweeps=args.max_sweeps, seed=args.seed,
-                              device=args.device, overwrite=args.overwrite, vo=args.vo)
+                              device=args.device, overwrite=args.overwrite, vo=args.vo, steps=args.steps,
+                              lr=args.lr)
     how = f"{report['method']} matching, residual {report['residual']}"
     if "objective" in report:
         h = report["objective"]
         how += f", objective {h[0]:.6g} -> {h[-1]:.6g} in {report['sweeps']} sweeps"
+        if "midpoint_loss" in report:
+            m = report["midpoint_loss"]
+            how += f", then midpoint loss {m[0]:.4f} -> {m[1]:.4f} in {report['steps']} steps"
     else:
         how += f", {report['tokens']} probe tokens"
     print(f"aligned {report['model_b']} onto {report['model_a']} ({how}); max logit gap "

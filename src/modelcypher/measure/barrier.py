@@ -119,8 +119,9 @@ def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *
                   probe_text: str | None = None) -> dict:
     """Loss of held-out ``text`` (tokenized by A's tokenizer) between two checkpoints of one family.
 
-    ``align``: also the curve after aligning B onto A by ``"weight"`` or ``"activation"`` matching
-    (probes: ``probe_text``, else ``text`` itself); with an orthogonal residual A is measured with its
+    ``align``: also the curve after aligning B onto A by ``"weight"``, ``"activation"`` or ``"learned"``
+    matching (probes: ``probe_text``, else ``text`` itself; learned matching needs ``probe_text``); with
+    an orthogonal residual A is measured with its
     norms folded, the same function in the parameterization the aligned B is written in.
     """
     from modelcypher.align import apply_verified, fold_norms
@@ -201,6 +202,9 @@ def cli_barrier(args: argparse.Namespace) -> int:
     lambdas(args.points)  # a bad --points fails before any work
     text = read_text(args.data)
     align = None if args.align == "none" else args.align
+    if align == "learned" and not args.probe:
+        raise UserError("--align learned trains the rotations on text: pass --probe with training text "
+                        "(never the held-out --data, which would measure the barrier on what it was fitted to)")
     result = barrier_curve(args.model_a, args.model_b, text, points=args.points, max_tokens=args.max_tokens,
                            device=args.device, align=align, residual=args.residual,
                            probe_text=read_text(args.probe) if args.probe else None)

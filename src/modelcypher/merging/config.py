@@ -79,16 +79,18 @@ class Slice(Strict):
 class AlignSection(Strict):
     """Align every model onto the base (or the first model) before the merge method runs."""
 
-    method: Literal["weight", "activation"] = "weight"
-    data: str | None = None  # probe text, for activation matching
+    method: Literal["weight", "activation", "learned"] = "weight"
+    data: str | None = None  # probe text, for activation and learned matching
     residual: Literal["auto", "orthogonal", "permutation", "none"] = "auto"
     max_sweeps: int = Field(default=20, ge=1)
     seed: int = 0
+    steps: int = Field(default=200, ge=1)  # learned matching
+    lr: float = Field(default=1e-3, gt=0)
 
     @model_validator(mode="after")
     def _data(self) -> AlignSection:
-        if self.method == "activation" and not self.data:
-            raise ValueError("align: method activation needs data (a probe text file)")
+        if self.method in ("activation", "learned") and not self.data:
+            raise ValueError(f"align: method {self.method} needs data (a probe text file)")
         return self
 
 
