@@ -103,11 +103,12 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
     if plan.method.reports and report is not None:
         kwargs["report"] = report
     blocks = row_blocks(task, _blocked(plan))
-    first_pass = [True]
+    checked = allow_nonfinite
 
     def passes():
         """One pass over the blocks as float32 ``(xs, base)``; inputs are checked in the first pass only."""
-        check, first_pass[0] = first_pass[0] and not allow_nonfinite, False
+        nonlocal checked
+        check, checked = not checked, True
         nxt = None
         for i, rows in enumerate(blocks):
             if i == 0 and ready:

@@ -294,14 +294,13 @@ def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], norma
     for c in contributions[1:]:
         total.add_(c)
     s = total.sign_()
-    num = den = None
+    num = None
+    den = torch.zeros_like(s) if normalize else None
     for c, w in zip(contributions, weights, strict=True):
-        disagree = ~(c * s > 0)  # so NaN never agrees
-        c.masked_fill_(disagree, 0.0)
-        num = c if num is None else num.add_(c)
+        agree = c * s > 0  # so NaN never agrees
+        num = c.masked_fill_(~agree, 0.0) if num is None else num.add_(c.masked_fill_(~agree, 0.0))
         if normalize:
-            agree = (~disagree).to(c.dtype).mul_(w)
-            den = agree if den is None else den.add_(agree)
+            den.add_(agree, alpha=w)
     if not normalize:
         return num
     nobody = den == 0
