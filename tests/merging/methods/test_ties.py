@@ -98,7 +98,7 @@ def test_streamed_blocks_equal_the_whole_tensor(merge, density, with_base):
 @pytest.mark.parametrize("k", [0, 1, 5, 50, 199, 200, 407])
 def test_top_k_cuts_match_a_stable_sort(k):
     """The streamed cut keeps the k largest magnitudes, equal magnitudes by smaller flat index."""
-    from modelcypher.merging.methods._sparsify import magnitude_bits, outside_cut, top_k_cuts
+    from modelcypher.merging.methods._sparsify import cut_mask_, magnitude_bits, top_k_cuts
 
     g = torch.Generator().manual_seed(k)
     t = _quantized(g, (37, 11), levels=5)
@@ -111,6 +111,35 @@ def test_top_k_cuts_match_a_stable_sort(k):
         (cut,) = top_k_cuts(lambda blocks=blocks: ({0: b} for b in blocks), [k], t.numel())
         kept, seen = [], 0
         for b in blocks:
-            out, seen = outside_cut(b, cut, seen)
-            kept.append(~out)
+            inside, seen = cut_mask_(b.clone(), cut, seen)
+            kept.append(inside == -1)
         assert torch.equal(torch.cat(kept).reshape(-1), want), rows
+
+
+def _where_consensus(deltas, weights, normalize):
+    """TIES elect + disjoint merge written with boolean masks, as a reference."""
+    cs = [d * w for d, w in zip(deltas, weights, strict=True)]
+    total = sum(cs[1:], cs[0].clone())
+    up, down = total > 0, total < 0
+    num, den = torch.zeros_like(total), torch.zeros_like(total)
+    for c, w in zip(cs, weights, strict=True):
+        agree = torch.where(up, c > 0, down & (c < 0))
+        num += torch.where(agree, c, 0.0)
+        den += agree * w
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0) if normalize else num
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, -1.0, 0.5], [0.0, 1.0, 1.0]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_integer_masks_match_boolean_masks_bit_for_bit(weights, normalize):
+    """The consensus built from integer masks equals the boolean-mask formula to the bit, zeros'
+    signs, infinities and NaN included."""
+    from modelcypher.merging.methods._sparsify import sign_consensus
+
+    g = torch.Generator().manual_seed(len(weights) + normalize)
+    ds = [_quantized(g, (13, 17), levels=3) for _ in range(3)]
+    ds[0][0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    ds[1][0, 1] = float("-inf")
+    got, want = sign_consensus(ds, weights, normalize), _where_consensus(ds, weights, normalize)
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all())

@@ -95,6 +95,11 @@ def magnitude_bits(t: Tensor) -> Tensor:
     return t.to(torch.float32).view(torch.int32) & 0x7FFFFFFF
 
 
+def magnitude_bits_(t: Tensor) -> Tensor:
+    """:func:`magnitude_bits` made in place of a float32 temporary."""
+    return t.view(torch.int32).bitwise_and_(0x7FFFFFFF)
+
+
 @dataclass(frozen=True)
 class Cut:
     """A top-k set by magnitude: entries whose magnitude bits exceed ``bits``, and the first ``ties``
@@ -158,16 +163,33 @@ def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Tensor]]], ks: Sequenc
     return cuts
 
 
-def outside_cut(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
-    """Boolean mask of a block's entries outside ``cut``, given how many entries equal to the cut
-    came in earlier blocks (flat order); returns the mask and that count after this block."""
-    if cut.ties == cut.equal:  # every equal entry is in (or there are none): one comparison
-        return (bits < cut.bits if cut.ties else bits <= cut.bits), ties_seen
-    out = bits <= cut.bits
-    at = (bits == cut.bits).reshape(-1).nonzero().reshape(-1)
+# Masks below are int32, all bits set (-1) where an entry is kept and 0 where it is not: ANDed into
+# a float32's bits they keep it or make it +0.0 exactly, as masked_fill would, but at the speed of
+# integer arithmetic (boolean masks and masked_fill/where run several times slower on CPU).
+
+
+def keep_(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` (float32, overwritten) where ``mask`` is -1, +0.0 where it is 0."""
+    x.view(torch.int32).bitwise_and_(mask)
+    return x
+
+
+def cut_mask_(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
+    """The int32 mask of a block's entries inside ``cut``, made from (and over) its magnitude bits,
+    given how many entries equal to the cut came in earlier blocks (flat order); returns the mask
+    and that count after this block."""
+    at, partial = None, 0 < cut.ties < cut.equal
+    if partial:  # some entries equal to the cut are in, the first ones in flat order
+        at = (bits == cut.bits).reshape(-1).nonzero().reshape(-1)
+    # bits >= lowest  <=>  (lowest - 1 - bits) < 0: the sign bit, spread by an arithmetic shift
+    # (no overflow: bits and lowest - 1 both lie in [-1, 2**31 - 1])
+    below = cut.bits if cut.ties == 0 or partial else cut.bits - 1
+    mask = bits.neg_().add_(below).bitwise_right_shift_(31)
+    if not partial:
+        return mask, ties_seen
     take = min(max(cut.ties - ties_seen, 0), at.numel())
-    out.view(-1)[at[:take]] = False
-    return out, ties_seen + at.numel()
+    mask.view(-1)[at[:take]] = -1
+    return mask, ties_seen + at.numel()
 
 
 def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
@@ -178,7 +200,7 @@ def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
     """
     bits = magnitude_bits(t)
     (cut,) = top_k_cuts(lambda: [{0: bits}], [k], t.numel())
-    return ~outside_cut(bits, cut)[0]
+    return cut_mask_(bits, cut)[0] != 0
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
@@ -217,7 +239,14 @@ def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator) -> Ten
     if density <= 0.0:
         return torch.zeros_like(delta)
     u = torch.rand(delta.shape, generator=rng, device=delta.device, dtype=torch.float32)
-    return torch.where(u < density, delta / density, torch.zeros((), device=delta.device))
+    # u < density as an int32 mask: non-negative floats order as their bits do
+    kept = u.view(torch.int32).sub_(_bits_of(density)).bitwise_right_shift_(31)
+    return keep_(delta / density, kept)
+
+
+def _bits_of(x: float) -> int:
+    """The int32 bit pattern of float32 ``x``."""
+    return int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
 
 
 def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -287,6 +316,11 @@ def sign_consensus(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     return disjoint_merge_([d * w for d, w in zip(deltas, weights, strict=True)], weights, normalize)
 
 
+def agreement_mask(c: Tensor, s: Tensor) -> Tensor:
+    """int32 mask of where ``c * s > 0`` (NaN never agrees)."""
+    return torch.gt(torch.mul(c, s), 0).to(torch.int32).neg_()
+
+
 def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
     """:func:`sign_consensus` from the contributions ``c_i = w_i d_i``, which it overwrites (callers
     hand over temporaries: no copies). Elementwise, so blocks of rows give the whole tensor's result."""
@@ -294,16 +328,19 @@ def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], norma
     for c in contributions[1:]:
         total.add_(c)
     s = total.sign_()
-    num = None
-    den = torch.zeros_like(s) if normalize else None
+    num = den = None
     for c, w in zip(contributions, weights, strict=True):
-        agree = c * s > 0  # so NaN never agrees
-        num = c.masked_fill_(~agree, 0.0) if num is None else num.add_(c.masked_fill_(~agree, 0.0))
+        agree = agreement_mask(c, s)
+        num = keep_(c, agree) if num is None else num.add_(keep_(c, agree))
         if normalize:
-            den.add_(agree, alpha=w)
+            w_agree = keep_(torch.full_like(c, w), agree)
+            den = w_agree if den is None else den.add_(w_agree)
     if not normalize:
         return num
-    nobody = den == 0
+    if min(weights) >= 0:
+        # den is 0 only where nobody agrees, and num is +0 there: dividing by 1 keeps it
+        return num.div_(den.add_(den.sign().neg_().add_(1.0)))
+    nobody = den == 0  # weights of both signs can cancel where models agree
     return num.masked_fill_(nobody, 0.0).div_(den.masked_fill_(nobody, 1.0))
 
 

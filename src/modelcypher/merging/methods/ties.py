@@ -13,10 +13,12 @@ from modelcypher.merging.methods._sparsify import (
     check_fraction,
     check_shapes,
     count,
+    cut_mask_,
     disjoint_merge_,
     f32,
+    keep_,
     magnitude_bits,
-    outside_cut,
+    magnitude_bits_,
     per_model,
     top_k_cuts,
 )
@@ -50,7 +52,7 @@ def ties_blocks(
         ks = [count(d, numel) for d in dens]
         ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
         # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
-        cuts = top_k_cuts(lambda: ({i: magnitude_bits(xs[i] - b) for i in ranked} for xs, b in passes()),
+        cuts = top_k_cuts(lambda: ({i: magnitude_bits_(xs[i] - b) for i in ranked} for xs, b in passes()),
                           ks, numel)
         ties_seen = [0] * n
         for xs, b in passes():
@@ -58,8 +60,8 @@ def ties_blocks(
             for i, (x, cut) in enumerate(zip(xs, cuts, strict=True)):
                 tau = x - b
                 if cut != KEEP_ALL:
-                    out, ties_seen[i] = outside_cut(magnitude_bits(tau), cut, ties_seen[i])
-                    tau.masked_fill_(out, 0.0)
+                    inside, ties_seen[i] = cut_mask_(magnitude_bits(tau), cut, ties_seen[i])
+                    keep_(tau, inside)
                 contributions.append(tau.mul_(w[i]))  # c_i = w_i d_i
             # 3-4. elect, disjoint merge, then base + lambda * tau
             yield disjoint_merge_(contributions, w, normalize).mul_(lambda_).add_(b)
