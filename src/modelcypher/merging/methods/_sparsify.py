@@ -2,7 +2,9 @@
 
 Conventions used throughout:
 
-- every function returns new tensors and never writes into its arguments;
+- every function returns new tensors and never writes into its arguments, except those whose names
+  end in ``_``, which overwrite their first argument (a temporary the caller owns), as torch's
+  in-place methods do;
 - a "row" is ``t.reshape(t.shape[0], -1)[r]`` for tensors with two or more dimensions, and the whole
   (flattened) tensor for 0-D and 1-D tensors;
 - magnitude ranking is a total order: larger ``|x|`` first, equal magnitudes broken by the smaller
