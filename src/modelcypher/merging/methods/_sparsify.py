@@ -180,18 +180,21 @@ def cut_mask_(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
     """The int32 mask of a block's entries inside ``cut``, made from (and over) its magnitude bits,
     given how many entries equal to the cut came in earlier blocks (flat order); returns the mask
     and that count after this block."""
-    at, partial = None, 0 < cut.ties < cut.equal
-    if partial:  # some entries equal to the cut are in, the first ones in flat order
-        at = (bits == cut.bits).reshape(-1).nonzero().reshape(-1)
+    keep_equal, first = cut.ties == cut.equal and cut.ties > 0, None
+    if 0 < cut.ties < cut.equal and ties_seen < cut.ties:  # the first equal entries are in
+        at = bits == cut.bits
+        n_at = int(at.count_nonzero())
+        if ties_seen + n_at <= cut.ties:
+            keep_equal = True  # the quota lasts through this block: no positions needed
+        else:  # it runs out here
+            first = at.reshape(-1).nonzero().reshape(-1)[: cut.ties - ties_seen]
+        ties_seen += n_at
     # bits >= lowest  <=>  (lowest - 1 - bits) < 0: the sign bit, spread by an arithmetic shift
     # (no overflow: bits and lowest - 1 both lie in [-1, 2**31 - 1])
-    below = cut.bits if cut.ties == 0 or partial else cut.bits - 1
-    mask = bits.neg_().add_(below).bitwise_right_shift_(31)
-    if not partial:
-        return mask, ties_seen
-    take = min(max(cut.ties - ties_seen, 0), at.numel())
-    mask.view(-1)[at[:take]] = -1
-    return mask, ties_seen + at.numel()
+    mask = bits.neg_().add_(cut.bits - 1 if keep_equal else cut.bits).bitwise_right_shift_(31)
+    if first is not None:
+        mask.view(-1)[first] = -1
+    return mask, ties_seen
 
 
 def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
