@@ -1,9 +1,14 @@
 """Merge speed and memory on ~200M-parameter Llama-shaped checkpoints (base + 3 fine-tunes, bf16).
 
 For each method: wall time and peak RSS of a fresh `modelcypher merge` process, next to the I/O floor
-measured in the same run (a process that reads every input tensor once and writes one model with
-safetensors). Where mergekit is installed in a separate environment (MERGEKIT_PYTHON=/path/to/python),
-it is timed on the same configs. Results: benchmarks/results/merge_speed.{json,md}.
+measured in the same run (a fresh process that reads every input tensor once and writes one model with
+safetensors, fsynced as the merge's output is). Both sides are timed alike, from outside, as whole
+processes: interpreter start, imports (torch for both, plus ModelCypher's own for a merge) and work;
+each process also reports its own import time, so the figures can be read with or without it. Peak
+RSS is the process's own high-water mark (VmHWM): ru_maxrss would carry over the benchmark's own size
+across fork and exec. Where mergekit is installed in a separate environment
+(MERGEKIT_PYTHON=/path/to/python), it is timed on the same configs. Results:
+benchmarks/results/merge_speed.{json,md}.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_speed.py [--small]
 """
@@ -92,13 +97,17 @@ def config_for(method: str, paths: list[Path]) -> dict:
     return cfg
 
 
+# Each process prints: seconds spent importing, its peak RSS (bytes).
+PEAK = 'int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024'
+
 FLOOR = r"""
 import time
 t0 = time.perf_counter()
-import resource, sys
+import os, sys
 from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
+t_import = time.perf_counter() - t0
 models = sys.argv[1].split(",")
 out = {}
 files = [sorted(Path(m).glob("*.safetensors")) for m in models]
@@ -111,38 +120,45 @@ for k, fs in enumerate(files):
                     out[n] = t
                 del t
 Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
-save_file(out, str(Path(sys.argv[2]) / "model.safetensors"), metadata={"format": "pt"})
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
+dest = Path(sys.argv[2]) / "model.safetensors"
+save_file(out, str(dest), metadata={"format": "pt"})
+fd = os.open(dest, os.O_RDONLY)  # durable, as the merge's output is
+os.fsync(fd)
+os.close(fd)
+print(t_import, PEAK)
+""".replace("PEAK", PEAK)
 
 OURS = r"""
 import time
 t0 = time.perf_counter()
-import resource, sys, yaml
-from modelcypher import merge
+import sys, yaml
+from modelcypher.api import merge
+t_import = time.perf_counter() - t0
 merge(yaml.safe_load(open(sys.argv[1])), sys.argv[2], device="cpu", max_shard_size="2GB", overwrite=True)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
+print(t_import, PEAK)
+""".replace("PEAK", PEAK)
 
 MERGEKIT = r"""
-import resource, subprocess, sys, time
-t0 = time.perf_counter()
+import resource, subprocess, sys
 r = subprocess.run([sys.argv[3], "-m", "mergekit.scripts.run_yaml", sys.argv[1], sys.argv[2], "--allow-crimes",
                     "--lazy-unpickle", "--out-shard-size", "2B", "--no-copy-tokenizer"], capture_output=True, text=True)
 if r.returncode:
     print(r.stderr[-2000:], file=sys.stderr)
     sys.exit(1)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+print(float("nan"), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 """
 
 
-def timed(python: str, script: str, *args: str) -> tuple[float, int]:
+def timed(python: str, script: str, *args: str) -> tuple[float, int, float]:
+    """(wall seconds of the whole process, its peak RSS in bytes, seconds it spent importing)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    t0 = time.perf_counter()
     r = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, env=env)
+    secs = time.perf_counter() - t0
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
-    secs, rss = r.stdout.split()[-2:]
-    return float(secs), int(rss)
+    t_import, rss = r.stdout.split()[-2:]
+    return secs, int(rss), float(t_import)
 
 
 def main() -> None:
@@ -170,8 +186,9 @@ def main() -> None:
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
         ours = min(timed(sys.executable, OURS, str(cfg_path), str(out)) for _ in range(args.repeats))
         shutil.rmtree(out, ignore_errors=True)
-        row = {"method": method, "seconds": ours[0], "peak_rss_bytes": ours[1], "floor_seconds": floor[0],
-               "ratio_to_floor": ours[0] / floor[0]}
+        row = {"method": method, "seconds": ours[0], "peak_rss_bytes": ours[1], "import_seconds": ours[2],
+               "floor_seconds": floor[0], "ratio_to_floor": ours[0] / floor[0],
+               "ratio_to_floor_without_imports": (ours[0] - ours[2]) / (floor[0] - floor[2])}
         if mk_python:
             try:
                 mk = timed(sys.executable, MERGEKIT, str(cfg_path), str(out), mk_python)
@@ -189,12 +206,13 @@ def main() -> None:
         dpaths = build_models(dshape, root / f"depth{layers}")
         cfg_path = root / f"depth{layers}.yaml"
         cfg_path.write_text(yaml.safe_dump(config_for("ties", dpaths)))
-        secs, rss = timed(sys.executable, OURS, str(cfg_path), str(out))
+        secs, rss, _ = timed(sys.executable, OURS, str(cfg_path), str(out))
         shutil.rmtree(out, ignore_errors=True)
         depth_rows.append({"layers": layers, "seconds": secs, "peak_rss_bytes": rss})
         print(json.dumps(depth_rows[-1]), flush=True)
     result = {"depth": depth_rows, "shape": shape, "parameters": n_params, "models": len(paths), "dtype": "bfloat16",
-              "floor_seconds": floor[0], "floor_peak_rss_bytes": floor[1], "rows": rows,
+              "floor_seconds": floor[0], "floor_peak_rss_bytes": floor[1], "floor_import_seconds": floor[2],
+              "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     dest = HERE / "results"
     dest.mkdir(exist_ok=True)
@@ -202,16 +220,22 @@ def main() -> None:
     (dest / f"merge_speed{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Merge speed, {n_params / 1e6:.0f}M-parameter Llama-shaped bf16 checkpoints, base + 3 fine-tunes, "
              f"{result['machine']}, {result['date']}.", "",
-             f"I/O floor (read every input tensor once, write one model with safetensors): {floor[0]:.1f} s, "
-             f"peak RSS {floor[1] / 2**30:.2f} GiB.", "",
-             "| method | seconds | x floor | peak RSS (GiB) | mergekit seconds | mergekit RSS (GiB) | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+             f"I/O floor (a fresh process that reads every input tensor once and writes one model with "
+             f"safetensors, fsynced): {floor[0]:.2f} s, of which {floor[2]:.2f} s importing torch and "
+             f"safetensors; peak RSS {floor[1] / 2**30:.2f} GiB.", "",
+             "Every time is a whole fresh process (interpreter, imports, work), timed alike from outside; "
+             "'x floor' divides it by the floor's. 'imports' is the merge process's own import time "
+             "(torch and ModelCypher); 'x floor w/o imports' divides the times less each side's imports.",
+             "",
+             "| method | seconds | x floor | imports (s) | x floor w/o imports | peak RSS (GiB) "
+             "| mergekit seconds | mergekit RSS (GiB) | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mk = (f"{r['mergekit_seconds']:.1f} | {r['mergekit_peak_rss_bytes'] / 2**30:.2f} | "
               f"{r['speedup_vs_mergekit']:.2f}x") if "mergekit_seconds" in r else (
               f"{r.get('mergekit_error', 'not installed')} | - | -")
-        lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['ratio_to_floor']:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {mk} |")
+        lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['ratio_to_floor']:.2f} | {r['import_seconds']:.2f} | "
+                     f"{r['ratio_to_floor_without_imports']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | {mk} |")
     lines += ["", "Peak RSS against depth (ties, same width, vocabulary 1000): "
               + ", ".join(f"{r['layers']} layers {r['peak_rss_bytes'] / 2**30:.2f} GiB" for r in depth_rows)]
     (dest / f"merge_speed{tag}.md").write_text("\n".join(lines) + "\n")

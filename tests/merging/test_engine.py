@@ -179,9 +179,10 @@ def test_dry_run_writes_nothing_and_public_api_matches_cli(tmp_path):
     assert (tmp_path / "api" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dfs", "della_linear"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dfs", "della_linear", "ties"])
 def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch, method):
-    """Row-local methods computed over blocks of rows write exactly what one whole call computes."""
+    """Row-local and streamed methods computed over blocks of rows write exactly what one whole call
+    computes."""
     import modelcypher.merging.run as run
     from modelcypher.api import merge
     from modelcypher.merging.registry import get_method
@@ -190,11 +191,14 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch, method):
     cfg = {"merge_method": method, "base_model": str(base), "models": [{"model": str(a)}, {"model": str(b)}]}
     if method == "della_linear":
         cfg["models"] = [{"model": str(a), "parameters": {"density": 1.0}}, {"model": str(b)}]
+    if method == "ties":
+        cfg["models"] = [{"model": str(a), "parameters": {"density": 0.3}}, {"model": str(b)}]
+        cfg["parameters"] = {"density": 0.6}
     merge(cfg, tmp_path / "whole", device="cpu")
     monkeypatch.setattr(run, "BLOCK_ELEMENTS", 100)  # embeddings: blocks of 3 rows of 32
     assert len(run.row_blocks(run.TensorTask("e", (), None, {}, (97, 32), torch.float32), True)) == 33
     merge(cfg, tmp_path / "blocks", device="cpu")
     whole, blocks = state(tmp_path / "whole"), state(tmp_path / "blocks")
-    assert get_method(method).rowwise
+    assert get_method(method).rowwise or get_method(method).stream
     for n in whole:
         torch.testing.assert_close(blocks[n], whole[n], atol=0, rtol=0)

@@ -14,6 +14,11 @@ A method is a pure function on float32 tensors of one parameter:
   entry of ``xs`` (None where a tensor has no statistic), and ``base_<stat>`` for the base's;
 - ``rowwise=True`` declares that row r of the result depends only on row r of the inputs (for tensors
   of two or more axes); the runner may then call the method on blocks of rows to bound memory;
+- ``stream``: for a method whose rows depend on the whole tensor (e.g. a whole-tensor top-k), a
+  ``stream(passes, numel, **params)`` that computes the same result block by block: ``passes()``
+  starts a pass over the tensor's row blocks, yielding each block's ``(xs, base)`` (float32, base
+  None without one), and ``stream`` yields the result of each block in order. The runner then
+  bounds memory by blocks as for ``rowwise`` methods, at the price of re-reading the inputs per pass;
 - ``report``: a dict the method may fill with figures about this tensor (registered ``reports=True``);
   the runner writes them to ``merge_report.json``.
 
@@ -43,6 +48,7 @@ class Method:
     max_models: int | None = None
     reports: bool = False
     rowwise: bool = False
+    stream: Callable[..., Any] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -61,13 +67,14 @@ def register(
     max_models: int | None = None,
     reports: bool = False,
     rowwise: bool = False,
+    stream: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
             name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
-            random, stats, min_models, max_models, reports, rowwise,
+            random, stats, min_models, max_models, reports, rowwise, stream,
         )
         return fn
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from modelcypher.merging.registry import get_method
@@ -59,3 +60,86 @@ def test_exact_tie_elects_nothing(merge):
 
 def test_density_zero_is_base(merge):
     assert torch.equal(merge("ties", XS, BASE, density=[0.0, 0.0, 0.0]), BASE)
+
+
+def _quantized(g: torch.Generator, shape, levels: int = 7) -> torch.Tensor:
+    """Random values on a coarse grid: many entries share a magnitude, so the cut falls inside ties."""
+    return torch.randint(-levels, levels + 1, shape, generator=g).float() / 8
+
+
+def _streamed(xs, base, rows_per_block, **params):
+    """``ties_blocks`` fed blocks of ``rows_per_block`` rows, the blocks' results concatenated."""
+    from modelcypher.merging.methods.ties import ties_blocks
+
+    cuts = range(0, base.shape[0], rows_per_block)
+
+    def passes():
+        return (([x[a:a + rows_per_block] for x in xs], base[a:a + rows_per_block]) for a in cuts)
+
+    return torch.cat(list(ties_blocks(passes, base.numel(), **params)))
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_streamed_blocks_equal_the_whole_tensor(merge, density, with_base):
+    """Blocks of rows, trimmed from streamed histograms, give exactly the whole-tensor result."""
+    g = torch.Generator().manual_seed(int(density * 10) + with_base)
+    base = torch.randn(37, 11, generator=g) if with_base else torch.zeros(37, 11)
+    xs = [base + _quantized(g, (37, 11)) for _ in range(3)]
+    params = {"weight": [1.0, 0.5, 2.0], "density": [density, density / 2, density]}
+    whole = merge("ties", xs, base, **params)
+    for rows in (1, 4, 36, 37):
+        for normalize in (True, False):
+            want = whole if normalize else merge("ties", xs, base, normalize=False, **params)
+            got = _streamed(xs, base, rows, normalize=normalize, lambda_=1.0, **params)
+            assert torch.equal(got, want), (rows, normalize)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 50, 199, 200, 407])
+def test_top_k_cuts_match_a_stable_sort(k):
+    """The streamed cut keeps the k largest magnitudes, equal magnitudes by smaller flat index."""
+    from modelcypher.merging.methods._sparsify import cut_mask_, magnitude_bits, top_k_cuts
+
+    g = torch.Generator().manual_seed(k)
+    t = _quantized(g, (37, 11), levels=5)
+    t[3, 4], t[7, 0] = float("inf"), -1e-30  # extremes of the float range
+    order = torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices
+    want = torch.zeros(t.numel(), dtype=torch.bool)
+    want[order[:k]] = True
+    for rows in (1, 5, 37):
+        blocks = [magnitude_bits(t[a:a + rows]) for a in range(0, 37, rows)]
+        (cut,) = top_k_cuts(lambda blocks=blocks: ({0: b} for b in blocks), [k], t.numel())
+        kept, seen = [], 0
+        for b in blocks:
+            inside, seen = cut_mask_(b.clone(), cut, seen)
+            kept.append(inside == -1)
+        assert torch.equal(torch.cat(kept).reshape(-1), want), rows
+
+
+def _where_consensus(deltas, weights, normalize):
+    """TIES elect + disjoint merge written with boolean masks, as a reference."""
+    cs = [d * w for d, w in zip(deltas, weights, strict=True)]
+    total = sum(cs[1:], cs[0].clone())
+    up, down = total > 0, total < 0
+    num, den = torch.zeros_like(total), torch.zeros_like(total)
+    for c, w in zip(cs, weights, strict=True):
+        agree = torch.where(up, c > 0, down & (c < 0))
+        num += torch.where(agree, c, 0.0)
+        den += agree * w
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0) if normalize else num
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, -1.0, 0.5], [0.0, 1.0, 1.0]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_integer_masks_match_boolean_masks_bit_for_bit(weights, normalize):
+    """The consensus built from integer masks equals the boolean-mask formula to the bit, zeros'
+    signs, infinities and NaN included."""
+    from modelcypher.merging.methods._sparsify import sign_consensus
+
+    g = torch.Generator().manual_seed(len(weights) + normalize)
+    ds = [_quantized(g, (13, 17), levels=3) for _ in range(3)]
+    ds[0][0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    ds[1][0, 1] = float("-inf")
+    got, want = sign_consensus(ds, weights, normalize), _where_consensus(ds, weights, normalize)
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all())

@@ -2,7 +2,9 @@
 
 Conventions used throughout:
 
-- every function returns new tensors and never writes into its arguments;
+- every function returns new tensors and never writes into its arguments, except those whose names
+  end in ``_``, which overwrite their first argument (a temporary the caller owns), as torch's
+  in-place methods do;
 - a "row" is ``t.reshape(t.shape[0], -1)[r]`` for tensors with two or more dimensions, and the whole
   (flattened) tensor for 0-D and 1-D tensors;
 - magnitude ranking is a total order: larger ``|x|`` first, equal magnitudes broken by the smaller
@@ -14,7 +16,8 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,47 +85,127 @@ def count(fraction: float, n: int) -> int:
     return min(n, max(0, math.floor(fraction * n + 0.5)))
 
 
-def kth_largest(m: Tensor, k: int) -> Tensor:
-    """The ``k``-th largest entry (1-based) of a flat non-negative float32 tensor, exactly.
+# A radix select over float bits: for non-negative float32 the int32 bit pattern orders like the
+# value (NaN above +inf), so histograms of the high then the low 16 bits find the k-th largest
+# magnitude exactly in two O(n) passes, whether the entries come whole or in blocks of rows.
+HIGH_BUCKETS = 1 << 15  # high halves of a non-negative float's bits: the sign bit is 0
+LOW_BUCKETS = 1 << 16
 
-    A radix select: for non-negative floats the int32 bit pattern orders like the value, so two
-    histograms (high 16 bits, then the low 16 bits inside the chosen bucket) find it in a few O(n)
-    passes, several times faster than ``kthvalue`` on large tensors, on CPU and CUDA alike.
-    """
-    bits = m.contiguous().view(torch.int32)
-    hi = bits >> 16  # 0 .. 2**15 - 1: the sign bit is 0
-    at_or_above = torch.bincount(hi, minlength=1 << 15).flip(0).cumsum(0)
+
+def magnitude_bits(t: Tensor) -> Tensor:
+    """The int32 bit patterns of ``|t|`` (float32), a new tensor ordered as the magnitudes are."""
+    return t.to(torch.float32).view(torch.int32) & 0x7FFFFFFF
+
+
+def magnitude_bits_(t: Tensor) -> Tensor:
+    """:func:`magnitude_bits` made in place of a float32 temporary."""
+    return t.view(torch.int32).bitwise_and_(0x7FFFFFFF)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A top-k set by magnitude: entries whose magnitude bits exceed ``bits``, and the first ``ties``
+    (in flat order) of the ``equal`` entries whose bits equal it."""
+
+    bits: int
+    ties: int = 0
+    equal: int = 0
+
+
+KEEP_ALL, KEEP_NONE = Cut(-1), Cut(0x7FFFFFFF)
+
+
+def high_counts(bits: Tensor) -> Tensor:
+    """Histogram of the high 16 bits of magnitude bits (int64, ``HIGH_BUCKETS`` bins)."""
+    return torch.bincount((bits >> 16).reshape(-1), minlength=HIGH_BUCKETS)
+
+
+def bucket_of_kth(high: Tensor, k: int) -> tuple[int, int]:
+    """The high half shared by the ``k``-th largest entry, and how many entries lie in higher buckets."""
+    at_or_above = high.flip(0).cumsum(0)
     j = int(torch.searchsorted(at_or_above, k))  # first bucket (from the top) reaching k entries
-    bucket = (1 << 15) - 1 - j
-    k_in = k - (int(at_or_above[j - 1]) if j > 0 else 0)
-    lo = bits[hi == bucket] & 0xFFFF
-    at_or_above_lo = torch.bincount(lo, minlength=1 << 16).flip(0).cumsum(0)
-    j_lo = int(torch.searchsorted(at_or_above_lo, k_in))
-    value = (bucket << 16) | ((1 << 16) - 1 - j_lo)
-    return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0].to(m.device)
+    return HIGH_BUCKETS - 1 - j, int(at_or_above[j - 1]) if j > 0 else 0
+
+
+def low_counts(bits: Tensor, bucket: int) -> Tensor:
+    """Histogram of the low 16 bits of the entries whose high half is ``bucket``."""
+    return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=LOW_BUCKETS)
+
+
+def cut_at_kth(low: Tensor, bucket: int, above: int, k: int) -> Cut:
+    """The :class:`Cut` keeping the ``k`` largest, from the bucket's low histogram and the count above it."""
+    at_or_above = low.flip(0).cumsum(0)
+    j = int(torch.searchsorted(at_or_above, k - above))
+    strictly_above = above + (int(at_or_above[j - 1]) if j > 0 else 0)
+    return Cut((bucket << 16) | (LOW_BUCKETS - 1 - j), k - strictly_above, int(low[LOW_BUCKETS - 1 - j]))
+
+
+def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Tensor]]], ks: Sequence[int], n: int) -> list[Cut]:
+    """The top-``k_i`` cut of each of several tensors of ``n`` entries, seen as magnitude bits in blocks.
+
+    ``passes()`` starts a pass over the blocks, yielding per block ``{i: tensor i's block of magnitude
+    bits}`` for every ``i`` with ``0 < k_i < n`` (the others need no data). Two passes at most, and
+    memory for one block and the histograms only.
+    """
+    cuts: list[Cut | None] = [KEEP_NONE if k <= 0 else KEEP_ALL if k >= n else None for k in ks]
+    todo = [i for i, c in enumerate(cuts) if c is None]
+    if not todo:
+        return cuts
+    high = {i: 0 for i in todo}
+    for block in passes():
+        for i in todo:
+            high[i] = high[i] + high_counts(block[i])
+    found = {i: bucket_of_kth(high[i], ks[i]) for i in todo}
+    low = {i: 0 for i in todo}
+    for block in passes():
+        for i in todo:
+            low[i] = low[i] + low_counts(block[i], found[i][0])
+    for i in todo:
+        cuts[i] = cut_at_kth(low[i], *found[i], ks[i])
+    return cuts
+
+
+# Masks below are int32, all bits set (-1) where an entry is kept and 0 where it is not: ANDed into
+# a float32's bits they keep it or make it +0.0 exactly, as masked_fill would, but at the speed of
+# integer arithmetic (boolean masks and masked_fill/where run several times slower on CPU).
+
+
+def keep_(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` (float32, overwritten) where ``mask`` is -1, +0.0 where it is 0."""
+    x.view(torch.int32).bitwise_and_(mask)
+    return x
+
+
+def cut_mask_(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
+    """The int32 mask of a block's entries inside ``cut``, made from (and over) its magnitude bits,
+    given how many entries equal to the cut came in earlier blocks (flat order); returns the mask
+    and that count after this block."""
+    keep_equal, first = cut.ties == cut.equal and cut.ties > 0, None
+    if 0 < cut.ties < cut.equal and ties_seen < cut.ties:  # the first equal entries are in
+        at = bits == cut.bits
+        n_at = int(at.count_nonzero())
+        if ties_seen + n_at <= cut.ties:
+            keep_equal = True  # the quota lasts through this block: no positions needed
+        else:  # it runs out here
+            first = at.reshape(-1).nonzero().reshape(-1)[: cut.ties - ties_seen]
+        ties_seen += n_at
+    # bits >= lowest  <=>  (lowest - 1 - bits) < 0: the sign bit, spread by an arithmetic shift
+    # (no overflow: bits and lowest - 1 both lie in [-1, 2**31 - 1])
+    mask = bits.neg_().add_(cut.bits - 1 if keep_equal else cut.bits).bitwise_right_shift_(31)
+    if first is not None:
+        mask.view(-1)[first] = -1
+    return mask, ties_seen
 
 
 def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
     """Boolean mask (shape of ``t``) of the ``k`` largest-magnitude entries of the whole tensor.
 
-    Ties in magnitude are broken by flat index (smaller index kept first). O(n): the threshold by
-    :func:`kth_largest`, then, only when several entries equal it, the first ``need`` of those.
+    Ties in magnitude are broken by flat index (smaller index kept first). O(n): the radix select
+    of :func:`top_k_cuts` on the whole tensor as one block.
     """
-    n = t.numel()
-    if k <= 0:
-        return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-    if k >= n:
-        return torch.ones(t.shape, dtype=torch.bool, device=t.device)
-    m = t.to(torch.float32).abs().reshape(-1)
-    v = kth_largest(m, k)
-    keep = m > v
-    need = k - int(torch.count_nonzero(keep))
-    at = m == v
-    if int(torch.count_nonzero(at)) <= need:
-        keep |= at
-    else:
-        keep[at.nonzero().reshape(-1)[:need]] = True
-    return keep.reshape(t.shape)
+    bits = magnitude_bits(t)
+    (cut,) = top_k_cuts(lambda: [{0: bits}], [k], t.numel())
+    return cut_mask_(bits, cut)[0] != 0
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
@@ -161,7 +244,14 @@ def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator) -> Ten
     if density <= 0.0:
         return torch.zeros_like(delta)
     u = torch.rand(delta.shape, generator=rng, device=delta.device, dtype=torch.float32)
-    return torch.where(u < density, delta / density, torch.zeros((), device=delta.device))
+    # u < density as an int32 mask: non-negative floats order as their bits do
+    kept = u.view(torch.int32).sub_(_bits_of(density)).bitwise_right_shift_(31)
+    return keep_(delta / density, kept)
+
+
+def _bits_of(x: float) -> int:
+    """The int32 bit pattern of float32 ``x``."""
+    return int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
 
 
 def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -228,22 +318,35 @@ def sign_consensus(deltas: Sequence[Tensor], weights: Sequence[float], normalize
 
     For non-negative weights "c_i agrees" is the same as "d_i has the elected sign".
     """
-    total = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights, strict=True):
-        total.add_(d, alpha=w)
-    up, down = total > 0, total < 0
-    del total
-    num = torch.zeros_like(deltas[0])
-    den = torch.zeros_like(num) if normalize else None
-    for d, w in zip(deltas, weights, strict=True):  # c_i recomputed per model: one at a time in memory
-        c = d * w
-        agree = torch.where(up, c > 0, down & (c < 0))
-        num.add_(c.masked_fill_(~agree, 0.0))
+    return disjoint_merge_([d * w for d, w in zip(deltas, weights, strict=True)], weights, normalize)
+
+
+def agreement_mask(c: Tensor, s: Tensor) -> Tensor:
+    """int32 mask of where ``c * s > 0`` (NaN never agrees)."""
+    return torch.gt(torch.mul(c, s), 0).to(torch.int32).neg_()
+
+
+def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
+    """:func:`sign_consensus` from the contributions ``c_i = w_i d_i``, which it overwrites (callers
+    hand over temporaries: no copies). Elementwise, so blocks of rows give the whole tensor's result."""
+    total = contributions[0].clone()
+    for c in contributions[1:]:
+        total.add_(c)
+    s = total.sign_()
+    num = den = None
+    for c, w in zip(contributions, weights, strict=True):
+        agree = agreement_mask(c, s)
+        num = keep_(c, agree) if num is None else num.add_(keep_(c, agree))
         if normalize:
-            den.add_(agree, alpha=w)
+            w_agree = keep_(torch.full_like(c, w), agree)
+            den = w_agree if den is None else den.add_(w_agree)
     if not normalize:
         return num
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+    if min(weights) >= 0:
+        # den is 0 only where nobody agrees, and num is +0 there: dividing by 1 keeps it
+        return num.div_(den.add_(den.sign().neg_().add_(1.0)))
+    nobody = den == 0  # weights of both signs can cancel where models agree
+    return num.masked_fill_(nobody, 0.0).div_(den.masked_fill_(nobody, 1.0))
 
 
 def apply_delta(base: Tensor, merged_delta: Tensor, lambda_: float) -> Tensor:

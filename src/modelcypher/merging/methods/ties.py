@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
 from modelcypher.merging.methods._sparsify import (
-    apply_delta,
+    KEEP_ALL,
     check_fraction,
     check_shapes,
     count,
+    cut_mask_,
+    disjoint_merge_,
+    f32,
+    keep_,
+    magnitude_bits,
+    magnitude_bits_,
     per_model,
-    sign_consensus,
-    topk_magnitude_mask,
+    top_k_cuts,
 )
 from modelcypher.merging.registry import register
 
@@ -24,6 +29,43 @@ TIES_PAPER = (
     "2023 (NeurIPS 2023); arXiv:2306.01708"
 )
 
+Blocks = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
+
+
+def ties_blocks(
+    passes: Blocks, numel: int, *, weight: Sequence[float], density: Sequence[float],
+    normalize: bool = True, lambda_: float = 1.0,
+) -> Iterator[Tensor]:
+    """TIES on a tensor of ``numel`` entries seen in blocks of rows: ``passes()`` yields each block's
+    float32 ``(xs, base)`` in order, once per call; ``weight`` and ``density`` hold one value per
+    model. Yields the result block by block.
+
+    The trim keeps a whole-tensor top-k, so its cut is found first, in two passes of histograms
+    (:func:`top_k_cuts`); elect and disjoint merge are elementwise, done in a third pass. Memory: a
+    few blocks, whatever the tensor's size; the result does not depend on how rows are blocked.
+    """
+    n = len(weight)
+    with torch.no_grad():
+        w = per_model(weight, n, "weight")
+        dens = per_model(density, n, "density")
+        check_fraction(dens, "density")
+        ks = [count(d, numel) for d in dens]
+        ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
+        # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
+        cuts = top_k_cuts(lambda: ({i: magnitude_bits_(xs[i] - b) for i in ranked} for xs, b in passes()),
+                          ks, numel)
+        ties_seen = [0] * n
+        for xs, b in passes():
+            contributions = []
+            for i, (x, cut) in enumerate(zip(xs, cuts, strict=True)):
+                tau = x - b
+                if cut != KEEP_ALL:
+                    inside, ties_seen[i] = cut_mask_(magnitude_bits(tau), cut, ties_seen[i])
+                    keep_(tau, inside)
+                contributions.append(tau.mul_(w[i]))  # c_i = w_i d_i
+            # 3-4. elect, disjoint merge, then base + lambda * tau
+            yield disjoint_merge_(contributions, w, normalize).mul_(lambda_).add_(b)
+
 
 @register(
     "ties",
@@ -31,6 +73,7 @@ TIES_PAPER = (
     paper=TIES_PAPER,
     model_params={"weight": 1.0, "density": 1.0},
     global_params={"normalize": True, "lambda": 1.0},
+    stream=ties_blocks,
 )
 def ties(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
@@ -45,19 +88,13 @@ def ties(
        ``normalize`` (default True) else ``sum_{i in A} c_i``; 0 where ``A`` is empty;
     4. ``result = base + lambda_ * tau``.
 
-    Defaults: ``weight`` 1, ``density`` 1 (keep all), ``lambda_`` 1.
+    Defaults: ``weight`` 1, ``density`` 1 (keep all), ``lambda_`` 1. The whole tensor is one block
+    of :func:`ties_blocks`, which the runner streams.
     """
-    n = len(xs)
-    w = per_model(weight, n, "weight")
-    dens = per_model(density, n, "density")
-    check_fraction(dens, "density")
-    with torch.no_grad():
-        if base is None:
-            raise UserError("ties needs a base_model")
-        check_shapes([base, *xs])
-        b = base.to(torch.float32)
-        trimmed = []
-        for x, d in zip(xs, dens, strict=True):  # one untrimmed task vector alive at a time, trimmed in place
-            tau = x.to(torch.float32) - b
-            trimmed.append(tau.masked_fill_(~topk_magnitude_mask(tau, count(d, tau.numel())), 0.0))
-        return apply_delta(base, sign_consensus(trimmed, w, normalize), lambda_)
+    if base is None:
+        raise UserError("ties needs a base_model")
+    check_shapes([base, *xs])
+    block = ([f32(x) for x in xs], f32(base))
+    (out,) = ties_blocks(lambda: [block], base.numel(), weight=per_model(weight, len(xs), "weight"),
+                         density=per_model(density, len(xs), "density"), normalize=normalize, lambda_=lambda_)
+    return out
