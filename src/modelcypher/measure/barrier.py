@@ -178,8 +178,9 @@ def plot_barrier(result: dict, png: str | Path, title: str | None = None) -> Pat
     lams = result["lambdas"]
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = {k: v for k, v in result.items() if isinstance(v, dict) and "loss" in v}
-    for (name, c), color in zip(curves.items(), ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange",
-                                                 "tab:brown"), strict=False):
+    palette = plt.get_cmap("tab10").colors
+    for i, (name, c) in enumerate(curves.items()):
+        color = palette[i % len(palette)]
         label = f"{name}: barrier {c['barrier']:.3f}"
         ax.plot(lams, c["loss"], "o-", color=color, label=label, markersize=4)
         ax.plot(lams, c["linear"], "--", color=color, alpha=0.5, linewidth=1)
@@ -187,7 +188,7 @@ def plot_barrier(result: dict, png: str | Path, title: str | None = None) -> Pat
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title or "Loss along the line between two models")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
