@@ -36,18 +36,26 @@ import json, resource, sys, time
 import torch
 from modelcypher.align import pipeline, weight_matching
 marks, objective = [], weight_matching.Matcher.objective
-def timed(self):
-    value = objective(self)
-    marks.append((time.perf_counter(), value))
+def timed(self, names=None):  # the whole objective is taken at the start and after every sweep
+    value = objective(self, names)
+    if names is None:
+        marks.append((time.perf_counter(), value))
     return value
 weight_matching.Matcher.objective = timed
 torch.set_num_threads(int(sys.argv[5]))
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+phases, write_verified = {}, pipeline.write_verified
+def after_matching(*args, **kwargs):
+    phases["peak_rss_matching_bytes"] = peak()
+    return write_verified(*args, **kwargs)
+pipeline.write_verified = after_matching
 t0 = time.perf_counter()
 report = pipeline.align_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], max_sweeps=int(sys.argv[4]),
                                    overwrite=True)
 report["sweep_seconds"] = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
 report["first_objective_seconds"] = marks[0][0] - t0
-report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+report["peak_rss_bytes"] = peak()
+report.update(phases)
 print(json.dumps(report))
 """
 
@@ -120,7 +128,7 @@ def build_pair(layers: int, noise: float, seed: int = 0) -> tuple[Path, Path]:
         spec = spec_for(ck.config, ck.names)
         hidden = random_alignment(spec, kinds=("perm", "heads", "residual"), seed=seed + 1)
         view = CheckpointView(ck, spec, folded=True)
-        by_tensor, ops = slots_by_tensor(spec), group_ops(spec, hidden.transforms)
+        by_tensor, ops = slots_by_tensor(spec), group_ops(spec, hidden.transforms, torch.float32)
 
         def moved(name, shape):
             w = transform_tensor(view[name], by_tensor.get(name, []), ops).float()
