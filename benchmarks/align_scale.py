@@ -162,6 +162,9 @@ def render(result: dict) -> str:
     report, params = result["report"], result["parameters"]
     layers, two_models = result["shape"]["num_hidden_layers"], result["two_models_bytes"]
     threads, noise, sweeps = result["machine"]["threads"], result["noise"], report["sweep_seconds"]
+    history = report["objective"]
+    converged = len(history) >= 2 and history[-1] == history[-2]  # a sweep that changed nothing
+    matching_rss = report.get("peak_rss_matching_bytes")
     gb = 1e9
     lines = [
         "# Weight matching at scale (CPU)", "",
@@ -173,8 +176,11 @@ def render(result: dict) -> str:
         f"| size of the two models on disk | {two_models / gb:.2f} GB |",
         f"| peak RSS of the aligning process | {report['peak_rss_bytes'] / gb:.2f} GB "
         f"({result['peak_rss_over_two_models']:.0%} of the two models) |",
+        *([f"| of which matching (before writing) | {matching_rss / gb:.2f} GB "
+           f"({matching_rss / two_models:.0%}) |"] if matching_rss else []),
         f"| first objective (one pass over both models) | {report['first_objective_seconds']:.0f} s |",
-        f"| sweeps | {len(sweeps)} (max {result['max_sweeps']}) |",
+        f"| sweeps | {len(sweeps)} (max {result['max_sweeps']}; "
+        f"{'converged: the last changed nothing' if converged else 'capped before converging'}) |",
         f"| time per sweep | {', '.join(f'{x:.0f}' for x in sweeps)} s |",
         f"| matching total | {report['seconds']['match']:.0f} s |",
         f"| writing the aligned B | {report['seconds']['write']:.0f} s |",

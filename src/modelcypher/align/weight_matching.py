@@ -155,7 +155,7 @@ class Matcher:
         return w
 
     def term(self, name: str, ops: Mapping[int, Mapping[str, Op]]) -> float:
-        return inner(self.aligned(name, ops), self.a[name].to(COMPUTE))
+        return inner(self.aligned(name, ops), self.a[name])  # A as stored: inner widens a chunk at a time
 
     def objective(self, names: Iterable[str] | None = None) -> float:
         """The objective (over ``names``, else all tensors) under the current transforms."""
