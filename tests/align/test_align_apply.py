@@ -8,7 +8,15 @@ import transformers
 from tiny_models import MODEL_CLASS, tiny_mlp, tiny_model
 
 from modelcypher.align.equivalence import build_model, check_equivalent, logits_of, random_inputs
-from modelcypher.align.transform import Alignment, apply, apply_slot, fold_norms, random_alignment, random_orthogonal
+from modelcypher.align.transform import (
+    Alignment,
+    apply,
+    apply_slot,
+    fold_norms,
+    random_alignment,
+    random_orthogonal,
+    scaled,
+)
 from modelcypher.align.weight_matching import match_weights
 from modelcypher.arch.symmetry import Slot, spec_for
 from modelcypher.errors import UserError
@@ -123,6 +131,15 @@ def test_a_float32_op_on_bf16_agrees_with_float64_to_one_rounding(axis):
     assert bool(((narrow.float() - wide.float()).abs() <= ulp + 1e-30).all())
     exact = torch.tensordot(q, w.double(), dims=([1], [axis]))
     torch.testing.assert_close(wide.double(), exact if axis == 0 else exact.T, rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_folding_in_blocks_of_rows_equals_folding_at_once(axis):
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(10, 6, generator=g).bfloat16()
+    gamma = (torch.rand(w.shape[axis], generator=g) + 0.5).bfloat16().double()
+    view = [-1 if ax == axis else 1 for ax in range(2)]
+    assert torch.equal(scaled(w, gamma, axis, block=12), (w.double() * gamma.view(view)).bfloat16())
 
 
 def test_alignment_survives_save_and_load(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_mlp, tiny_model
 
+from modelcypher.align import weight_matching
 from modelcypher.align.transform import (
     apply,
     fold_norms,
@@ -154,3 +155,23 @@ def test_history_is_the_objective_recomputed_from_scratch():
     a, b = prepare(sd_a, spec, "orthogonal"), prepare(sd_b, spec, "orthogonal")
     fresh = Matcher(a, b, spec, found.transforms).objective()
     assert found.history[-1] == pytest.approx(fresh, rel=1e-6)
+
+
+def test_row_blocks_give_the_whole_tensors_similarity_and_objective(monkeypatch):
+    config, sd_a = tiny_model("llama", seed=0)
+    _, sd_b = tiny_model("llama", seed=1)
+    spec = spec_for(config, sd_a)
+    hidden = random_alignment(spec, kinds=("perm", "heads", "residual"), seed=8)
+    a, b = prepare(sd_a, spec, "orthogonal"), prepare(sd_b, spec, "orthogonal")
+    i = next(k for k, g in enumerate(spec.groups) if g.kind == "residual")
+
+    def measure():
+        matcher = Matcher(a, b, spec, hidden.transforms)
+        return matcher.similarity(i, skip_diag=True)["unit"], matcher.objective()
+
+    whole = measure()
+    monkeypatch.setattr(weight_matching, "CHUNK", 3 * config["hidden_size"])  # 3 rows of the head a block
+    assert Matcher(a, b, spec, {}).blocks("lm_head.weight", a["lm_head.weight"])[1] == slice(3, 6)
+    blocked = measure()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-5)
+    assert blocked[1] == pytest.approx(whole[1], rel=1e-6)

@@ -167,10 +167,7 @@ def fold(sd: StateDict, spec: SymmetrySpec) -> StateDict:
         gamma = sd[f.weight].double()
         old = {r.tensor: sd[r.tensor] for r in f.readers}
         for r in f.readers:
-            w = old[r.tensor]
-            shape = [-1 if ax == r.axis else 1 for ax in range(w.dim())]
-            dt = working_dtype(w.dtype)
-            sd[r.tensor] = w.to(dt, copy=True).mul_(gamma.to(dt).view(shape)).to(w.dtype)
+            sd[r.tensor] = scaled(old[r.tensor], gamma, r.axis)
         if f.bias is not None:
             beta = sd[f.bias].double()
             dead = gamma == 0
@@ -185,6 +182,21 @@ def fold(sd: StateDict, spec: SymmetrySpec) -> StateDict:
             sd[f.bias] = torch.where(dead, torch.zeros_like(beta), beta / safe).to(sd[f.bias].dtype)
         sd[f.weight] = torch.ones_like(sd[f.weight])
     return sd
+
+
+def scaled(w: torch.Tensor, gamma: torch.Tensor, axis: int, block: int = 1 << 22) -> torch.Tensor:
+    """``w * gamma`` along ``axis`` in ``w``'s dtype, computed in ``working_dtype`` about ``block``
+    elements at a time (an output head is folded without a widened copy of it)."""
+    dt = working_dtype(w.dtype)
+    g = gamma.to(dt).view([-1 if ax == axis else 1 for ax in range(w.dim())])
+    if w.dim() < 2:
+        return (w.to(dt) * g).to(w.dtype)
+    out = torch.empty_like(w)
+    step = max(1, block // w[0].numel())
+    for k in range(0, len(w), step):
+        rows = slice(k, k + step)
+        out[rows] = w[rows].to(dt) * (g[rows] if axis == 0 else g)
+    return out
 
 
 # ----------------------------------------------------------------------------- applying transforms

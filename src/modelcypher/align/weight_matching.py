@@ -34,13 +34,13 @@ from modelcypher.align.transform import (
     Alignment,
     Op,
     StateDict,
-    apply_slot,
     check_tensors,
     fold,
     is_perm,
     materialize_tied,
     slots_by_tensor,
     space_ops,
+    transform_tensor,
 )
 from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec
 from modelcypher.errors import UserError
@@ -147,15 +147,20 @@ class Matcher:
             self.terms.pop(name, None)
         self.terms.update(terms or {})
 
-    def aligned(self, name: str, ops: Mapping[int, Mapping[str, Op]]) -> torch.Tensor:
-        w = self.b[name].to(COMPUTE)
-        for i, s in self.by_tensor.get(name, []):
-            if i in ops:
-                w = apply_slot(w, s, ops[i][s.space])
-        return w
+    def blocks(self, name: str, w: torch.Tensor) -> list[slice]:
+        """Blocks of rows of ``w`` to work on one at a time: rows are independent when no group acts on
+        them (the embedding and the output head), and then never widened to float32 all at once."""
+        if w.dim() < 2 or any(s.axis == 0 for _, s in self.by_tensor.get(name, [])):
+            return [slice(None)]
+        step = max(1, CHUNK // w[0].numel())
+        return [slice(k, k + step) for k in range(0, len(w), step)]
 
     def term(self, name: str, ops: Mapping[int, Mapping[str, Op]]) -> float:
-        return inner(self.aligned(name, ops), self.a[name])  # A as stored: inner widens a chunk at a time
+        """``<aligned B, A>`` for one tensor; A as stored, since ``inner`` widens a chunk at a time."""
+        wa, wb = self.a[name], self.b[name]
+        entries = [(i, s) for i, s in self.by_tensor.get(name, []) if i in ops]
+        return math.fsum(inner(transform_tensor(wb[r].to(COMPUTE), entries, ops), wa[r])
+                         for r in self.blocks(name, wb))
 
     def objective(self, names: Iterable[str] | None = None) -> float:
         """The objective (over ``names``, else all tensors) under the current transforms."""
@@ -183,22 +188,23 @@ class Matcher:
         for slot in self.spec.groups[i].slots:
             if (skip_diag and slot.role == "diag") or (only is not None and slot not in only):
                 continue
-            wb, wa = self.b[slot.tensor].to(COMPUTE), self.a[slot.tensor].to(COMPUTE)
-            undo = []
+            on_b, undo = [], []
             for j, other in self.by_tensor[slot.tensor]:
                 if j not in self.ops or (j == i and overlaps(slot, other)):
                     continue
                 if not overlaps(slot, other) or j < i:
-                    wb = apply_slot(wb, other, self.ops[j][other.space])
+                    on_b.append((j, other))
                 else:  # applied after this group on the same units: undo it on A's side instead
                     undo.append((j, other))
-            for j, other in reversed(undo):
-                wa = apply_slot(wa, other, self.inv_ops[j][other.space])
-            xa, xb = unit_rows(wa, slot), unit_rows(wb, slot)
-            if slot.space not in m:
-                m[slot.space] = torch.zeros(len(xa), len(xa), dtype=COMPUTE)
-            m[slot.space].addmm_(xa, xb.T)
-            del wa, wb, xa, xb
+            wa_all, wb_all = self.a[slot.tensor], self.b[slot.tensor]
+            for r in self.blocks(slot.tensor, wb_all):
+                wb = transform_tensor(wb_all[r].to(COMPUTE), on_b, self.ops)
+                wa = transform_tensor(wa_all[r].to(COMPUTE), undo[::-1], self.inv_ops)
+                xa, xb = unit_rows(wa, slot), unit_rows(wb, slot)
+                if slot.space not in m:
+                    m[slot.space] = torch.zeros(len(xa), len(xa), dtype=COMPUTE)
+                m[slot.space].addmm_(xa, xb.T)
+                del wa, wb, xa, xb
         return m
 
     def solve(self, i: int, residual: str) -> torch.Tensor:
