@@ -8,9 +8,17 @@ import transformers
 from tiny_models import MODEL_CLASS, tiny_mlp, tiny_model
 
 from modelcypher.align.equivalence import build_model, check_equivalent, logits_of, random_inputs
-from modelcypher.align.transform import Alignment, apply, fold_norms, random_alignment
+from modelcypher.align.transform import (
+    Alignment,
+    apply,
+    apply_slot,
+    fold_norms,
+    random_alignment,
+    random_orthogonal,
+    scaled,
+)
 from modelcypher.align.weight_matching import match_weights
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.symmetry import Slot, spec_for
 from modelcypher.errors import UserError
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert"]
@@ -109,6 +117,29 @@ def test_dtype_is_preserved():
     sd16 = {k: v.bfloat16() for k, v in sd.items()}
     sd2, _ = apply(sd16, config, random_alignment(spec_for(config, sd), seed=7))
     assert all(v.dtype == torch.bfloat16 for v in sd2.values())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_float32_op_on_bf16_agrees_with_float64_to_one_rounding(axis):
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(48, 32, generator=g).bfloat16()
+    q = random_orthogonal(w.shape[axis], g)
+    slot = Slot("w", axis, "out")
+    wide, narrow = apply_slot(w, slot, (q, q)), apply_slot(w, slot, (q.float(), q.float()))
+    assert narrow.dtype == torch.bfloat16
+    ulp = 2.0**-7 * wide.float().abs()  # bfloat16 keeps 8 significant bits
+    assert bool(((narrow.float() - wide.float()).abs() <= ulp + 1e-30).all())
+    exact = torch.tensordot(q, w.double(), dims=([1], [axis]))
+    torch.testing.assert_close(wide.double(), exact if axis == 0 else exact.T, rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_folding_in_blocks_of_rows_equals_folding_at_once(axis):
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(10, 6, generator=g).bfloat16()
+    gamma = (torch.rand(w.shape[axis], generator=g) + 0.5).bfloat16().double()
+    view = [-1 if ax == axis else 1 for ax in range(2)]
+    assert torch.equal(scaled(w, gamma, axis, block=12), (w.double() * gamma.view(view)).bfloat16())
 
 
 def test_alignment_survives_save_and_load(tmp_path):

@@ -6,8 +6,16 @@ import pytest
 import torch
 from tiny_models import tiny_mlp, tiny_model
 
-from modelcypher.align.transform import apply, fold_norms, random_alignment
-from modelcypher.align.weight_matching import match_weights
+from modelcypher.align import weight_matching
+from modelcypher.align.transform import (
+    apply,
+    fold_norms,
+    group_ops,
+    random_alignment,
+    slots_by_tensor,
+    transform_tensor,
+)
+from modelcypher.align.weight_matching import Matcher, inner, match_weights, prepare, unit_rows
 from modelcypher.arch.symmetry import spec_for
 from modelcypher.errors import UserError
 
@@ -95,3 +103,75 @@ def test_shape_mismatch_is_a_user_error():
     _, sd_b = tiny_mlp(sizes=(64, 12, 11, 8, 10))
     with pytest.raises(UserError, match="differ in shape"):
         match_weights(sd_b, sd_a, spec_for(config))
+
+
+# ----------------------------------------------------------------------------- the scale path
+
+
+def test_chunked_inner_product_equals_the_float64_sum():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 53, generator=g), torch.randn(37, 53, generator=g)
+    exact = float((x.double() * y.double()).sum())
+    for chunk in (1, 100, 37 * 53, 10**6):
+        assert inner(x, y, chunk) == pytest.approx(exact, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_float32_similarity_equals_a_float64_reference(family):
+    config, sd_a = tiny_model(family, seed=0)
+    _, sd_b = tiny_model(family, seed=1)
+    spec = spec_for(config, sd_a)
+    hidden = random_alignment(spec, kinds=("perm", "heads", "residual"), seed=6)
+    a, b = prepare(sd_a, spec, "orthogonal"), prepare(sd_b, spec, "orthogonal")
+    matcher = Matcher(a, b, spec, hidden.transforms)
+    i = next(k for k, g in enumerate(spec.groups) if g.kind == "perm")
+    others = group_ops(spec, {n: t for n, t in hidden.transforms.items() if n != spec.groups[i].name})
+    by_tensor = slots_by_tensor(spec)
+    m = torch.zeros(spec.groups[i].size, spec.groups[i].size, dtype=torch.float64)
+    for slot in spec.groups[i].slots:  # B's other axes transformed in float64, then one float64 GEMM
+        wb = transform_tensor(b[slot.tensor].double(), by_tensor[slot.tensor], others)
+        m += unit_rows(a[slot.tensor].double(), slot) @ unit_rows(wb, slot).T
+    got = matcher.similarity(i)["unit"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), m, rtol=1e-5, atol=1e-5 * float(m.abs().max()))
+
+
+def test_bfloat16_models_recover_planted_permutations_bit_for_bit():
+    config, sd_a = tiny_model("llama")
+    sd_a = {k: v.bfloat16() for k, v in sd_a.items()}
+    spec = spec_for(config, sd_a)
+    hidden = random_alignment(spec, kinds=("perm", "heads", "residual"), residual="permutation", seed=7)
+    sd_b, config_b = apply(sd_a, config, hidden)
+    found = match_weights(sd_b, sd_a, spec, residual="permutation", seed=0)
+    aligned, _ = apply(sd_b, config_b, found)
+    assert_same_weights(sd_a, aligned)
+
+
+def test_history_is_the_objective_recomputed_from_scratch():
+    config, sd_a = tiny_model("llama", seed=0)
+    _, sd_b = tiny_model("llama", seed=1)
+    spec = spec_for(config, sd_a)
+    found = match_weights(sd_b, sd_a, spec, vo=True, max_sweeps=3, seed=4)
+    a, b = prepare(sd_a, spec, "orthogonal"), prepare(sd_b, spec, "orthogonal")
+    fresh = Matcher(a, b, spec, found.transforms).objective()
+    assert found.history[-1] == pytest.approx(fresh, rel=1e-6)
+
+
+def test_row_blocks_give_the_whole_tensors_similarity_and_objective(monkeypatch):
+    config, sd_a = tiny_model("llama", seed=0)
+    _, sd_b = tiny_model("llama", seed=1)
+    spec = spec_for(config, sd_a)
+    hidden = random_alignment(spec, kinds=("perm", "heads", "residual"), seed=8)
+    a, b = prepare(sd_a, spec, "orthogonal"), prepare(sd_b, spec, "orthogonal")
+    i = next(k for k, g in enumerate(spec.groups) if g.kind == "residual")
+
+    def measure():
+        matcher = Matcher(a, b, spec, hidden.transforms)
+        return matcher.similarity(i, skip_diag=True)["unit"], matcher.objective()
+
+    whole = measure()
+    monkeypatch.setattr(weight_matching, "CHUNK", 3 * config["hidden_size"])  # 3 rows of the head a block
+    assert Matcher(a, b, spec, {}).blocks("lm_head.weight", a["lm_head.weight"])[1] == slice(3, 6)
+    blocked = measure()
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-5)
+    assert blocked[1] == pytest.approx(whole[1], rel=1e-6)

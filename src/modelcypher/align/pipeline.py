@@ -30,6 +30,7 @@ from modelcypher.align.transform import (
     slots_by_tensor,
     transform_tensor,
     validate,
+    working_dtype,
 )
 from modelcypher.arch.families import family_of, layer_index, num_layers, with_layer
 from modelcypher.arch.symmetry import NormFold, SymmetrySpec, spec_for
@@ -276,7 +277,9 @@ def write_transformed(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, 
     validate(spec, alignment.transforms)
     q = alignment.transforms.get(spec.residual.name) if spec.residual is not None else None
     view = CheckpointView(ck, spec, folded=q is not None and not is_perm(q))
-    by_tensor, ops = slots_by_tensor(spec), group_ops(spec, alignment.transforms)
+    dtypes = {working_dtype(ck.dtype(n)) for n in ck.names if ck.dtype(n).is_floating_point}
+    dtype = torch.float32 if dtypes == {torch.float32} else torch.float64
+    by_tensor, ops = slots_by_tensor(spec), group_ops(spec, alignment.transforms, dtype)
 
     def aligned(name: str) -> torch.Tensor:
         return transform_tensor(view[name], by_tensor.get(name, []), ops)
@@ -345,10 +348,8 @@ def sub_model(ck: Checkpoint, config: dict, layers: list[int] | None, rows: slic
             if i in layers:
                 sd[with_layer(n, layers.index(i))] = ck.get(n)
             continue
-        t = ck.get(n)
-        if rows is not None and n in vocab_names and t.shape[0] == config["vocab_size"]:
-            t = t[rows]
-        sd[n] = t
+        vocab_rows = rows is not None and n in vocab_names and ck.shape(n)[0] == config["vocab_size"]
+        sd[n] = ck.get(n, rows if vocab_rows else None)  # only the rows: a slice would keep the whole
     if layers is not None:
         depth = num_layers(config)
         for key, v in list(config.items()):

@@ -14,7 +14,9 @@ from scipy.optimize import linear_sum_assignment
 
 def solve_lap(m: torch.Tensor) -> torch.Tensor:
     """The permutation maximizing ``sum_i m[i, perm[i]]`` (exact linear assignment, Jonker-Volgenant)."""
-    rows, cols = linear_sum_assignment(m.detach().double().cpu().numpy(), maximize=True)
+    # Negated here rather than by ``maximize=True``, which would copy the (f x f, float64) matrix again.
+    cost = m.detach().cpu().to(torch.float64, copy=True).neg_()
+    rows, cols = linear_sum_assignment(cost.numpy())
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return perm

@@ -10,7 +10,8 @@ Transforms, keyed by group name (``arch.symmetry``); a group left out keeps the 
   triggers norm folding first; the LayerNorm family needs ``Q 1 = 1``; post-norm families refuse it.
 
 Groups are applied in spec order, so a ``vo`` transform acts on heads already permuted by ``heads``.
-Arithmetic runs in float64; each tensor goes back to its own dtype. Folding a tied output head makes it
+Arithmetic runs in ``working_dtype`` (float64; float32 for 16-bit tensors); each tensor goes back to its
+own dtype. Folding a tied output head makes it
 differ from the embedding, and the returned config then unties them.
 """
 
@@ -57,6 +58,12 @@ class Alignment:
 
 def is_perm(t: torch.Tensor) -> bool:
     return not t.is_floating_point()
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to transform tensors of ``dtype`` in: float64, but float32 for 16-bit floats, whose own
+    rounding (2^-8 for bfloat16) dwarfs float32's and which it holds in half the memory and time."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def apply(state_dict: Mapping[str, torch.Tensor], config: dict, alignment: Alignment) -> tuple[StateDict, dict]:
@@ -160,8 +167,7 @@ def fold(sd: StateDict, spec: SymmetrySpec) -> StateDict:
         gamma = sd[f.weight].double()
         old = {r.tensor: sd[r.tensor] for r in f.readers}
         for r in f.readers:
-            shape = [-1 if ax == r.axis else 1 for ax in range(old[r.tensor].dim())]
-            sd[r.tensor] = (old[r.tensor].double() * gamma.view(shape)).to(old[r.tensor].dtype)
+            sd[r.tensor] = scaled(old[r.tensor], gamma, r.axis)
         if f.bias is not None:
             beta = sd[f.bias].double()
             dead = gamma == 0
@@ -178,15 +184,31 @@ def fold(sd: StateDict, spec: SymmetrySpec) -> StateDict:
     return sd
 
 
+def scaled(w: torch.Tensor, gamma: torch.Tensor, axis: int, block: int = 1 << 22) -> torch.Tensor:
+    """``w * gamma`` along ``axis`` in ``w``'s dtype, computed in ``working_dtype`` about ``block``
+    elements at a time (an output head is folded without a widened copy of it)."""
+    dt = working_dtype(w.dtype)
+    g = gamma.to(dt).view([-1 if ax == axis else 1 for ax in range(w.dim())])
+    if w.dim() < 2:
+        return (w.to(dt) * g).to(w.dtype)
+    out = torch.empty_like(w)
+    step = max(1, block // w[0].numel())
+    for k in range(0, len(w), step):
+        rows = slice(k, k + step)
+        out[rows] = w[rows].to(dt) * (g[rows] if axis == 0 else g)
+    return out
+
+
 # ----------------------------------------------------------------------------- applying transforms
 
 
-def space_ops(group: Group, t: torch.Tensor) -> dict[str, Op]:
-    """The action of transform ``t`` of ``group`` on each unit space its slots live in."""
+def space_ops(group: Group, t: torch.Tensor, dtype: torch.dtype = torch.float64) -> dict[str, Op]:
+    """The action of transform ``t`` of ``group`` on each unit space its slots live in; matrices in
+    ``dtype``, the dtype ``apply_slot`` then computes in."""
     if group.kind in ("perm", "residual"):
         if is_perm(t):
             return {"unit": t}
-        q = t.double()  # x -> x Q on rows is T = Q^T on unit columns; orthogonal, so T^{-T} = T
+        q = t.to(dtype)  # x -> x Q on rows is T = Q^T on unit columns; orthogonal, so T^{-T} = T
         return {"unit": (q.T, q.T)}
     h = group.heads
     gs, hd = h.group_size, h.head_dim
@@ -196,6 +218,7 @@ def space_ops(group: Group, t: torch.Tensor) -> dict[str, Op]:
         return {"query": expand(t), "kv": expand(kv)}
     a = t.double()
     a_inv_t = torch.linalg.inv(a).transpose(1, 2)
+    a, a_inv_t = a.to(dtype), a_inv_t.to(dtype)
     per_query = torch.arange(h.n_heads) // gs
     return {
         "kv": (torch.block_diag(*a), torch.block_diag(*a_inv_t)),
@@ -204,7 +227,8 @@ def space_ops(group: Group, t: torch.Tensor) -> dict[str, Op]:
 
 
 def apply_slot(w: torch.Tensor, slot: Slot, op: Op) -> torch.Tensor:
-    """``w`` with the slot's units transformed (out: by ``T``, in: by ``T^{-T}``, permutations: indexed)."""
+    """``w`` with the slot's units transformed (out: by ``T``, in: by ``T^{-T}``, permutations: indexed),
+    computed in the dtype of the op's matrices and returned in ``w``'s."""
     stop = w.shape[slot.axis] if slot.stop is None else slot.stop
     part = w.narrow(slot.axis, slot.start, stop - slot.start)
     if isinstance(op, torch.Tensor):
@@ -215,7 +239,12 @@ def apply_slot(w: torch.Tensor, slot: Slot, op: Op) -> torch.Tensor:
         return w
     else:
         m = op[0] if slot.role == "out" else op[1]
-        new = torch.movedim(torch.tensordot(m, part.double(), dims=([1], [slot.axis])), 0, slot.axis)
+        part = part.to(m.dtype)
+        # Contract so that the result comes out contiguous in w's layout (no transposed copy to make).
+        if slot.axis == 0:
+            new = torch.tensordot(m, part, dims=([1], [0]))
+        else:
+            new = torch.movedim(torch.tensordot(part, m, dims=([slot.axis], [1])), -1, slot.axis)
         new = new.to(w.dtype)
     if slot.start == 0 and stop == w.shape[slot.axis]:
         return new
@@ -233,8 +262,9 @@ def slots_by_tensor(spec: SymmetrySpec) -> dict[str, list[tuple[int, Slot]]]:
     return out
 
 
-def group_ops(spec: SymmetrySpec, transforms: Mapping[str, torch.Tensor]) -> dict[int, dict[str, Op]]:
-    return {i: space_ops(g, transforms[g.name]) for i, g in enumerate(spec.groups) if g.name in transforms}
+def group_ops(spec: SymmetrySpec, transforms: Mapping[str, torch.Tensor],
+              dtype: torch.dtype = torch.float64) -> dict[int, dict[str, Op]]:
+    return {i: space_ops(g, transforms[g.name], dtype) for i, g in enumerate(spec.groups) if g.name in transforms}
 
 
 def transform_tensor(w: torch.Tensor, entries: list[tuple[int, Slot]], ops: dict[int, dict[str, Op]]) -> torch.Tensor:

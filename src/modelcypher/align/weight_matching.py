@@ -12,12 +12,19 @@ non-decreasing. The descent stops after a sweep with no improvement or after ``m
 With an orthogonal residual both models are compared with their norms folded (gains all ones): that is
 the parameterization the aligned B is written in, so fold A too (``transform.fold_norms``) before
 interpolating.
+
+Scale: tensors are read one at a time (from disk, with ``align.pipeline.CheckpointView``) and compared in
+float32, which the solvers only need to rank candidates; inner products accumulate in float64 over
+chunks. Each tensor's term of the objective is kept (one number per tensor), so a solve recomputes only
+the terms of the tensors its group touches, under the candidate transform; the terms of the current
+transforms are already known.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -27,19 +34,22 @@ from modelcypher.align.transform import (
     Alignment,
     Op,
     StateDict,
-    apply_slot,
     check_tensors,
     fold,
-    group_ops,
     is_perm,
     materialize_tied,
     slots_by_tensor,
     space_ops,
+    transform_tensor,
 )
 from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec
 from modelcypher.errors import UserError
 
 ResidualMode = Literal["auto", "orthogonal", "permutation", "none"]
+# Matching arithmetic: float32 GEMMs run at twice float64's speed in half its memory; the transforms
+# found are exact group elements whatever precision ranked them (orthogonalized in float64).
+COMPUTE = torch.float32
+CHUNK = 1 << 22  # elements per float64 partial sum of an inner product
 
 
 def resolve_residual(spec: SymmetrySpec, residual: ResidualMode) -> str:
@@ -86,68 +96,115 @@ def overlaps(s: Slot, t: Slot) -> bool:
 
 
 def unit_rows(w: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """The slot's units as rows: ``[units, everything else]`` in float64."""
+    """The slot's units as rows: ``[units, everything else]``; a (transposed) view of a 2-D ``w``."""
     stop = w.shape[slot.axis] if slot.stop is None else slot.stop
     part = w.narrow(slot.axis, slot.start, stop - slot.start)
-    return torch.movedim(part, slot.axis, 0).reshape(stop - slot.start, -1).double()
+    return torch.movedim(part, slot.axis, 0).reshape(stop - slot.start, -1)
 
 
-def dot(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x.double() * y.double()).sum())
+def inner(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK) -> float:
+    """``<x, y>`` summed in float64 a chunk at a time: float64 accuracy without float64 copies."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    return math.fsum(float(torch.dot(x[k : k + chunk].double(), y[k : k + chunk].double()))
+                     for k in range(0, x.numel(), chunk))
+
+
+def is_identity(t: torch.Tensor) -> bool:
+    if is_perm(t):
+        return torch.equal(t, torch.arange(len(t)))
+    return torch.equal(t, torch.eye(t.shape[-1], dtype=t.dtype).expand_as(t))
 
 
 class Matcher:
-    """The state of one coordinate descent: both models, the current transforms and their actions."""
+    """The state of one coordinate descent: both models, the current transforms, their actions, and the
+    objective's term of each tensor under them.
+
+    Identity transforms have no action (``ops`` leaves them out), so nothing is multiplied by an identity.
+    """
 
     def __init__(self, a: StateDict, b: StateDict, spec: SymmetrySpec, transforms: dict[str, torch.Tensor]):
         self.a, self.b, self.spec = a, b, spec
         self.by_tensor = slots_by_tensor(spec)
-        self.transforms = transforms
-        self.ops = group_ops(spec, transforms)
-        self.inv_ops = {i: space_ops(g, inverse(g, transforms[g.name])) for i, g in enumerate(spec.groups)
-                        if g.name in transforms}
+        self.transforms: dict[str, torch.Tensor] = {}
+        self.ops: dict[int, dict[str, Op]] = {}
+        self.inv_ops: dict[int, dict[str, Op]] = {}
+        self.terms: dict[str, float] = {}  # <aligned B[name], A[name]> under the current transforms
+        for i, g in enumerate(spec.groups):
+            if g.name in transforms:
+                self.set(i, transforms[g.name])
 
-    def set(self, i: int, t: torch.Tensor) -> None:
+    def set(self, i: int, t: torch.Tensor, terms: Mapping[str, float] | None = None) -> None:
+        """Make ``t`` group ``i``'s transform; ``terms``: the objective's terms it gives its tensors."""
         g = self.spec.groups[i]
         self.transforms[g.name] = t
-        self.ops[i] = space_ops(g, t)
-        self.inv_ops[i] = space_ops(g, inverse(g, t))
+        if is_identity(t):
+            self.ops.pop(i, None)
+            self.inv_ops.pop(i, None)
+        else:
+            self.ops[i] = space_ops(g, t, COMPUTE)
+            self.inv_ops[i] = space_ops(g, inverse(g, t), COMPUTE)
+        for name in tensors_of(self.spec, [i]):
+            self.terms.pop(name, None)
+        self.terms.update(terms or {})
 
-    def aligned(self, name: str, ops: Mapping[int, Mapping[str, Op]]) -> torch.Tensor:
-        w = self.b[name]
-        for i, s in self.by_tensor.get(name, []):
-            if i in ops:
-                w = apply_slot(w, s, ops[i][s.space])
-        return w
+    def blocks(self, name: str, w: torch.Tensor) -> list[slice]:
+        """Blocks of rows of ``w`` to work on one at a time: rows are independent when no group acts on
+        them (the embedding and the output head), and then never widened to float32 all at once."""
+        if w.dim() < 2 or any(s.axis == 0 for _, s in self.by_tensor.get(name, [])):
+            return [slice(None)]
+        step = max(1, CHUNK // w[0].numel())
+        return [slice(k, k + step) for k in range(0, len(w), step)]
 
-    def objective(self) -> float:
-        return sum(dot(self.aligned(k, self.ops), self.a[k]) for k in self.a)
+    def term(self, name: str, ops: Mapping[int, Mapping[str, Op]]) -> float:
+        """``<aligned B, A>`` for one tensor; A as stored, since ``inner`` widens a chunk at a time."""
+        wa, wb = self.a[name], self.b[name]
+        entries = [(i, s) for i, s in self.by_tensor.get(name, []) if i in ops]
+        return math.fsum(inner(transform_tensor(wb[r].to(COMPUTE), entries, ops), wa[r])
+                         for r in self.blocks(name, wb))
 
-    def group_objective(self, candidates: Mapping[int, torch.Tensor]) -> float:
-        """The objective over the tensors the candidate groups touch, with those groups replaced."""
-        ops = {**self.ops, **{i: space_ops(self.spec.groups[i], t) for i, t in candidates.items()}}
-        names = {s.tensor for i in candidates for s in self.spec.groups[i].slots}
-        return sum(dot(self.aligned(k, ops), self.a[k]) for k in names)
+    def objective(self, names: Iterable[str] | None = None) -> float:
+        """The objective (over ``names``, else all tensors) under the current transforms."""
+        names = self.a if names is None else names
+        for k in names:
+            if k not in self.terms:
+                self.terms[k] = self.term(k, self.ops)
+        return math.fsum(self.terms[k] for k in names)
+
+    def candidate_terms(self, candidates: Mapping[int, torch.Tensor]) -> dict[str, float]:
+        """The terms of the tensors the candidate groups touch, with those groups' transforms replaced."""
+        ops = dict(self.ops)
+        for i, t in candidates.items():
+            ops.pop(i, None)
+            if not is_identity(t):
+                ops[i] = space_ops(self.spec.groups[i], t, COMPUTE)
+        return {k: self.term(k, ops) for k in tensors_of(self.spec, candidates)}
 
     def similarity(self, i: int, skip_diag: bool = False, only: set[Slot] | None = None) -> dict[str, torch.Tensor]:
-        """``M[space] = sum X_A X_B^T`` over the group's slots (or those in ``only``), the rest held fixed."""
+        """``M[space] = sum X_A X_B^T`` over the group's slots (or those in ``only``), the rest held fixed.
+
+        One tensor of each model at a time; each slot adds one float32 GEMM into ``M`` in place.
+        """
         m: dict[str, torch.Tensor] = {}
         for slot in self.spec.groups[i].slots:
             if (skip_diag and slot.role == "diag") or (only is not None and slot not in only):
                 continue
-            wb, wa = self.b[slot.tensor], self.a[slot.tensor]
-            undo = []
+            on_b, undo = [], []
             for j, other in self.by_tensor[slot.tensor]:
                 if j not in self.ops or (j == i and overlaps(slot, other)):
                     continue
                 if not overlaps(slot, other) or j < i:
-                    wb = apply_slot(wb, other, self.ops[j][other.space])
+                    on_b.append((j, other))
                 else:  # applied after this group on the same units: undo it on A's side instead
                     undo.append((j, other))
-            for j, other in reversed(undo):
-                wa = apply_slot(wa, other, self.inv_ops[j][other.space])
-            xa, xb = unit_rows(wa, slot), unit_rows(wb, slot)
-            m[slot.space] = m.get(slot.space, 0) + xa @ xb.T
+            wa_all, wb_all = self.a[slot.tensor], self.b[slot.tensor]
+            for r in self.blocks(slot.tensor, wb_all):
+                wb = transform_tensor(wb_all[r].to(COMPUTE), on_b, self.ops)
+                wa = transform_tensor(wa_all[r].to(COMPUTE), undo[::-1], self.inv_ops)
+                xa, xb = unit_rows(wa, slot), unit_rows(wb, slot)
+                if slot.space not in m:
+                    m[slot.space] = torch.zeros(len(xa), len(xa), dtype=COMPUTE)
+                m[slot.space].addmm_(xa, xb.T)
+                del wa, wb, xa, xb
         return m
 
     def solve(self, i: int, residual: str) -> torch.Tensor:
@@ -169,20 +226,24 @@ class Matcher:
         """Heads and their V-O bases together: a head pairing is scored with the best V-O basis for it
         (nuclear norm of its V/O similarity block) rather than with the current one."""
         g, vo = self.spec.groups[i], self.spec.groups[i_vo]
-        saved = self.transforms[vo.name]
+        saved = self.transforms[vo.name], dict(self.terms)
         self.set(i_vo, identity(vo, "none"))
         vo_slots = set(vo.slots)
         free = set(g.slots) - vo_slots
         mq, mkv = head_blocks(self.similarity(i, only=free), g)
         vq, vkv = head_blocks(self.similarity(i, only=vo_slots), g)
-        nuclear = lambda x: torch.linalg.matrix_norm(x, ord="nuc")  # noqa: E731
+        nuclear = lambda x: torch.linalg.matrix_norm(x.double(), ord="nuc")  # noqa: E731
         perm = solve_heads(trace(mq) + nuclear(vq), trace(mkv) + nuclear(vkv), g.heads.group_size)
         saved_heads = self.transforms[g.name]
         self.set(i, perm)
         basis = self.solve(i_vo, "none")
         self.set(i, saved_heads)
-        self.set(i_vo, saved)
+        self.set(i_vo, saved[0], saved[1])
         return {i: perm, i_vo: basis}
+
+
+def tensors_of(spec: SymmetrySpec, groups: Iterable[int]) -> list[str]:
+    return list(dict.fromkeys(s.tensor for i in groups for s in spec.groups[i].slots))
 
 
 def trace(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +257,7 @@ def head_blocks(m: Mapping[str, torch.Tensor], g: Group) -> tuple[torch.Tensor, 
 
     def blocks(space: str, n: int) -> torch.Tensor:
         if space not in m:
-            return torch.zeros(n, n, hd, hd, dtype=torch.float64)
+            return torch.zeros(n, n, hd, hd, dtype=COMPUTE)
         return m[space].view(n, hd, n, hd).transpose(1, 2)
 
     return blocks("query", h.n_heads), blocks("kv", h.n_kv_heads)
@@ -272,11 +333,13 @@ def descend(matcher: Matcher, coords: list[tuple[int, ...]], residual: str, max_
         improved = False
         for c in rng.sample(coords, len(coords)):
             new = {c[0]: matcher.solve(c[0], residual)} if len(c) == 1 else matcher.solve_heads_and_vo(*c)
-            old = {i: matcher.transforms[matcher.spec.groups[i].name] for i in c}
-            before, after = matcher.group_objective(old), matcher.group_objective(new)
+            before = matcher.objective(tensors_of(matcher.spec, c))
+            terms = matcher.candidate_terms(new)
+            after = math.fsum(terms.values())
             if after > before + 1e-9 * (abs(before) + 1.0):
                 for i, t in new.items():
                     matcher.set(i, t)
+                matcher.terms.update(terms)
                 improved = True
         history.append(matcher.objective())
         if not improved:
