@@ -2,6 +2,7 @@
 
     python benchmarks/multitask.py                    # everything (about half an hour on 2 CPU cores)
     python benchmarks/multitask.py --variants full --methods ties,tsv   # a subset
+    python benchmarks/multitask.py --device cuda      # pre-train and fine-tune on a GPU
 
 What it does
 ------------
@@ -137,7 +138,7 @@ def tokenizer():
     return chartok.build_char_tokenizer(shakespeare.vocab())
 
 
-def get_base(tok, log=print) -> Path:
+def get_base(tok, log=print, device: str = "cpu") -> Path:
     """The pre-trained base (trained once, then read from the cache)."""
     path = CACHE / f"base-{_key(asdict(BASE))}"
     if (path / "config.json").exists():
@@ -145,7 +146,7 @@ def get_base(tok, log=print) -> Path:
     log(f"pre-training the base {BASE.n_layer}x{BASE.n_embd} for {BASE.steps} steps ...")
     t0 = time.perf_counter()
     train, val, _ = shakespeare.split_by_play()
-    model = gpt2.train(train, None, BASE, tok)
+    model = gpt2.train(train, None, BASE, tok, device=device)
     val_loss = gpt2.eval_loss(model, val, tok, max_tokens=65536)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -217,7 +218,7 @@ def encode_examples(examples, tok) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def finetune(base: nn.Module, examples, cfg: FineTune, tok) -> nn.Module:
+def finetune(base: nn.Module, examples, cfg: FineTune, tok, device: str = "cpu") -> nn.Module:
     """Fine-tune a copy of ``base`` on ``examples`` (loss on the answers); LoRA is folded in at the end."""
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(base)
@@ -226,6 +227,7 @@ def finetune(base: nn.Module, examples, cfg: FineTune, tok) -> nn.Module:
     if cfg.freeze_embeddings:
         model.transformer.wte.weight.requires_grad_(False)
         model.transformer.wpe.weight.requires_grad_(False)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ids, mask = encode_examples(examples, tok)
@@ -240,7 +242,7 @@ def finetune(base: nn.Module, examples, cfg: FineTune, tok) -> nn.Module:
         for g in opt.param_groups:
             g["lr"] = lr
         pick = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
-        x, m = ids[pick], mask[pick]
+        x, m = ids[pick].to(device), mask[pick].to(device)
         logits = model(input_ids=x[:, :-1], use_cache=False).logits
         loss = F.cross_entropy(logits[m[:, 1:]].float(), x[:, 1:][m[:, 1:]])
         opt.zero_grad(set_to_none=True)
@@ -250,14 +252,15 @@ def finetune(base: nn.Module, examples, cfg: FineTune, tok) -> nn.Module:
         opt.step()
     if cfg.lora_rank:
         fold_lora(model)
-    return model.eval()
+    return model.cpu().eval()
 
 
 def splits(seed: int = 0) -> dict[str, tuple]:
     return {t: tasks.make_splits(t, SIZES, seed) for t in tasks.TASK_NAMES}
 
 
-def get_finetune(variant: str, task: str, base_path: Path, data: dict, tok, log=print) -> Path:
+def get_finetune(variant: str, task: str, base_path: Path, data: dict, tok, log=print,
+                 device: str = "cpu") -> Path:
     cfg = VARIANTS[variant]
     key = asdict(cfg)
     if cfg.lora_rank:
@@ -267,7 +270,7 @@ def get_finetune(variant: str, task: str, base_path: Path, data: dict, tok, log=
         return path
     base, _ = gpt2.load(base_path)
     t0 = time.perf_counter()
-    model = finetune(base, data[task][0], cfg, tok)
+    model = finetune(base, data[task][0], cfg, tok, device)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     gpt2.save(model, tok, tmp)
@@ -358,9 +361,10 @@ def fmt_point(point: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()) or "-"
 
 
-def run_variant(variant: str, base_path: Path, data: dict, tok, methods: list[str], log=print) -> dict:
+def run_variant(variant: str, base_path: Path, data: dict, tok, methods: list[str], log=print,
+                device: str = "cpu") -> dict:
     """Fine-tune (or reuse) one model per task, merge with every method over its grid, evaluate."""
-    fts = {t: get_finetune(variant, t, base_path, data, tok, log) for t in tasks.TASK_NAMES}
+    fts = {t: get_finetune(variant, t, base_path, data, tok, log, device) for t in tasks.TASK_NAMES}
     data_dir = CACHE / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     data_files = {}
@@ -462,6 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="full,lora")
     ap.add_argument("--methods", default=",".join(GRIDS))
     ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+    ap.add_argument("--device", default="cpu", help="where to pre-train and fine-tune (e.g. cuda); merges and "
+                    "evaluation run on the CPU")
     ap.add_argument("--out", default=str(RESULTS / "multitask"), help="results path without extension")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -471,7 +477,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     tok = tokenizer()
     data = splits()
-    base_path = get_base(tok)
+    base_path = get_base(tok, device=args.device)
     base_meta = json.loads((base_path / "train_meta.json").read_text())
     results = {
         "tasks": {t: [e.line.strip() for e in data[t][0][:3]] for t in tasks.TASK_NAMES},
@@ -492,7 +498,7 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         print(f"== {variant} ==", flush=True)
         results["variants"][variant] = run_variant(variant, base_path, data, tok, args.methods.split(","),
-                                                   log=lambda s: print(s, flush=True))
+                                                   log=lambda s: print(s, flush=True), device=args.device)
     results["wall_seconds"] = time.perf_counter() - t0
     results["machine"] = f"{args.threads} CPU threads, torch {torch.__version__}"
     text = write_report(results, Path(args.out + ".json"), Path(args.out + ".md"))
