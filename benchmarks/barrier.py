@@ -48,7 +48,7 @@ MLP_RECIPE = dict(hidden=(512, 512, 512), epochs=30, batch_size=64, lr=1e-3)
 TRAIN_CHARS = 4_360_951  # characters in the 90% training split of the bundled Shakespeare
 EVAL_TOKENS = 16384  # held-out (test split) tokens per loss
 PROBE_TOKENS = 16384  # training tokens for activation matching
-LEARN = dict(steps=300, lr=1e-3, tokens=131072)  # learned matching: Adam steps, step size, training tokens
+LEARN = dict(steps=1000, lr=1e-3, tokens=131072)  # learned matching: Adam steps, step size, training tokens
 
 
 def recipe_key(recipe: dict, seed: int) -> str:
@@ -135,7 +135,9 @@ ROWS = [
 ]
 
 
-def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cpu") -> dict:
+def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cpu",
+               keep: dict | None = None) -> dict:
+    """The GPT-2 rows; those in ``keep`` (name -> row of an earlier run on the same models) are reused."""
     from modelcypher.checkpoint import Checkpoint
     from modelcypher.measure.barrier import barrier_states, lm_loss_fn, lm_states
     from modelcypher.zoo.chartok import encode_ids
@@ -148,6 +150,9 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
     loss = lm_loss_fn(template, ids, torch.device(device), batch_size=32)
     rows = {}
     for name, method, residual, vo in ROWS:
+        if keep and name in keep:
+            rows[name] = keep[name]
+            continue
         t0 = time.perf_counter()
         if method is None:
             pair = [(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_a, ck_b)]
@@ -252,7 +257,7 @@ def markdown(result: dict) -> str:
         learned = g["rows"].get("learned matching (rotations refined from weight matching)")
         if learned:
             lines += ["", f"Learned matching, which trains the rotations on training text (never on the test "
-                      f"text the barrier is measured on), brings it to {learned['barrier'] / vanilla:.0%} of vanilla."]
+                      f"text the barrier is measured on), brings it to {learned['barrier'] / vanilla:.1%} of vanilla."]
     lines += ["", "Barrier = max over 11 lambdas of L(mix) - ((1-lambda) L_A + lambda L_B) (SYMMETRIES.md 5). "
               "The MLP has no residual stream: its only symmetries are the hidden-unit permutations.", ""]
     return "\n".join(lines)
@@ -283,6 +288,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where to train the GPT-2s and measure losses (default: cuda when available)")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="with --train-only: which seeds to train")
+    ap.add_argument("--only", help="recompute only the GPT-2 rows whose names start with these comma-separated "
+                    "prefixes (e.g. learned); keep the others, and the MLP table, from results/barrier.json")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = ap.parse_args()
     GPT2_RECIPE.clear()
@@ -303,10 +310,19 @@ def main() -> None:
     t0 = time.perf_counter()
     result = {"recipes": {"gpt2": GPT2_RECIPE, "mlp": MLP_RECIPE}, "seeds": SEEDS,
               "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()}}
+    keep = None
+    if args.only:
+        previous = json.loads((RESULTS / "barrier.json").read_text())
+        if previous["gpt2"]["models"] != [str(d) for d in gpt2_dirs] or previous["recipes"]["gpt2"] != GPT2_RECIPE:
+            raise SystemExit("--only: results/barrier.json was measured on other models; run without --only")
+        prefixes = tuple(args.only.split(","))
+        keep = {n: r for n, r in previous["gpt2"]["rows"].items() if not n.startswith(prefixes)}
+        result["mlp"] = previous.get("mlp")
+        mlp_dirs = []
     if mlp_dirs:
         result["mlp"] = mlp_table(mlp_dirs)
     if gpt2_dirs:
-        result["gpt2"] = gpt2_table(gpt2_dirs, splits, args.device)
+        result["gpt2"] = gpt2_table(gpt2_dirs, splits, args.device, keep)
     result["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "barrier.json").write_text(json.dumps(result, indent=2) + "\n")
