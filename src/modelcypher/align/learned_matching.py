@@ -43,20 +43,16 @@ def skew(s: torch.Tensor) -> torch.Tensor:
 class Rotations(torch.nn.Module):
     """The free parameters (skew generators) around the starting transforms, and the transforms they give."""
 
-    def __init__(self, init: Mapping[str, torch.Tensor], residual: str | None, layernorm: bool, vo: Sequence[str]):
+    def __init__(self, init: Mapping[str, torch.Tensor], residual: str, layernorm: bool, vo: Sequence[str]):
         super().__init__()
         self.fixed = {k: v for k, v in init.items() if k != residual and k not in vo}
-        self.residual, self.layernorm, self.vo = residual, layernorm, list(vo)
-        self.start: dict[str, torch.Tensor] = {}
+        self.residual, self.layernorm = residual, layernorm
+        q0 = init[residual].double()
+        if layernorm:
+            self.basis = ones_complement_basis(q0.shape[0])
+            q0 = self.basis.T @ q0 @ self.basis  # R0: the rotation of the complement of 1
+        self.start: dict[str, torch.Tensor] = {residual: q0, **{name: init[name].double() for name in vo}}
         self.gen = torch.nn.ParameterList()  # group names hold dots, which ParameterDict refuses
-        if residual is not None:
-            q0 = init[residual].double()
-            if layernorm:
-                self.basis = ones_complement_basis(q0.shape[0])
-                q0 = self.basis.T @ q0 @ self.basis  # R0: the rotation of the complement of 1
-            self.start[residual] = q0
-        for name in self.vo:
-            self.start[name] = init[name].double()
         for t in self.start.values():
             self.gen.append(torch.nn.Parameter(torch.zeros_like(t)))
 
@@ -125,7 +121,7 @@ def match_learned(
         b_aligned = transform_state(b_folded, spec, rot.transforms())
         mix = {}
         for k, a in a_full.items():
-            b = b_aligned.get(k, b_folded.get(k))
+            b = b_aligned.get(k)  # None: a buffer of the model class, not a checkpoint tensor
             mix[k] = a if b is None or not a.is_floating_point() else torch.lerp(a, b.float().to(device), t)
         logits = torch.func.functional_call(holder, mix, args=(x[:, :-1],), kwargs={"use_cache": False}).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
