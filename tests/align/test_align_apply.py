@@ -29,7 +29,9 @@ KINDS = {
     "vo-invertible": dict(kinds=("vo",), vo="invertible"),
     "residual-orthogonal": dict(kinds=("residual",)),
     "residual-perm": dict(kinds=("residual",), residual="permutation"),
-    "all": dict(vo="invertible"),
+    "qk-orthogonal": dict(kinds=("qk",)),
+    "qk-invertible": dict(kinds=("qk",), qk="invertible"),
+    "all": dict(vo="invertible", qk="invertible"),
 }
 TIGHT = dict(atol=1e-5, rtol=1e-5)
 
@@ -162,6 +164,7 @@ def test_alignment_survives_save_and_load(tmp_path):
          "all-ones"),
         ("bert", "residual", lambda: torch.linalg.qr(torch.randn(32, 32))[0], "post-norm"),
         ("llama", "layers.0.vo", lambda: torch.zeros(2, 8, 8), "invertible"),
+        ("llama", "layers.0.qk", lambda: torch.linalg.qr(torch.randn(2, 8, 8))[0], "commute with RoPE"),
         ("llama", "no.such.group", lambda: torch.arange(3), "no symmetry group"),
     ],
 )
@@ -169,6 +172,23 @@ def test_invalid_transforms_are_refused(family, name, make, message):
     config, sd = tiny_model(family)
     with pytest.raises(UserError, match=message):
         apply(sd, config, Alignment({name: make()}))
+
+
+def test_rope_is_why_qk_bases_are_restricted():
+    """A general rotation of Q and K keeps GPT-2's logits (learned positions) but not Llama's (RoPE)."""
+    from modelcypher.align.transform import transform_state
+
+    for family, keeps in (("gpt2", True), ("llama", False)):
+        config, sd = tiny_model(family)
+        spec = spec_for(config, sd)
+        g = next(g for g in spec.groups if g.kind == "qk")
+        gen = torch.Generator().manual_seed(3)
+        rot = torch.stack([random_orthogonal(g.heads.head_dim, gen) for _ in range(g.heads.n_kv_heads)])
+        sd2 = transform_state(sd, spec, {g.name: rot})  # unvalidated
+        inputs = random_inputs(config, 2, 12, seed=1)
+        same = torch.allclose(logits_of(build_model(config, sd2), inputs), logits_of(build_model(config, sd), inputs),
+                              atol=1e-5, rtol=1e-5)
+        assert same is keeps, family
 
 
 def test_missing_tensor_is_a_user_error():

@@ -61,3 +61,19 @@ def test_solve_heads_is_optimal_among_group_preserving_permutations(n_kv, group_
     perm = solve_heads(cq, ckv, group_size).tolist()
     assert perm in [list(p) for p in feasible]
     assert value(perm) == pytest.approx(max(value(p) for p in feasible))
+
+
+def test_rope_procrustes_finds_the_best_rotation_per_rotary_pair():
+    from modelcypher.align.solvers import rope_procrustes
+    from modelcypher.align.transform import rope_block, rope_commuting
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 8, 8, generator=g, dtype=torch.float64)
+    t = rope_procrustes(m)
+    assert rope_commuting(t)
+    assert torch.allclose(t.transpose(1, 2) @ t, torch.eye(8, dtype=torch.float64).expand(3, 8, 8), atol=1e-12)
+    best = (t * m).sum((1, 2))
+    for _ in range(200):  # no other rotation of the pairs does better
+        phi = torch.rand(3, 4, generator=g, dtype=torch.float64) * 2 * torch.pi
+        other = rope_block(torch.cos(phi), torch.sin(phi))
+        assert bool(((other * m).sum((1, 2)) <= best + 1e-12).all())

@@ -19,7 +19,7 @@ def test_every_slot_fits_its_tensor(family):
         for s in g.slots:
             assert s.tensor in sd, s.tensor
             extent = (s.stop or sd[s.tensor].shape[s.axis]) - s.start
-            if g.kind in ("heads", "vo"):
+            if g.kind in ("heads", "vo", "qk"):
                 n = g.heads.n_heads if s.space == "query" else g.heads.n_kv_heads
                 assert extent == n * g.heads.head_dim, (g.name, s)
             else:

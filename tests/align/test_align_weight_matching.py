@@ -66,13 +66,37 @@ def test_recovers_orthogonal_residual_up_to_tolerance(family, tie):
 def test_recovers_vo_bases_with_head_permutations(family):
     config, sd_a = tiny_model(family)
     spec = spec_for(config, sd_a)
-    hidden = random_alignment(spec, seed=5)  # every kind, V-O orthogonal
+    hidden = random_alignment(spec, kinds=("perm", "heads", "vo", "residual"), seed=5)  # V-O orthogonal
     sd_b, config_b = apply(sd_a, config, hidden)
     found = match_weights(sd_b, sd_a, spec, vo=True, seed=2)
     aligned, _ = apply(sd_b, config_b, found)
     reference = fold_norms(sd_a, config)[0] if spec.residual_orthogonal_ok else sd_a
     assert_same_weights(reference, aligned, atol=1e-3)
     assert non_decreasing(found.history)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
+def test_recovers_qk_and_vo_bases_with_head_permutations(family):
+    config, sd_a = tiny_model(family)
+    spec = spec_for(config, sd_a)
+    hidden = random_alignment(spec, seed=8)  # every kind; Q-K a rotation per rotary pair under RoPE
+    sd_b, config_b = apply(sd_a, config, hidden)
+    found = match_weights(sd_b, sd_a, spec, vo=True, qk=True, seed=2)
+    assert any(g.kind == "qk" and g.name in found.transforms for g in spec.groups)
+    aligned, _ = apply(sd_b, config_b, found)
+    reference = fold_norms(sd_a, config)[0] if spec.residual_orthogonal_ok else sd_a
+    assert_same_weights(reference, aligned, atol=1e-3)
+    assert non_decreasing(found.history)
+
+
+def test_qk_bases_raise_the_objective_between_independent_models():
+    config, sd_a = tiny_model("gpt2", seed=0)
+    _, sd_b = tiny_model("gpt2", seed=1)
+    spec = spec_for(config, sd_a)
+    vo = match_weights(sd_b, sd_a, spec, vo=True, seed=3)
+    both = match_weights(sd_b, sd_a, spec, vo=True, qk=True, seed=3)
+    assert both.history[-1] > vo.history[-1]
+    assert non_decreasing(both.history)
 
 
 def test_objective_is_non_decreasing_between_independent_models():

@@ -8,6 +8,7 @@ from tiny_models import VOCAB, tiny_model
 
 from modelcypher.align import apply_verified, fold_norms, match_weights
 from modelcypher.align.learned_matching import match_learned
+from modelcypher.align.transform import rope_commuting
 from modelcypher.arch.symmetry import spec_for
 from modelcypher.errors import UserError
 from modelcypher.measure.barrier import interpolate, lm_loss_fn, lm_states
@@ -23,7 +24,7 @@ def test_learned_matching_is_exact_and_lowers_the_midpoint_loss(family, tie):
     config, sd_a = tiny_model(family, tie=tie, seed=0)
     _, sd_b = tiny_model(family, tie=tie, seed=1)
     spec = spec_for(config, sd_a.keys())
-    start = match_weights(sd_b, sd_a, spec, residual="orthogonal", vo=True)
+    start = match_weights(sd_b, sd_a, spec, residual="orthogonal", vo=True, qk=True)
     ids, batches = training_batches()
     found, losses = match_learned(sd_b, sd_a, config, start, batches, steps=40, lr=1e-2)
     assert len(losses) == 40
@@ -36,6 +37,10 @@ def test_learned_matching_is_exact_and_lowers_the_midpoint_loss(family, tie):
         if g.kind in ("perm", "heads"):  # the permutations are weight matching's
             assert torch.equal(found.transforms[g.name], start.transforms[g.name])
     assert not torch.allclose(q, start.transforms[spec.residual.name].double())
+    for g in spec.groups:
+        if g.kind == "qk":  # learned too; under RoPE still a rotation of each rotary pair
+            assert not torch.allclose(found.transforms[g.name], start.transforms[g.name].double())
+            assert rope_commuting(found.transforms[g.name]) or not g.heads.rope
 
     # The aligned B computes B's function (apply_verified raises otherwise), and its midpoint with A is
     # better on the training text than weight matching's.

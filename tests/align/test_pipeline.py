@@ -44,11 +44,11 @@ def zoo_gpt2(path: Path, seed: int = 0, n_embd: int = 32) -> Path:
     return gpt2.save(model, tok, path)
 
 
-def permuted_copy(src: Path, dst: Path, residual: str = "permutation", seed: int = 3) -> Path:
+def permuted_copy(src: Path, dst: Path, residual: str = "permutation", seed: int = 3,
+                  kinds: tuple[str, ...] = ("perm", "heads", "residual")) -> Path:
     ck = Checkpoint(src)
     sd = {n: ck.get(n) for n in ck.names}
-    hidden = random_alignment(spec_for(ck.config, sd), kinds=("perm", "heads", "residual"), residual=residual,
-                              seed=seed)
+    hidden = random_alignment(spec_for(ck.config, sd), kinds=kinds, residual=residual, seed=seed)
     sd_b, config_b = apply(sd, ck.config, hidden)
     return save_dir(dst, config_b, sd_b, tokenizer_from=src)
 
@@ -212,6 +212,25 @@ def test_merge_with_orthogonal_alignment_computes_the_base_function(tmp_path):
     merge({"merge_method": "linear", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
            "align": {"method": "weight"}}, tmp_path / "out", device="cpu")
     torch.testing.assert_close(logits(tmp_path / "out"), logits(a), atol=1e-4, rtol=1e-4)
+
+
+def test_vo_and_qk_bases_from_the_command_line_and_a_merge_config(tmp_path, capsys):
+    """A Llama copy moved by every symmetry (Q-K: rotations of the rotary pairs) aligns back with --vo --qk,
+    and a merge config asking for them merges it with the base into the base's function."""
+    config, sd_a = tiny_model("llama")
+    a = save_dir(tmp_path / "a", config, sd_a)
+    b = permuted_copy(a, tmp_path / "b", residual="orthogonal", kinds=("perm", "heads", "vo", "qk", "residual"))
+    rc, _, err = cli(capsys, "align", b, "--to", a, "-o", tmp_path / "out", "--vo", "--qk")
+    assert rc == 0, err
+    folded, _ = fold_norms(sd_a, config)
+    out = state(tmp_path / "out")
+    for k in folded:
+        torch.testing.assert_close(out[k], folded[k], atol=1e-3, rtol=0, msg=k)
+    from modelcypher.api import merge
+
+    merge({"merge_method": "linear", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
+           "align": {"method": "weight", "vo": True, "qk": True}}, tmp_path / "merged", device="cpu")
+    torch.testing.assert_close(logits(tmp_path / "merged"), logits(a), atol=1e-4, rtol=1e-4)
 
 
 def test_learned_matching_from_the_command_line_writes_an_equivalent_model(tmp_path, capsys):

@@ -8,7 +8,8 @@ permutations stay fixed and the orthogonal transforms move on their manifold:
 
 - the residual ``Q = Q0 exp(S - S^T)``; for pre-norm LayerNorm ``Q = 11^T/d + B R0 exp(S - S^T) B^T``
   with ``B`` a basis of the complement of the all-ones vector, so ``Q 1 = 1`` holds at every step;
-- each KV group's V-O basis ``A = A0 exp(K - K^T)`` (orthogonal), when asked.
+- each KV group's V-O and Q-K bases ``A = A0 exp(K - K^T)`` (orthogonal), when asked; under RoPE the
+  Q-K generator is masked to the rotary pairs, so ``exp`` stays a rotation of each pair.
 
 The exponential of a skew matrix is orthogonal, so every iterate is an exact symmetry: the aligned B
 still computes B's function, whatever the optimizer does. Only causal language models (a next-token
@@ -40,26 +41,40 @@ def skew(s: torch.Tensor) -> torch.Tensor:
     return s - s.transpose(-1, -2)
 
 
+def rope_mask(head_dim: int) -> torch.Tensor:
+    """Generator entries ``(i, i + head_dim/2)``: their skew part generates rotations of the rotary pairs."""
+    from modelcypher.align.transform import rope_pairs
+
+    mask = torch.zeros(head_dim, head_dim, dtype=torch.float64)
+    i, j = rope_pairs(head_dim)
+    mask[i, j] = 1.0
+    return mask
+
+
 class Rotations(torch.nn.Module):
     """The free parameters (skew generators) around the starting transforms, and the transforms they give."""
 
-    def __init__(self, init: Mapping[str, torch.Tensor], residual: str, layernorm: bool, vo: Sequence[str]):
+    def __init__(self, init: Mapping[str, torch.Tensor], residual: str, layernorm: bool,
+                 bases: Mapping[str, torch.Tensor | None]):
+        """``bases``: the in-head basis groups to learn, each with a mask of its free generator entries
+        (None: all free)."""
         super().__init__()
-        self.fixed = {k: v for k, v in init.items() if k != residual and k not in vo}
+        self.fixed = {k: v for k, v in init.items() if k != residual and k not in bases}
         self.residual, self.layernorm = residual, layernorm
         q0 = init[residual].double()
         if layernorm:
             self.basis = ones_complement_basis(q0.shape[0])
             q0 = self.basis.T @ q0 @ self.basis  # R0: the rotation of the complement of 1
-        self.start: dict[str, torch.Tensor] = {residual: q0, **{name: init[name].double() for name in vo}}
+        self.start: dict[str, torch.Tensor] = {residual: q0, **{name: init[name].double() for name in bases}}
+        self.masks = [None, *bases.values()]
         self.gen = torch.nn.ParameterList()  # group names hold dots, which ParameterDict refuses
         for t in self.start.values():
             self.gen.append(torch.nn.Parameter(torch.zeros_like(t)))
 
     def transforms(self) -> dict[str, torch.Tensor]:
         out = dict(self.fixed)
-        for (name, t0), s in zip(self.start.items(), self.gen, strict=True):
-            t = t0 @ torch.linalg.matrix_exp(skew(s))
+        for (name, t0), s, mask in zip(self.start.items(), self.gen, self.masks, strict=True):
+            t = t0 @ torch.linalg.matrix_exp(skew(s if mask is None else s * mask))
             if name == self.residual and self.layernorm:
                 d = t.shape[0] + 1
                 t = torch.full((d, d), 1.0 / d, dtype=t.dtype) + self.basis @ t @ self.basis.T
@@ -78,6 +93,7 @@ def match_learned(
     lr: float = 1e-3,
     lam: tuple[float, float] = (0.4, 0.6),
     vo: bool = True,
+    qk: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
@@ -97,12 +113,14 @@ def match_learned(
     if not batches:
         raise UserError("learned matching needs training text: no token batches")
     device = torch.device(device)
-    vo_names = [g.name for g in spec.groups if g.kind == "vo"] if vo else []
+    kinds = {k for k, on in (("vo", vo), ("qk", qk)) if on}
+    bases = {g.name: rope_mask(g.heads.head_dim) if g.kind == "qk" and g.heads.rope else None
+             for g in spec.groups if g.kind in kinds}
     start = dict(init.transforms)
     for g in spec.groups:
-        if g.name in vo_names and g.name not in start:
+        if g.name in bases and g.name not in start:
             start[g.name] = torch.eye(g.heads.head_dim, dtype=torch.float64).expand(g.heads.n_kv_heads, -1, -1)
-    rot = Rotations(start, spec.residual.name, spec.norm == "layernorm", vo_names)
+    rot = Rotations(start, spec.residual.name, spec.norm == "layernorm", bases)
 
     a_folded, config_a = fold_norms(sd_a, config)
     model, a_full = lm_states(config_a, a_folded)

@@ -28,6 +28,18 @@ def procrustes(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def rope_procrustes(m: torch.Tensor) -> torch.Tensor:
+    """For each ``[hd, hd]`` block of ``m``, the rotation of every rotary pair ``(i, j = i + hd/2)``
+    maximizing ``<T, m>``: per pair ``cos(phi) (m_ii + m_jj) + sin(phi) (m_ji - m_ij)``, so
+    ``phi = atan2(m_ji - m_ij, m_ii + m_jj)``. The only orthogonal Q-K bases that commute with RoPE."""
+    from modelcypher.align.transform import rope_block, rope_pairs
+
+    m = m.double()
+    i, j = rope_pairs(m.shape[-1])
+    phi = torch.atan2(m[..., j, i] - m[..., i, j], m[..., i, i] + m[..., j, j])
+    return rope_block(torch.cos(phi), torch.sin(phi))
+
+
 def ones_complement_basis(d: int) -> torch.Tensor:
     """An orthonormal basis (``d x (d-1)``) of the subspace orthogonal to the all-ones vector.
 

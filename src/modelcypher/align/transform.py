@@ -5,6 +5,8 @@ Transforms, keyed by group name (``arch.symmetry``); a group left out keeps the 
 - ``perm`` groups: a long tensor ``perm`` of the units; aligned unit ``i`` is original unit ``perm[i]``.
 - ``heads`` groups: a long tensor over the query heads, same convention, grouped-query structure kept.
 - ``vo`` groups: a float ``[n_kv_heads, head_dim, head_dim]`` tensor of invertible ``A`` (``v' = A v``).
+- ``qk`` groups: the same for ``B`` (``q' = B q``, ``k' = B^{-T} k``); under RoPE each ``B`` must be a
+  scaled rotation of every rotary pair (``rope_commuting``).
 - ``residual``: a long tensor (a permutation, exact everywhere, no folding) or a float ``d x d``
   orthogonal ``Q`` acting as ``x -> x Q`` on the residual stream (SYMMETRIES.md's convention). A matrix
   triggers norm folding first; the LayerNorm family needs ``Q 1 = 1``; post-norm families refuse it.
@@ -104,10 +106,13 @@ def validate(spec: SymmetrySpec, transforms: Mapping[str, torch.Tensor]) -> None
                 kv = t.view(-1, gs) // gs
                 if not torch.equal(kv, kv[:, :1].expand_as(kv)):
                     raise UserError(f"head permutation of {name!r} splits a grouped-query KV group")
-        elif g.kind == "vo":
+        elif g.kind in ("vo", "qk"):
             shape = (g.heads.n_kv_heads, g.heads.head_dim, g.heads.head_dim)
             if t.shape != shape or not bool((torch.linalg.cond(t.double()) <= 1e8).all()):  # NaN when singular
                 raise UserError(f"transform of {name!r} must be {list(shape)} invertible matrices")
+            if g.kind == "qk" and g.heads.rope and not rope_commuting(t):
+                raise UserError(f"transform of {name!r} must commute with RoPE: a scaled 2x2 rotation of each "
+                                f"rotary pair (i, i + {g.heads.head_dim // 2})")
         else:
             if not spec.residual_orthogonal_ok:
                 raise UserError(f"{spec.family} is post-norm: only a permutation of the residual is exact")
@@ -116,6 +121,30 @@ def validate(spec: SymmetrySpec, transforms: Mapping[str, torch.Tensor]) -> None
                 raise UserError(f"residual transform must be an orthogonal {g.size}x{g.size} matrix")
             if spec.norm == "layernorm" and (q.sum(1) - 1).abs().max() > 1e-5:
                 raise UserError("LayerNorm residual transform must map the all-ones vector to itself")
+
+
+def rope_pairs(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary pairs ``(i, i + head_dim/2)`` of HF's ``rotate_half``, as two index vectors."""
+    i = torch.arange(head_dim // 2)
+    return i, i + head_dim // 2
+
+
+def rope_block(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``[..., hd, hd]`` matrices acting on each rotary pair ``(x_i, x_j)`` as ``[[c, -s], [s, c]]``:
+    a scaled rotation, which commutes with the rotation RoPE applies to that pair."""
+    half = c.shape[-1]
+    i, j = rope_pairs(2 * half)
+    out = torch.zeros(*c.shape[:-1], 2 * half, 2 * half, dtype=c.dtype)
+    out[..., i, i], out[..., j, j], out[..., i, j], out[..., j, i] = c, c, -s, s
+    return out
+
+
+def rope_commuting(t: torch.Tensor, rtol: float = 1e-6) -> bool:
+    """Whether every matrix of ``t`` is ``rope_block`` of its own entries."""
+    t = t.double()
+    i, j = rope_pairs(t.shape[-1])
+    rebuilt = rope_block(t[..., i, i], t[..., j, i])
+    return bool(torch.allclose(t, rebuilt, rtol=0, atol=rtol * float(t.abs().max())))
 
 
 def check_tensors(sd: StateDict, spec: SymmetrySpec) -> None:
@@ -293,16 +322,18 @@ def random_orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
 def random_alignment(
     spec: SymmetrySpec,
     *,
-    kinds: tuple[str, ...] = ("perm", "heads", "vo", "residual"),
+    kinds: tuple[str, ...] = ("perm", "heads", "vo", "qk", "residual"),
     residual: str = "orthogonal",
     vo: str = "orthogonal",
+    qk: str = "orthogonal",
     seed: int = 0,
 ) -> Alignment:
     """A random element of the symmetry group (for tests and demonstrations).
 
     ``residual``: ``"orthogonal"`` (fixing the all-ones vector for LayerNorm; a permutation where only
     that is exact) or ``"permutation"``;
-    ``vo``: ``"orthogonal"`` or ``"invertible"`` (well conditioned).
+    ``vo``, ``qk``: ``"orthogonal"`` or ``"invertible"`` (well conditioned; under RoPE, Q-K bases are
+    scaled rotations of the rotary pairs).
     """
     from modelcypher.align.solvers import ones_complement_basis
 
@@ -318,12 +349,17 @@ def random_alignment(
             gs = g.heads.group_size
             kv = torch.randperm(g.heads.n_kv_heads, generator=gen)
             out[g.name] = torch.cat([kv[i] * gs + torch.randperm(gs, generator=gen) for i in range(len(kv))])
-        elif g.kind == "vo":
+        elif g.kind == "qk" and g.heads.rope:
+            shape = (g.heads.n_kv_heads, g.heads.head_dim // 2)
+            angle = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 * torch.pi
+            scale = torch.rand(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5 if qk == "invertible" else 1.0
+            out[g.name] = rope_block(scale * torch.cos(angle), scale * torch.sin(angle))
+        elif g.kind in ("vo", "qk"):
             hd = g.heads.head_dim
             mats = []
             for _ in range(g.heads.n_kv_heads):
                 a = random_orthogonal(hd, gen)
-                if vo == "invertible":
+                if (vo if g.kind == "vo" else qk) == "invertible":
                     scale = torch.rand(hd, generator=gen, dtype=torch.float64) * 1.5 + 0.5
                     a = a @ torch.diag(scale) @ random_orthogonal(hd, gen)
                 mats.append(a)

@@ -4,7 +4,8 @@ Objective: ``<aligned theta_B, theta_A>``, summed over all tensors. One group at
 fixed, the objective is linear in the group's transform, ``<T, M>`` with ``M = sum X_A X_B^T`` over the
 group's slots (B's other axes already transformed, A's side of later transforms on the same axis undone),
 and an exact solver maximizes it: linear assignment for permutations, a structured assignment for GQA
-heads, Procrustes for the residual and for the per-head V-O bases. Groups are visited in a fresh random
+heads, Procrustes for the residual and for the per-head V-O and Q-K bases (under RoPE, one rotation
+angle per rotary pair). Groups are visited in a fresh random
 order each sweep; a solve is kept only if it raises the group's exact objective (which also covers a
 group acting on two axes of one tensor, where the objective is not linear), so the history is
 non-decreasing. The descent stops after a sweep with no improvement or after ``max_sweeps``.
@@ -29,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from modelcypher.align.solvers import procrustes, procrustes_fixing_ones, solve_heads, solve_lap
+from modelcypher.align.solvers import procrustes, procrustes_fixing_ones, rope_procrustes, solve_heads, solve_lap
 from modelcypher.align.transform import (
     Alignment,
     Op,
@@ -42,7 +43,7 @@ from modelcypher.align.transform import (
     space_ops,
     transform_tensor,
 )
-from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec
+from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec, place
 from modelcypher.errors import UserError
 
 ResidualMode = Literal["auto", "orthogonal", "permutation", "none"]
@@ -66,7 +67,7 @@ def resolve_residual(spec: SymmetrySpec, residual: ResidualMode) -> str:
 
 
 def identity(group: Group, residual: str) -> torch.Tensor:
-    if group.kind == "vo":
+    if group.kind in ("vo", "qk"):
         h = group.heads
         return torch.eye(h.head_dim, dtype=torch.float64).expand(h.n_kv_heads, -1, -1).clone()
     if group.kind == "residual" and residual == "orthogonal":
@@ -179,14 +180,15 @@ class Matcher:
                 ops[i] = space_ops(self.spec.groups[i], t, COMPUTE)
         return {k: self.term(k, ops) for k in tensors_of(self.spec, candidates)}
 
-    def similarity(self, i: int, skip_diag: bool = False, only: set[Slot] | None = None) -> dict[str, torch.Tensor]:
-        """``M[space] = sum X_A X_B^T`` over the group's slots (or those in ``only``), the rest held fixed.
+    def similarity(self, i: int, skip_diag: bool = False, only: set[tuple] | None = None) -> dict[str, torch.Tensor]:
+        """``M[space] = sum X_A X_B^T`` over the group's slots (or those whose ``place`` is in ``only``), the
+        rest held fixed.
 
         One tensor of each model at a time; each slot adds one float32 GEMM into ``M`` in place.
         """
         m: dict[str, torch.Tensor] = {}
         for slot in self.spec.groups[i].slots:
-            if (skip_diag and slot.role == "diag") or (only is not None and slot not in only):
+            if (skip_diag and slot.role == "diag") or (only is not None and place(slot) not in only):
                 continue
             on_b, undo = [], []
             for j, other in self.by_tensor[slot.tensor]:
@@ -220,26 +222,35 @@ class Matcher:
         mq, mkv = head_blocks(self.similarity(i), g)
         if g.kind == "heads":
             return solve_heads(trace(mq), trace(mkv), g.heads.group_size)
-        return torch.stack([procrustes(x) for x in vo_blocks(mq, mkv, g)])
+        blocks = per_kv_blocks(mq, mkv, g)
+        if g.kind == "qk" and g.heads.rope:
+            return rope_procrustes(blocks)
+        return torch.stack([procrustes(x) for x in blocks])
 
-    def solve_heads_and_vo(self, i: int, i_vo: int) -> dict[int, torch.Tensor]:
-        """Heads and their V-O bases together: a head pairing is scored with the best V-O basis for it
-        (nuclear norm of its V/O similarity block) rather than with the current one."""
-        g, vo = self.spec.groups[i], self.spec.groups[i_vo]
-        saved = self.transforms[vo.name], dict(self.terms)
-        self.set(i_vo, identity(vo, "none"))
-        vo_slots = set(vo.slots)
-        free = set(g.slots) - vo_slots
-        mq, mkv = head_blocks(self.similarity(i, only=free), g)
-        vq, vkv = head_blocks(self.similarity(i, only=vo_slots), g)
-        nuclear = lambda x: torch.linalg.matrix_norm(x.double(), ord="nuc")  # noqa: E731
-        perm = solve_heads(trace(mq) + nuclear(vq), trace(mkv) + nuclear(vkv), g.heads.group_size)
+    def solve_heads_and_bases(self, i: int, *bases: int) -> dict[int, torch.Tensor]:
+        """Heads and their in-head bases (V-O, Q-K) together: a head pairing is scored with the best basis
+        for it (the best ``<B, M>`` over the basis group, e.g. the nuclear norm of its similarity block)
+        rather than with the current one."""
+        g = self.spec.groups[i]
+        saved = {j: self.transforms[self.spec.groups[j].name] for j in bases}, dict(self.terms)
+        for j in bases:
+            self.set(j, identity(self.spec.groups[j], "none"))
+        basis_places = [{place(s) for s in self.spec.groups[j].slots} for j in bases]
+        free = {place(s) for s in g.slots} - set().union(*basis_places)
+        cost_q, cost_kv = (trace(x).double() for x in head_blocks(self.similarity(i, only=free), g))
+        for j, places in zip(bases, basis_places, strict=True):
+            bq, bkv = head_blocks(self.similarity(i, only=places), g)
+            cost_q = cost_q + best_basis_value(bq, self.spec.groups[j])
+            cost_kv = cost_kv + best_basis_value(bkv, self.spec.groups[j])
+        perm = solve_heads(cost_q, cost_kv, g.heads.group_size)
         saved_heads = self.transforms[g.name]
         self.set(i, perm)
-        basis = self.solve(i_vo, "none")
+        found = {j: self.solve(j, "none") for j in bases}
         self.set(i, saved_heads)
-        self.set(i_vo, saved[0], saved[1])
-        return {i: perm, i_vo: basis}
+        for j, t in saved[0].items():
+            self.set(j, t)
+        self.terms = saved[1]
+        return {i: perm, **found}
 
 
 def tensors_of(spec: SymmetrySpec, groups: Iterable[int]) -> list[str]:
@@ -263,8 +274,20 @@ def head_blocks(m: Mapping[str, torch.Tensor], g: Group) -> tuple[torch.Tensor, 
     return blocks("query", h.n_heads), blocks("kv", h.n_kv_heads)
 
 
-def vo_blocks(mq: torch.Tensor, mkv: torch.Tensor, g: Group) -> torch.Tensor:
-    """Per KV head, the similarity its V-O basis sees: its own KV block plus its query heads' blocks."""
+def best_basis_value(m: torch.Tensor, g: Group) -> torch.Tensor:
+    """``max <B, m>`` over the basis group for each block of ``m`` (``[..., hd, hd]``): the nuclear norm
+    for an orthogonal basis; under RoPE, ``sum_pairs |(m_ii + m_jj, m_ji - m_ij)|``."""
+    m = m.double()
+    if g.kind == "qk" and g.heads.rope:
+        from modelcypher.align.transform import rope_pairs
+
+        i, j = rope_pairs(m.shape[-1])
+        return torch.hypot(m[..., i, i] + m[..., j, j], m[..., j, i] - m[..., i, j]).sum(-1)
+    return torch.linalg.matrix_norm(m, ord="nuc")
+
+
+def per_kv_blocks(mq: torch.Tensor, mkv: torch.Tensor, g: Group) -> torch.Tensor:
+    """Per KV head, the similarity an in-head basis sees: its own KV block plus its query heads' blocks."""
     h = g.heads
     own = torch.arange(h.n_heads)
     own_kv = torch.arange(h.n_kv_heads)
@@ -279,14 +302,16 @@ def match_weights(
     *,
     residual: ResidualMode = "auto",
     vo: bool = False,
+    qk: bool = False,
     max_sweeps: int = 20,
     seed: int = 0,
     prepared: bool = False,
 ) -> Alignment:
     """Transforms bringing B onto A, by coordinate descent; ``history`` holds the objective per sweep.
 
-    A first descent matches permutations and the residual; with ``vo`` a second one adds each head's
-    V-O basis (orthogonal), solved jointly with its head permutation. ``max_sweeps`` caps each descent.
+    A first descent matches permutations and the residual; with ``vo`` and/or ``qk`` a second one adds
+    each head's V-O and/or Q-K basis (orthogonal; under RoPE, Q-K rotates each rotary pair), solved
+    jointly with its head permutation. ``max_sweeps`` caps each descent.
     ``residual``: ``orthogonal`` (Procrustes; norms folded), ``permutation`` (exact in the original
     parameterization), ``none``, or ``auto`` (orthogonal where exact, else permutation).
     ``prepared``: the mappings already hold a tied head and, for an orthogonal residual, folded norms,
@@ -308,31 +333,39 @@ def match_weights(
     rng = random.Random(seed)
     history = [matcher.objective()]
     descend(matcher, stage_1, residual, max_sweeps, rng, history)
-    if vo:
-        for _, j in vo_pairs(spec):
-            matcher.set(j, identity(spec.groups[j], residual))
-        heads = {i for i, _ in vo_pairs(spec)}
-        stage_2 = [c for c in stage_1 if c[0] not in heads] + vo_pairs(spec)
+    kinds = {k for k, on in (("vo", vo), ("qk", qk)) if on}
+    if kinds:
+        joint = heads_with_bases(spec, kinds)
+        for c in joint:
+            for j in c[1:]:
+                matcher.set(j, identity(spec.groups[j], residual))
+        heads = {c[0] for c in joint}
+        stage_2 = [c for c in stage_1 if c[0] not in heads] + joint
         descend(matcher, stage_2, residual, max_sweeps, rng, history)
     return Alignment(dict(matcher.transforms), history)
 
 
-def vo_pairs(spec: SymmetrySpec) -> list[tuple[int, int]]:
-    """(heads group, V-O group) index pairs: a V-O group's slots are some of its heads group's slots."""
-    pairs = []
-    for j, vo in enumerate(spec.groups):
-        if vo.kind == "vo":
-            pairs += [(i, j) for i, g in enumerate(spec.groups) if g.kind == "heads" and set(vo.slots) <= set(g.slots)]
-    return pairs
+def heads_with_bases(spec: SymmetrySpec, kinds: set[str]) -> list[tuple[int, ...]]:
+    """(heads group, its in-head basis groups of ``kinds``...): a basis group's slots sit on some of its
+    heads group's slots."""
+    out = []
+    for i, g in enumerate(spec.groups):
+        if g.kind == "heads":
+            mine = {place(s) for s in g.slots}
+            bases = tuple(j for j, b in enumerate(spec.groups)
+                          if b.kind in kinds and {place(s) for s in b.slots} <= mine)
+            if bases:
+                out.append((i, *bases))
+    return out
 
 
 def descend(matcher: Matcher, coords: list[tuple[int, ...]], residual: str, max_sweeps: int,
             rng: random.Random, history: list[float]) -> None:
-    """Sweeps over ``coords`` (single groups, or a heads group with its V-O group) in random order."""
+    """Sweeps over ``coords`` (single groups, or a heads group with its basis groups) in random order."""
     for _ in range(max_sweeps):
         improved = False
         for c in rng.sample(coords, len(coords)):
-            new = {c[0]: matcher.solve(c[0], residual)} if len(c) == 1 else matcher.solve_heads_and_vo(*c)
+            new = {c[0]: matcher.solve(c[0], residual)} if len(c) == 1 else matcher.solve_heads_and_bases(*c)
             before = matcher.objective(tensors_of(matcher.spec, c))
             terms = matcher.candidate_terms(new)
             after = math.fsum(terms.values())

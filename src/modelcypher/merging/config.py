@@ -84,6 +84,8 @@ class AlignSection(Strict):
     residual: Literal["auto", "orthogonal", "permutation", "none"] = "auto"
     max_sweeps: int = Field(default=20, ge=1)
     seed: int = 0
+    vo: bool = False  # weight matching: also each head's V-O basis
+    qk: bool = False  # weight matching: also each head's Q-K basis
     steps: int = Field(default=200, ge=1)  # learned matching
     lr: float = Field(default=1e-3, gt=0)
 

@@ -14,6 +14,10 @@ Group kinds and the transform each one takes (see ``align.transform.Alignment``)
   space (one block per KV head).
 - ``vo``: one invertible ``head_dim x head_dim`` matrix per KV head, acting on values and, through
   the attention average, on the input of the output projection of each query head of the group.
+- ``qk``: one invertible ``head_dim x head_dim`` matrix ``B`` per KV head, ``q' = B q`` for each query
+  head of the group and ``k' = B^{-T} k`` (the key slots are ``in`` slots), which keeps every score
+  ``q . k``. Under RoPE (``Heads.rope``) only ``B`` that commute with the rotary blocks qualify: a scaled
+  2x2 rotation of each frequency pair ``(i, i + head_dim/2)`` (HF's ``rotate_half`` pairing).
 - ``residual``: the residual stream; a permutation, or an orthogonal matrix where the norms allow it
   (``SymmetrySpec.norm``): after folding each norm's gain into its readers (``folds``), RMSNorm
   commutes with any orthogonal matrix and pre-norm LayerNorm with those that fix the all-ones vector.
@@ -36,7 +40,7 @@ from modelcypher.errors import UserError
 
 Role = Literal["out", "in", "diag"]
 Space = Literal["unit", "query", "kv"]
-GroupKind = Literal["perm", "heads", "vo", "residual"]
+GroupKind = Literal["perm", "heads", "vo", "qk", "residual"]
 NormKind = Literal["rmsnorm", "layernorm", "postnorm", "none"]
 
 
@@ -52,11 +56,18 @@ class Slot:
     stop: int | None = None  # None: to the end of the axis
 
 
+def place(slot: Slot) -> tuple:
+    """Where a slot's units sit, whatever role a group gives them (a key slot is ``out`` for the head
+    permutation and ``in`` for the Q-K basis)."""
+    return slot.tensor, slot.axis, slot.space, slot.start, slot.stop
+
+
 @dataclass(frozen=True)
 class Heads:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    rope: bool = False  # rotary positions: Q/K transforms must commute with the rotary blocks
 
     @property
     def group_size(self) -> int:
@@ -76,7 +87,7 @@ class Probe:
 class Group:
     name: str
     kind: GroupKind
-    size: int  # perm/residual: units; heads: query heads; vo: KV heads
+    size: int  # perm/residual: units; heads: query heads; vo/qk: KV heads
     slots: tuple[Slot, ...]
     heads: Heads | None = None
     probes: tuple[Probe, ...] = ()

@@ -36,6 +36,8 @@ def spec(config: dict, names: set[str] | None = None) -> SymmetrySpec:
         o = Slot(out + "dense.weight", 1, "in", space="query")
         groups.append(Group(f"layer.{i}.heads", "heads", n_heads, (*q, *k, *v, o), heads, (Probe(out + "dense"),)))
         groups.append(Group(f"layer.{i}.vo", "vo", n_heads, (*v, o), heads))
+        k_in = [Slot(s.tensor, s.axis, "in", s.space) for s in k]
+        groups.append(Group(f"layer.{i}.qk", "qk", n_heads, (*q, *k_in), heads))
         groups.append(
             Group(
                 f"layer.{i}.mlp", "perm", config["intermediate_size"],

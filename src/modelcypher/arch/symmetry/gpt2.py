@@ -2,7 +2,8 @@
 
 Conv1D weights are ``[in, out]``, so readers carry the residual on axis 0 and writers on axis 1.
 ``attn.c_attn`` fuses q, k and v along its output axis: three ranges of ``n_embd`` units each, all in
-the head group's ``query`` space (GPT-2 has one KV head per query head). An orthogonal residual must fix
+the head group's ``query`` space (GPT-2 has one KV head per query head). Learned positions leave every
+invertible Q-K basis exact. An orthogonal residual must fix
 the all-ones direction (LayerNorm centres), and each LayerNorm's gain folds into the next Conv1D.
 """
 
@@ -32,6 +33,9 @@ def spec(config: dict, names: set[str] | None = None) -> SymmetrySpec:
         groups.append(Group(f"h.{i}.heads", "heads", n_heads, (*qkv, o), heads, (Probe(h + "attn.c_proj"),)))
         v = [s for s in qkv if s.start == 2 * d]
         groups.append(Group(f"h.{i}.vo", "vo", n_heads, (*v, o), heads))
+        q = [s for s in qkv if s.start == 0]
+        k = [Slot(s.tensor, s.axis, "in", s.space, s.start, s.stop) for s in qkv if s.start == d]
+        groups.append(Group(f"h.{i}.qk", "qk", n_heads, (*q, *k), heads))
         groups.append(
             Group(
                 f"h.{i}.mlp", "perm", inner,

@@ -1,9 +1,8 @@
 """Llama, Mistral and Qwen2 (``*ForCausalLM``): pre-RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
-Groups per layer: the SwiGLU hidden units (``perm``), the heads (``heads``, GQA-aware) and the per-KV-head
-V-O basis (``vo``); one residual group for the whole stack (orthogonal after folding each RMSNorm gain
-into its readers). Q/K get only head permutations: with RoPE an in-head transform of Q/K must commute
-with the rotary pairs, and nothing is gained by offering that small group.
+Groups per layer: the SwiGLU hidden units (``perm``), the heads (``heads``, GQA-aware), the per-KV-head
+V-O basis (``vo``) and Q-K basis (``qk``: with RoPE only a scaled rotation of each rotary pair); one
+residual group for the whole stack (orthogonal after folding each RMSNorm gain into its readers).
 Biases: Qwen2 has q/k/v biases; Llama has them on q/k/v/o with ``attention_bias`` and on the MLP with
 ``mlp_bias``; Mistral has none.
 """
@@ -21,6 +20,7 @@ def spec(config: dict, names: set[str] | None = None) -> SymmetrySpec:
         n_heads=n_heads,
         n_kv_heads=config.get("num_key_value_heads") or n_heads,
         head_dim=config.get("head_dim") or d // n_heads,
+        rope=True,
     )
     qkv_bias = config["model_type"] == "qwen2" or bool(config.get("attention_bias"))
     o_bias = config["model_type"] == "llama" and bool(config.get("attention_bias"))
@@ -51,6 +51,10 @@ def spec(config: dict, names: set[str] | None = None) -> SymmetrySpec:
         if qkv_bias:
             vo.append(Slot(a + "v_proj.bias", 0, space="kv"))
         groups.append(Group(f"layers.{i}.vo", "vo", heads.n_kv_heads, tuple(vo), heads))
+        qk = [Slot(a + "q_proj.weight", 0, space="query"), Slot(a + "k_proj.weight", 0, "in", space="kv")]
+        if qkv_bias:
+            qk += [Slot(a + "q_proj.bias", 0, space="query"), Slot(a + "k_proj.bias", 0, "in", space="kv")]
+        groups.append(Group(f"layers.{i}.qk", "qk", heads.n_kv_heads, tuple(qk), heads))
 
         attn_readers = tuple(Slot(a + f"{x}_proj.weight", 1, "in") for x in "qkv")
         mlp_readers = (Slot(m + "gate_proj.weight", 1, "in"), Slot(m + "up_proj.weight", 1, "in"))
