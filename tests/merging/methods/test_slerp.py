@@ -70,3 +70,23 @@ def test_dot_threshold_parameter(merge):
 def test_needs_one_other_model(merge):
     with pytest.raises(UserError):
         merge("slerp", [OTHER, OTHER], BASE, t=0.5)
+
+
+@pytest.mark.parametrize("case", ["random", "colinear", "zero"])
+def test_streamed_blocks_equal_the_whole_tensor(merge, case):
+    """The runner's block-by-block slerp (norms and dot summed over a first pass) gives the whole-tensor
+    result, on every row blocking, in both the slerp and the lerp-fallback regimes."""
+    from modelcypher.merging.methods.slerp import slerp_blocks
+
+    g = torch.Generator().manual_seed(0)
+    v0 = torch.randn(37, 11, generator=g)
+    v1 = {"random": torch.randn(37, 11, generator=g), "colinear": 2 * v0, "zero": torch.zeros(37, 11)}[case]
+    whole = merge("slerp", [v1], v0, t=0.3)
+    for rows in (1, 4, 36, 37):
+        cuts = range(0, 37, rows)
+
+        def passes(rows=rows, cuts=cuts):
+            return (([v1[a:a + rows]], v0[a:a + rows]) for a in cuts)
+
+        got = torch.cat(list(slerp_blocks(passes, v0.numel(), t=0.3)))
+        torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -16,6 +16,36 @@ from modelcypher.merging.registry import REQUIRED, register
 NORM_EPS = 1e-12
 
 
+Blocks = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
+
+
+def slerp_blocks(passes: Blocks, numel: int, *, t: float, DOT_THRESHOLD: float = 1.0 - 1e-6) -> Iterator[Tensor]:
+    """:func:`slerp` on a tensor seen in blocks of rows (``passes()`` yields each block's float32
+    ``([v1], v0)`` once per call): a first pass sums the norms and the dot product in float64, a
+    second combines each block with the two coefficients they give. Memory: a few blocks."""
+    with torch.no_grad():
+        n00 = n11 = n01 = 0.0
+        for (v1,), v0 in passes():
+            a, b, c = _grams(v0, v1)
+            n00, n11, n01 = n00 + a, n11 + b, n01 + c
+        s0, s1 = coefficients(n00, n11, n01, float(t), DOT_THRESHOLD)
+        for (v1,), v0 in passes():
+            yield v0 * s0 + v1 * s1
+
+
+def coefficients(n00: float, n11: float, n01: float, t: float, dot_threshold: float) -> tuple[float, float]:
+    """``(s0, s1)`` of ``s0 v0 + s1 v1`` from ``<v0,v0>, <v1,v1>, <v0,v1>``: slerp's, else lerp's."""
+    n0, n1 = math.sqrt(n00), math.sqrt(n11)
+    if n0 > NORM_EPS and n1 > NORM_EPS and math.isfinite(n0) and math.isfinite(n1):
+        # |u0 - u1|^2 = 2 - 2 cos and |u0 + u1|^2 = 2 + 2 cos, from float64 sums: no unit copies.
+        cos = max(-1.0, min(1.0, n01 / (n0 * n1)))
+        theta = 2.0 * math.atan2(math.sqrt(2.0 - 2.0 * cos), math.sqrt(2.0 + 2.0 * cos))
+        if abs(math.cos(theta)) <= dot_threshold:
+            sin_theta = math.sin(theta)
+            return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    return 1.0 - t, t
+
+
 @register(
     "slerp",
     base="required",
@@ -23,6 +53,7 @@ NORM_EPS = 1e-12
     global_params={"t": REQUIRED, "DOT_THRESHOLD": 1.0 - 1e-6},
     min_models=1,
     max_models=1,
+    stream=slerp_blocks,
 )
 def slerp(
     xs: Sequence[Tensor], base: Tensor | None, *, t: float, DOT_THRESHOLD: float = 1.0 - 1e-6,
@@ -40,6 +71,7 @@ def slerp(
     differ by less than ``theta**2 / 8 ~ 2.5e-7`` relatively, below float32 resolution, and for the
     antiparallel case slerp is undefined) or when either norm is below ``1e-12``. ``t`` outside
     ``[0, 1]`` extrapolates. ``t = 0`` returns the base and ``t = 1`` the other model exactly.
+    The whole tensor is one block of :func:`slerp_blocks`, which the runner streams.
     """
     if base is None:
         raise UserError("slerp needs a base_model")
@@ -48,20 +80,8 @@ def slerp(
     v0, v1 = f32(base), f32(xs[0])
     if v0.shape != v1.shape:
         raise UserError(f"slerp: tensor shape {tuple(v1.shape)} differs from the base's {tuple(v0.shape)}")
-    t = float(t)
-    with torch.no_grad():
-        n00, n11, n01 = _grams(v0, v1)
-        n0, n1 = math.sqrt(n00), math.sqrt(n11)
-        s0, s1 = 1.0 - t, t  # lerp unless the angle is usable
-        if n0 > NORM_EPS and n1 > NORM_EPS and math.isfinite(n0) and math.isfinite(n1):
-            # |u0 - u1|^2 = 2 - 2 cos and |u0 + u1|^2 = 2 + 2 cos, from float64 sums: no unit copies.
-            cos = max(-1.0, min(1.0, n01 / (n0 * n1)))
-            theta = 2.0 * math.atan2(math.sqrt(2.0 - 2.0 * cos), math.sqrt(2.0 + 2.0 * cos))
-            if abs(math.cos(theta)) <= DOT_THRESHOLD:
-                sin_theta = math.sin(theta)
-                s0 = math.sin((1.0 - t) * theta) / sin_theta
-                s1 = math.sin(t * theta) / sin_theta
-        return v0 * s0 + v1 * s1
+    (out,) = slerp_blocks(lambda: [([v1], v0)], v0.numel(), t=t, DOT_THRESHOLD=DOT_THRESHOLD)
+    return out
 
 
 def _grams(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> tuple[float, float, float]:
