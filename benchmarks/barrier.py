@@ -53,6 +53,7 @@ TRAIN_CHARS = 4_360_951  # characters in the 90% training split of the bundled S
 EVAL_TOKENS = 16384  # held-out (test split) tokens per loss
 PROBE_TOKENS = 16384  # training tokens for activation matching
 LEARN = dict(steps=1000, lr=1e-3, tokens=131072)  # learned matching: Adam steps, step size, training tokens
+RESTARTS = 4  # weight matching: descents from this many visiting orders, the best objective kept
 
 
 def recipe_key(recipe: dict, seed: int) -> str:
@@ -115,7 +116,7 @@ def aligned_states(method: str, residual: str, ck_a, ck_b, train_text: str | Non
     raw_b = {n: ck_b.get(n) for n in ck_b.names}
     t0 = time.perf_counter()
     found, facts = match(ck_b, ck_a, spec_of(ck_a), method=method, data=None, residual=residual, max_sweeps=20,
-                         seed=0, device=device, vo="vo" in bases, qk="qk" in bases, text=train_text,
+                         seed=0, device=device, vo="vo" in bases, qk="qk" in bases, restarts=RESTARTS, text=train_text,
                          max_probe_tokens=LEARN["tokens"] if method == "learned" else PROBE_TOKENS,
                          steps=LEARN["steps"], lr=LEARN["lr"])
     facts["seconds"] = time.perf_counter() - t0
@@ -173,7 +174,7 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
         print(f"gpt2  {name:66s} barrier {rows[name]['barrier']:.4f}", flush=True)
     train = [json.loads((d / "train.json").read_text()) for d in dirs]
     return {"models": [str(d) for d in dirs], "eval_tokens": len(ids), "probe_chars": PROBE_TOKENS,
-            "learned": LEARN,
+            "learned": LEARN, "restarts": RESTARTS,
             "val_loss": [t["log"][-1]["val_loss"] for t in train],
             "train_seconds": [t["seconds"] for t in train], "train_device": [t.get("device", "cpu") for t in train],
             "rows": rows}
@@ -232,7 +233,9 @@ def markdown(result: dict) -> str:
                   f"{r.get('dropout', 0.0)}, bf16 autocast, trained on {', '.join(sorted(set(devices)))}); "
                   f"val loss reached "
                   f"{', '.join(f'{v:.3f}' for v in g['val_loss'])} nats/char; barrier on {g['eval_tokens']} "
-                  f"test tokens; activation probes: {g['probe_chars']} training characters."]
+                  f"test tokens; activation probes: {g['probe_chars']} training characters; weight matching: "
+                  f"best objective of {g.get('restarts', 1)} descents (visiting orders), the residual started "
+                  "from the embeddings' Procrustes."]
         if "learned" in g:
             lr = g["learned"]
             lines += ["", f"Learned matching: weight matching (permutations, orthogonal residual, V-O and Q-K bases), "

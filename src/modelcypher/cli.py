@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--qk", action="store_true", help="also match each head's Q-K basis (weight matching; "
                    "under RoPE a rotation of each rotary pair)")
     a.add_argument("--max-sweeps", type=int, default=20)
+    a.add_argument("--restarts", type=int, default=1,
+                   help="weight matching: descents from this many visiting orders; the best objective wins")
     a.add_argument("--steps", type=int, default=200, help="learned matching: Adam steps (default 200)")
     a.add_argument("--lr", type=float, default=1e-3, help="learned matching: step size (default 1e-3)")
     a.add_argument("--seed", type=int, default=0)
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto")
     b.add_argument("--vo", action="store_true", help="--align weight: also match each head's V-O basis")
     b.add_argument("--qk", action="store_true", help="--align weight: also match each head's Q-K basis")
+    b.add_argument("--restarts", type=int, default=1, help="--align weight: descents from this many visiting "
+                   "orders; the best objective wins")
     b.add_argument("--probe", help="probe text for --align activation (default: the held-out text) or learned "
                    "(required: training text)")
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")

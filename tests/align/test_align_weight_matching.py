@@ -99,6 +99,20 @@ def test_qk_bases_raise_the_objective_between_independent_models():
     assert non_decreasing(both.history)
 
 
+def test_restarts_keep_the_best_descent_and_the_residual_starts_from_its_anchors():
+    from modelcypher.align.weight_matching import anchors
+
+    config, sd_a = tiny_model("gpt2", seed=0)
+    _, sd_b = tiny_model("gpt2", seed=1)
+    spec = spec_for(config, sd_a)
+    assert {p[0] for p in anchors(spec)} >= {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
+    runs = [match_weights(sd_b, sd_a, spec, vo=True, qk=True, seed=s, max_sweeps=3) for s in (5, 6, 7)]
+    best = match_weights(sd_b, sd_a, spec, vo=True, qk=True, seed=5, restarts=3, max_sweeps=3)
+    assert best.history == max(runs, key=lambda r: r.history[-1]).history
+    with pytest.raises(UserError, match="restarts"):
+        match_weights(sd_b, sd_a, spec, restarts=0)
+
+
 def test_objective_is_non_decreasing_between_independent_models():
     config, sd_a = tiny_model("llama", seed=0)
     _, sd_b = tiny_model("llama", seed=1)

@@ -33,10 +33,10 @@ def zoo_gpt2(path: Path, seed: int = 0) -> Path:
     return gpt2.save(model, tok, path)
 
 
-def permuted_copy(src: Path, dst: Path, residual: str) -> Path:
+def permuted_copy(src: Path, dst: Path, residual: str, kinds: tuple[str, ...] = ("perm", "heads", "residual")) -> Path:
     ck = Checkpoint(src)
     sd = {n: ck.get(n) for n in ck.names}
-    hidden = random_alignment(spec_for(ck.config, sd), kinds=("perm", "heads", "residual"), residual=residual, seed=1)
+    hidden = random_alignment(spec_for(ck.config, sd), kinds=kinds, residual=residual, seed=1)
     sd_b, config_b = apply(sd, ck.config, hidden)
     shutil.copytree(src, dst)
     (dst / "config.json").write_text(json.dumps(config_b))
@@ -70,6 +70,19 @@ def test_aligning_a_permuted_copy_removes_its_barrier(tmp_path, residual):
     assert aligned["loss"][0] == pytest.approx(raw["loss"][0], abs=1e-4)  # folding A keeps its function
     assert max(abs(x) for x in aligned["excess"]) < 1e-4  # aligned B is A again: a flat line
     assert abs(raw["loss"][5] - raw["loss"][0]) > 1e-2  # while the raw midpoint is another function
+
+
+def test_barrier_cli_aligns_in_head_bases_too(tmp_path):
+    """A copy moved by every symmetry, V-O and Q-K bases included, is flat once aligned with --vo --qk."""
+    a = zoo_gpt2(tmp_path / "a")
+    b = permuted_copy(a, tmp_path / "b", "orthogonal", kinds=("perm", "heads", "vo", "qk", "residual"))
+    (tmp_path / "t.txt").write_text(TEXT)
+    r = run_cli("barrier", a, b, "--data", tmp_path / "t.txt", "--align", "weight", "--vo", "--qk", "--restarts", "2",
+                "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert max(abs(x) for x in result["aligned"]["excess"]) < 1e-3
+    assert abs(result["raw"]["loss"][5] - result["raw"]["loss"][0]) > 1e-2  # the raw midpoint is another function
 
 
 def test_barrier_states_takes_state_dicts_and_any_loss():

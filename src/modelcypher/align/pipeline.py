@@ -204,8 +204,8 @@ def resolve(residual: str, spec: SymmetrySpec) -> str:
 
 def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str, data: str | Path | None,
           residual: str, max_sweeps: int, seed: int, device: str | torch.device, vo: bool = False,
-          qk: bool = False, text: str | None = None, max_probe_tokens: int = 65536, steps: int = LEARN_STEPS,
-          lr: float = LEARN_LR) -> tuple[Alignment, dict]:
+          qk: bool = False, restarts: int = 1, text: str | None = None, max_probe_tokens: int = 65536,
+          steps: int = LEARN_STEPS, lr: float = LEARN_LR) -> tuple[Alignment, dict]:
     """Transforms bringing B onto A, and facts for the report. Activation and learned matching read their
     text from the file ``data``, or take it as ``text``; ``steps`` and ``lr`` are learned matching's."""
     from modelcypher.align.activation_matching import match_activations
@@ -217,7 +217,7 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str
         folded = residual == "orthogonal"
         views = [CheckpointView(ck, spec, folded=folded) for ck in (ck_b, ck_a)]
         found = match_weights(*views, spec, residual=residual, vo=vo, qk=qk, max_sweeps=max_sweeps, seed=seed,
-                              prepared=True)
+                              restarts=restarts, prepared=True)
         return found, {"residual": residual, "objective": found.history, "sweeps": len(found.history) - 1}
     if method not in ("activation", "learned"):
         raise UserError(f"alignment method must be weight, activation or learned, not {method!r}")
@@ -234,7 +234,8 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str
         from modelcypher.align.learned_matching import match_learned
 
         init, facts = match(ck_b, ck_a, spec, method="weight", data=None, residual=residual,
-                            max_sweeps=max_sweeps, seed=seed, device=device, vo=True, qk=True)
+                            max_sweeps=max_sweeps, seed=seed, device=device, vo=True, qk=True,
+                            restarts=restarts)
         sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
         found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=steps, lr=lr, seed=seed,
                                       device=device)
@@ -427,7 +428,8 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path, *, method: str = "weight",
                      data: str | Path | None = None, residual: str = "auto", max_sweeps: int = 20,
                      seed: int = 0, device: str | torch.device = "cpu", overwrite: bool = False,
-                     vo: bool = False, qk: bool = False, steps: int = LEARN_STEPS, lr: float = LEARN_LR) -> dict:
+                     vo: bool = False, qk: bool = False, restarts: int = 1, steps: int = LEARN_STEPS,
+                     lr: float = LEARN_LR) -> dict:
     """Align checkpoint B onto A and write the aligned B to ``out``, a checkpoint of B's family computing
     B's function (checked on random inputs before anything is moved into place).
 
@@ -439,7 +441,8 @@ def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path, 
     check_output(out, [ck_a.path, ck_b.path], overwrite)
     device = _device(device)
     alignment, facts = match(ck_b, ck_a, spec, method=method, data=data, residual=residual,
-                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, qk=qk, steps=steps, lr=lr)
+                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, qk=qk, restarts=restarts,
+                             steps=steps, lr=lr)
     t1 = time.perf_counter()
     gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite)
     return {
@@ -493,7 +496,8 @@ def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
         out = workdir / f"{i:02d}-{ck.path.resolve().name}"
         report = align_checkpoint(ck.path, ref_ck.path, out, method=section.method, data=data,
                                   residual=section.residual, max_sweeps=section.max_sweeps, seed=section.seed,
-                                  device=device, vo=section.vo, qk=section.qk, steps=section.steps,
+                                  device=device, vo=section.vo, qk=section.qk, restarts=section.restarts,
+                                  steps=section.steps,
                                   lr=section.lr)
         orthogonal |= report["residual"] == "orthogonal"
         paths[i] = str(out.resolve())
@@ -519,8 +523,8 @@ def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
 def cli_align(args: argparse.Namespace) -> int:
     report = align_checkpoint(args.model_b, args.model_a, args.output, method=args.method, data=args.data,
                               residual=args.residual, max_sweeps=args.max_sweeps, seed=args.seed,
-                              device=args.device, overwrite=args.overwrite, vo=args.vo, qk=args.qk, steps=args.steps,
-                              lr=args.lr)
+                              device=args.device, overwrite=args.overwrite, vo=args.vo, qk=args.qk,
+                              restarts=args.restarts, steps=args.steps, lr=args.lr)
     how = f"{report['method']} matching, residual {report['residual']}"
     if "objective" in report:
         h = report["objective"]

@@ -209,17 +209,18 @@ class Matcher:
                 del wa, wb, xa, xb
         return m
 
-    def solve(self, i: int, residual: str) -> torch.Tensor:
+    def solve(self, i: int, residual: str, only: set[tuple] | None = None) -> torch.Tensor:
+        """The best transform of group ``i`` with the others fixed (over the slots in ``only``, if given)."""
         g = self.spec.groups[i]
         if g.kind == "perm":
-            return solve_lap(self.similarity(i)["unit"])
+            return solve_lap(self.similarity(i, only=only)["unit"])
         if g.kind == "residual":
             if residual == "permutation":
-                return solve_lap(self.similarity(i)["unit"])
-            m = self.similarity(i, skip_diag=True)["unit"]
+                return solve_lap(self.similarity(i, only=only)["unit"])
+            m = self.similarity(i, skip_diag=True, only=only)["unit"]
             t = procrustes_fixing_ones(m) if self.spec.norm == "layernorm" else procrustes(m)
             return t.T  # the alignment stores Q (x -> x Q), the transpose of the unit transform
-        mq, mkv = head_blocks(self.similarity(i), g)
+        mq, mkv = head_blocks(self.similarity(i, only=only), g)
         if g.kind == "heads":
             return solve_heads(trace(mq), trace(mkv), g.heads.group_size)
         blocks = per_kv_blocks(mq, mkv, g)
@@ -305,13 +306,17 @@ def match_weights(
     qk: bool = False,
     max_sweeps: int = 20,
     seed: int = 0,
+    restarts: int = 1,
     prepared: bool = False,
 ) -> Alignment:
     """Transforms bringing B onto A, by coordinate descent; ``history`` holds the objective per sweep.
 
     A first descent matches permutations and the residual; with ``vo`` and/or ``qk`` a second one adds
     each head's V-O and/or Q-K basis (orthogonal; under RoPE, Q-K rotates each rotary pair), solved
-    jointly with its head permutation. ``max_sweeps`` caps each descent.
+    jointly with its head permutation. ``max_sweeps`` caps each descent. The residual starts from its
+    solve on the tensors only it acts on (``anchors``). The objective has many local maxima: with
+    ``restarts`` > 1 the descent runs from seeds ``seed, seed + 1, ...`` (other visiting orders) and the
+    highest final objective wins.
     ``residual``: ``orthogonal`` (Procrustes; norms folded), ``permutation`` (exact in the original
     parameterization), ``none``, or ``auto`` (orthogonal where exact, else permutation).
     ``prepared``: the mappings already hold a tied head and, for an orthogonal residual, folded norms,
@@ -325,15 +330,32 @@ def match_weights(
         for name in {s.tensor for g in spec.groups for s in g.slots}:
             if a[name].shape != b[name].shape:
                 raise UserError(f"models differ in shape at {name}: {list(a[name].shape)} vs {list(b[name].shape)}")
-    matcher = Matcher(a, b, spec, {})
+    if restarts < 1:
+        raise UserError(f"restarts must be at least 1, not {restarts}")
+    kinds = {k for k, on in (("vo", vo), ("qk", qk)) if on}
+    best = None
+    for k in range(restarts):
+        found = descent(Matcher(a, b, spec, {}), residual, kinds, max_sweeps, random.Random(seed + k))
+        if best is None or found.history[-1] > best.history[-1]:
+            best = found
+    return best
+
+
+def descent(matcher: Matcher, residual: str, kinds: set[str], max_sweeps: int, rng: random.Random) -> Alignment:
+    """One coordinate descent from the anchored start: permutations and the residual, then (``kinds``)
+    the heads with their in-head bases."""
+    spec = matcher.spec
     stage_1 = [(i,) for i, g in enumerate(spec.groups)
                if g.kind in ("perm", "heads") or (g.kind == "residual" and residual != "none")]
     for (i,) in stage_1:
         matcher.set(i, identity(spec.groups[i], residual))
-    rng = random.Random(seed)
+    r = next((i for (i,) in stage_1 if spec.groups[i].kind == "residual"), None)
+    if r is not None and anchors(spec):
+        # The tensors only the residual acts on (embeddings, untied head) compare without any other
+        # transform: their solve is a meaningful start, where identity would be an arbitrary one.
+        matcher.set(r, matcher.solve(r, residual, only=anchors(spec)))
     history = [matcher.objective()]
     descend(matcher, stage_1, residual, max_sweeps, rng, history)
-    kinds = {k for k, on in (("vo", vo), ("qk", qk)) if on}
     if kinds:
         joint = heads_with_bases(spec, kinds)
         for c in joint:
@@ -343,6 +365,16 @@ def match_weights(
         stage_2 = [c for c in stage_1 if c[0] not in heads] + joint
         descend(matcher, stage_2, residual, max_sweeps, rng, history)
     return Alignment(dict(matcher.transforms), history)
+
+
+def anchors(spec: SymmetrySpec) -> set[tuple]:
+    """Places of the residual's slots on tensors no other group touches (the embeddings; the output
+    head; not the norm gains)."""
+    res = spec.residual
+    if res is None:
+        return set()
+    others = {s.tensor for g in spec.groups if g is not res for s in g.slots}
+    return {place(s) for s in res.slots if s.tensor not in others and s.role != "diag"}
 
 
 def heads_with_bases(spec: SymmetrySpec, kinds: set[str]) -> list[tuple[int, ...]]:

@@ -116,14 +116,14 @@ def context_of(config) -> int:
 def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *, points: int = 11,
                   max_tokens: int = 65536, device: str | torch.device = "cpu", align: str | None = None,
                   residual: str = "auto", max_sweeps: int = 20, seed: int = 0,
-                  probe_text: str | None = None, vo: bool = False, qk: bool = False) -> dict:
+                  probe_text: str | None = None, vo: bool = False, qk: bool = False, restarts: int = 1) -> dict:
     """Loss of held-out ``text`` (tokenized by A's tokenizer) between two checkpoints of one family.
 
     ``align``: also the curve after aligning B onto A by ``"weight"``, ``"activation"`` or ``"learned"``
     matching (probes: ``probe_text``, else ``text`` itself; learned matching needs ``probe_text``); with
     an orthogonal residual A is measured with its
     norms folded, the same function in the parameterization the aligned B is written in. ``vo``, ``qk``:
-    weight matching also matches each head's V-O and Q-K bases.
+    weight matching also matches each head's V-O and Q-K bases; ``restarts``: its descents, best kept.
     """
     from modelcypher.align import apply_verified, fold_norms
     from modelcypher.align.pipeline import _device, check_pair, load_tokenizer, match, spec_of
@@ -151,7 +151,7 @@ def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *
     result["lambdas"] = result["raw"].pop("lambdas")
     if align:
         found, facts = match(ck_b, ck_a, spec_of(ck_a), method=align, data=None, residual=residual,
-                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, qk=qk,
+                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, qk=qk, restarts=restarts,
                              text=probe_text if probe_text is not None else text)
         aligned_b, config_b = apply_verified(raw_b, ck_b.config, found)
         if facts["residual"] == "orthogonal":
@@ -209,7 +209,8 @@ def cli_barrier(args: argparse.Namespace) -> int:
                         "(never the held-out --data, which would measure the barrier on what it was fitted to)")
     result = barrier_curve(args.model_a, args.model_b, text, points=args.points, max_tokens=args.max_tokens,
                            device=args.device, align=align, residual=args.residual,
-                           probe_text=read_text(args.probe) if args.probe else None, vo=args.vo, qk=args.qk)
+                           probe_text=read_text(args.probe) if args.probe else None, vo=args.vo, qk=args.qk,
+                           restarts=args.restarts)
     result["data"] = str(args.data)
     blob = json.dumps(result, indent=2) + "\n"
     if args.json:

@@ -86,6 +86,7 @@ class AlignSection(Strict):
     seed: int = 0
     vo: bool = False  # weight matching: also each head's V-O basis
     qk: bool = False  # weight matching: also each head's Q-K basis
+    restarts: int = Field(default=1, ge=1)  # weight matching: descents from other visiting orders
     steps: int = Field(default=200, ge=1)  # learned matching
     lr: float = Field(default=1e-3, gt=0)
 
