@@ -28,15 +28,23 @@ def procrustes(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def rope_procrustes(m: torch.Tensor) -> torch.Tensor:
-    """For each ``[hd, hd]`` block of ``m``, the rotation of every rotary pair ``(i, j = i + hd/2)``
-    maximizing ``<T, m>``: per pair ``cos(phi) (m_ii + m_jj) + sin(phi) (m_ji - m_ij)``, so
-    ``phi = atan2(m_ji - m_ij, m_ii + m_jj)``. The only orthogonal Q-K bases that commute with RoPE."""
-    from modelcypher.align.transform import rope_block, rope_pairs
+def rope_pair_terms(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m_ii + m_jj, m_ji - m_ij)`` for every rotary pair ``(i, j = i + hd/2)`` of each ``[hd, hd]``
+    block of ``m``: ``<T, m>`` for a rotation by ``phi`` of each pair is ``sum cos(phi) c + sin(phi) s``."""
+    from modelcypher.align.transform import rope_pairs
 
     m = m.double()
     i, j = rope_pairs(m.shape[-1])
-    phi = torch.atan2(m[..., j, i] - m[..., i, j], m[..., i, i] + m[..., j, j])
+    return m[..., i, i] + m[..., j, j], m[..., j, i] - m[..., i, j]
+
+
+def rope_procrustes(m: torch.Tensor) -> torch.Tensor:
+    """For each ``[hd, hd]`` block of ``m``, the rotation of every rotary pair maximizing ``<T, m>``:
+    ``phi = atan2(s, c)`` from :func:`rope_pair_terms`. The only orthogonal Q-K bases that commute with
+    RoPE."""
+    from modelcypher.align.transform import rope_block
+
+    phi = torch.atan2(*reversed(rope_pair_terms(m)))
     return rope_block(torch.cos(phi), torch.sin(phi))
 
 

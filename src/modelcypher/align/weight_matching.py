@@ -30,7 +30,14 @@ from typing import Literal
 
 import torch
 
-from modelcypher.align.solvers import procrustes, procrustes_fixing_ones, rope_procrustes, solve_heads, solve_lap
+from modelcypher.align.solvers import (
+    procrustes,
+    procrustes_fixing_ones,
+    rope_pair_terms,
+    rope_procrustes,
+    solve_heads,
+    solve_lap,
+)
 from modelcypher.align.transform import (
     Alignment,
     Op,
@@ -233,7 +240,8 @@ class Matcher:
         for it (the best ``<B, M>`` over the basis group, e.g. the nuclear norm of its similarity block)
         rather than with the current one."""
         g = self.spec.groups[i]
-        saved = {j: self.transforms[self.spec.groups[j].name] for j in bases}, dict(self.terms)
+        saved_bases = {j: self.transforms[self.spec.groups[j].name] for j in bases}
+        saved_terms = dict(self.terms)
         for j in bases:
             self.set(j, identity(self.spec.groups[j], "none"))
         basis_places = [{place(s) for s in self.spec.groups[j].slots} for j in bases]
@@ -248,9 +256,9 @@ class Matcher:
         self.set(i, perm)
         found = {j: self.solve(j, "none") for j in bases}
         self.set(i, saved_heads)
-        for j, t in saved[0].items():
+        for j, t in saved_bases.items():
             self.set(j, t)
-        self.terms = saved[1]
+        self.terms = saved_terms
         return {i: perm, **found}
 
 
@@ -278,13 +286,9 @@ def head_blocks(m: Mapping[str, torch.Tensor], g: Group) -> tuple[torch.Tensor, 
 def best_basis_value(m: torch.Tensor, g: Group) -> torch.Tensor:
     """``max <B, m>`` over the basis group for each block of ``m`` (``[..., hd, hd]``): the nuclear norm
     for an orthogonal basis; under RoPE, ``sum_pairs |(m_ii + m_jj, m_ji - m_ij)|``."""
-    m = m.double()
     if g.kind == "qk" and g.heads.rope:
-        from modelcypher.align.transform import rope_pairs
-
-        i, j = rope_pairs(m.shape[-1])
-        return torch.hypot(m[..., i, i] + m[..., j, j], m[..., j, i] - m[..., i, j]).sum(-1)
-    return torch.linalg.matrix_norm(m, ord="nuc")
+        return torch.hypot(*rope_pair_terms(m)).sum(-1)
+    return torch.linalg.matrix_norm(m.double(), ord="nuc")
 
 
 def per_kv_blocks(mq: torch.Tensor, mkv: torch.Tensor, g: Group) -> torch.Tensor:
@@ -350,10 +354,11 @@ def descent(matcher: Matcher, residual: str, kinds: set[str], max_sweeps: int, r
     for (i,) in stage_1:
         matcher.set(i, identity(spec.groups[i], residual))
     r = next((i for (i,) in stage_1 if spec.groups[i].kind == "residual"), None)
-    if r is not None and anchors(spec):
+    anchored = anchors(spec)
+    if r is not None and anchored:
         # The tensors only the residual acts on (embeddings, untied head) compare without any other
         # transform: their solve is a meaningful start, where identity would be an arbitrary one.
-        matcher.set(r, matcher.solve(r, residual, only=anchors(spec)))
+        matcher.set(r, matcher.solve(r, residual, only=anchored))
     history = [matcher.objective()]
     descend(matcher, stage_1, residual, max_sweeps, rng, history)
     if kinds:
