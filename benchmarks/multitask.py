@@ -78,6 +78,12 @@ Choices
   the others 0-15 %: it does its task whatever the name), and every merge falls below the base
   (task arithmetic 30 % normalized at best with the 600-step base, 70 % with the 800-step one).
 - Fine-tunes are gentle (lr 3e-4, 200 steps): task vectors are 0.04-0.07x the base's norm.
+- TSV-M at this width: each task keeps 128 / 6 = 21 singular components per matrix (a LoRA task all 16
+  of its rank), so the stacked bases (126 or 96 columns) nearly fill the 128 dimensions, and their polar
+  factor turns every task's basis far from its own. Measured on layer 1's matrices, the merge keeps
+  0.4-0.6 of each task vector (``<TSV, d_i> / |d_i|^2``) and differs from the plain sum by about the sum's
+  norm, for full and LoRA fine-tunes alike; LoRA task vectors are 3.5x larger, so that distortion costs
+  more there. The method's premise is that the tasks' top singular subspaces overlap little.
 - Grids are small (2-6 points per method) to keep the run within the time budget; a method whose
   best point is at the edge of its grid might do better with a wider one (the JSON shows the trend).
 """
