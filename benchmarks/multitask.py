@@ -3,6 +3,8 @@
     python benchmarks/multitask.py                    # everything (about 20 minutes on 2 CPU cores)
     python benchmarks/multitask.py --variants full --methods ties,tsv   # a subset
     python benchmarks/multitask.py --device cuda      # pre-train and fine-tune on a GPU
+    python benchmarks/multitask.py --instruct-steps 800 --out benchmarks/results/multitask_instruct800
+                                                      # a base that already knows more
 
 What it does
 ------------
@@ -32,8 +34,8 @@ What it does
 
    Both add an anchor (:func:`anchor_examples`, weight 1): a KL to the starting model on prompts whose
    task name is none of the benchmark's (random 2-4 letter names), so the fine-tune learns that its
-   skill belongs to its own name and leaves the rest of the base alone, as a fine-tune of a large
-   model on one task does without being told. The anchor names no other benchmark task.
+   skill belongs to its own name and leaves the rest of the base alone (what task arithmetic assumes
+   of fine-tunes of a large base). The anchor names no other benchmark task.
 3. Merges the six fine-tunes of a variant with every method through the public
    :func:`modelcypher.merge` API (task arithmetic, TIES, DARE-TIES, TSV-M, WUDI, Fisher, RegMean,
    null-space), the instructed base as ``base_model``. The data-driven ones (Fisher, RegMean,
