@@ -201,20 +201,18 @@ def instruction_pool(data: dict) -> list:
     return pool
 
 
-def get_base(tok, data: dict, log=print, device: str = "cpu") -> Path:
-    """The instructed base every task is fine-tuned from: the pre-trained model after ``INSTRUCT``
+def get_base(tok, data: dict, instruct: FineTune = INSTRUCT, log=print, device: str = "cpu") -> Path:
+    """The instructed base every task is fine-tuned from: the pre-trained model after ``instruct``
     on :func:`instruction_pool` (trained once, then read from the cache)."""
     pre = get_pretrained(tok, log, device)
-    path = CACHE / f"instructed-{_key(pre.name, asdict(INSTRUCT), POOL, SIZES)}"
+    path = CACHE / f"instructed-{_key(pre.name, asdict(instruct), POOL, SIZES)}"
     if (path / "config.json").exists():
         return path
-    log(f"instructing the base: {INSTRUCT.steps} steps on {POOL} examples per task ...")
+    log(f"instructing the base: {instruct.steps} steps on {POOL} examples per task ...")
     t0 = time.perf_counter()
-    model = finetune(gpt2.load(pre)[0], instruction_pool(data), INSTRUCT, tok, device)
+    model = finetune(gpt2.load(pre)[0], instruction_pool(data), instruct, tok, device)
     pre_meta = json.loads((pre / "train_meta.json").read_text())
-    meta = {"pretrain": pre_meta, "config": asdict(INSTRUCT), "pool": POOL,
-            "val_loss": gpt2.eval_loss(model, shakespeare.split_by_play()[1], tok, max_tokens=65536),
-            "seconds": time.perf_counter() - t0}
+    meta = {"pretrain": pre_meta, "config": asdict(instruct), "pool": POOL, "seconds": time.perf_counter() - t0}
     _save(model, tok, path, meta)
     log(f"  instructed in {meta['seconds']:.0f}s")
     return path
@@ -554,7 +552,6 @@ def write_report(results: dict, path_json: Path, path_md: Path) -> str:
 
 
 def main(argv=None) -> int:
-    global INSTRUCT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="full,lora")
     ap.add_argument("--methods", default=",".join(GRIDS))
@@ -565,7 +562,6 @@ def main(argv=None) -> int:
     ap.add_argument("--instruct-steps", type=int, default=INSTRUCT.steps,
                     help="length of the base's instruction stage (how much of the tasks the base already solves)")
     args = ap.parse_args(argv)
-    INSTRUCT = replace(INSTRUCT, steps=args.instruct_steps)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -573,8 +569,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     tok = tokenizer()
     data = splits()
-    base_path = get_base(tok, data, device=args.device)
+    base_path = get_base(tok, data, replace(INSTRUCT, steps=args.instruct_steps), device=args.device)
     base_meta = json.loads((base_path / "train_meta.json").read_text())
+    instruct = base_meta["config"]
     results = {
         "tasks": {t: [e.line.strip() for e in data[t][0][:3]] for t in tasks.TASK_NAMES},
         "sizes": SIZES,
@@ -583,7 +580,7 @@ def main(argv=None) -> int:
                  "summary": f"GPT-2 {BASE.n_layer}x{BASE.n_embd}, context {BASE.block_size}, pre-trained "
                             f"{BASE.steps} steps x {BASE.batch_size} windows on Shakespeare (val loss "
                             f"{base_meta['pretrain']['val_loss']:.3f} nats/char), then instructed "
-                            f"{INSTRUCT.steps} steps x {INSTRUCT.batch_size} examples (lr {INSTRUCT.lr:g}) on "
+                            f"{instruct['steps']} steps x {instruct['batch_size']} examples (lr {instruct['lr']:g}) on "
                             f"{POOL} examples per task, inputs disjoint from the splits"},
         "finetune": {v: asdict(VARIANTS[v]) for v in VARIANTS},
         "finetune_summary": {
