@@ -157,6 +157,7 @@ def greedy_answers(model, tokenizer, examples: Sequence[Example], max_new: int =
     nl = int(encode_ids(END, tokenizer)[0])
     id_to_tok = {i: t for t, i in tokenizer.get_vocab().items()}
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # decode where the model is
     prompts = [END + e.prompt for e in examples]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -166,8 +167,8 @@ def greedy_answers(model, tokenizer, examples: Sequence[Example], max_new: int =
     for _, idx in sorted(by_len.items()):
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
-            ids = torch.stack([encode_ids(prompts[i], tokenizer) for i in chunk])
-            done = torch.zeros(len(chunk), dtype=torch.bool)
+            ids = torch.stack([encode_ids(prompts[i], tokenizer) for i in chunk]).to(device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
             new = []
             for _ in range(max_new):
                 logits = model(input_ids=ids[:, -block:], use_cache=False).logits[:, -1]
@@ -177,7 +178,7 @@ def greedy_answers(model, tokenizer, examples: Sequence[Example], max_new: int =
                 if bool(done.all()):
                     break
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
-            gen = torch.stack(new, dim=1)
+            gen = torch.stack(new, dim=1).cpu()
             for row, i in enumerate(chunk):
                 outs[i] = "".join(id_to_tok[t] for t in gen[row].tolist()).split(END, 1)[0]
     return outs

@@ -1,0 +1,93 @@
+"""Calibrate the multi-task benchmark's recipes for a new model size, on the validation split only.
+
+    python benchmarks/multitask_calibrate.py --layers 8 --width 512 --device cuda
+
+For one size it pre-trains the base (cached like the benchmark's), instructs it for several lengths and
+reports each base's validation accuracies, picks the length whose average is nearest ``--target`` (the
+4x128 base's level), then fine-tunes every task with each candidate recipe and scores task arithmetic
+in memory over a few lambdas. What :data:`multitask.SCALES` holds for 8x512 was read off this probe
+(``results/multitask_8x512_calibration.json``). Nothing here touches the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import multitask as mt  # noqa: E402
+
+from modelcypher.zoo import gpt2, tasks  # noqa: E402
+
+# name: (steps, lr, LoRA rank or 0 for a full fine-tune)
+RECIPES = {"full_3e-4_200": (200, 3e-4, 0), "full_1e-4_300": (300, 1e-4, 0),
+           "lora_1e-3_300": (300, 1e-3, 16), "lora_3e-4_400": (400, 3e-4, 16)}
+
+
+def task_arithmetic(base, fts: dict, lam: float, device: str):
+    """``base + lam * sum(ft - base)``, in memory."""
+    bsd = base.state_dict()
+    model = copy.deepcopy(base)
+    model.load_state_dict({k: bsd[k] + lam * sum(f[k] - bsd[k] for f in fts.values()) for k in bsd})
+    return model.to(device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--instruct-steps", default="150,250,400,600")
+    ap.add_argument("--target", type=float, default=0.58, help="validation average wanted of the base")
+    ap.add_argument("--out", default=str(mt.RESULTS / "multitask_calibration.json"))
+    args = ap.parse_args(argv)
+    dev, t0 = args.device, time.perf_counter()
+    log: dict = {"scale": f"{args.layers}x{args.width}"}
+
+    def dump():
+        Path(args.out).write_text(json.dumps(log, indent=1) + "\n")
+
+    tok, data = mt.tokenizer(), mt.splits()
+    pre_cfg = replace(mt.SCALES["8x512"].pretrain, n_layer=args.layers, n_head=args.width // 64, n_embd=args.width)
+    pre = mt.get_pretrained(tok, pre_cfg, print, dev)
+    log["pretrain"] = json.loads((pre / "train_meta.json").read_text())
+    pretrained, pool = gpt2.load(pre)[0], mt.instruction_pool(data)
+    curve, bases = {}, {}
+    for n in map(int, args.instruct_steps.split(",")):
+        bases[n] = mt.finetune(pretrained, pool, replace(mt.INSTRUCT, steps=n), tok, dev)
+        curve[n] = mt.evaluate(bases[n].to(dev), tok, data, 1)
+        bases[n].cpu()
+        print(f"instruct {n}: val avg {mt._mean(curve[n]):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    log["curve"] = curve
+    chosen = min(curve, key=lambda n: abs(mt._mean(curve[n]) - args.target))
+    base, log["chosen_instruct"], log["finetunes"] = bases[chosen], chosen, {}
+    for name, (steps, lr, rank) in RECIPES.items():
+        cfg = (replace(mt.LORA, steps=steps, lr=lr, lora_rank=rank, lora_alpha=3.0 * rank) if rank
+               else replace(mt.FULL, steps=steps, lr=lr))
+        fts, own = {}, {}
+        for t in tasks.TASK_NAMES:
+            m = mt.finetune(base, data[t][0], cfg, tok, dev).to(dev)
+            own[t] = mt.evaluate(m, tok, data, 1)[t]
+            fts[t] = m.cpu().state_dict()
+        rec = {"own": own, "own_avg": mt._mean(own), "task_arithmetic": {}}
+        for lam in (0.3, 0.5, 0.7, 1.0):
+            v = mt.evaluate(task_arithmetic(base, fts, lam, dev), tok, data, 1)
+            rec["task_arithmetic"][lam] = {"avg": mt._mean(v), "norm": mt.normalized(v, own), "acc": v}
+        best = max(rec["task_arithmetic"].values(), key=lambda r: r["avg"])
+        print(f"{name}: own {rec['own_avg']:.3f}, task arithmetic norm {best['norm']:.3f} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        log["finetunes"][name] = rec
+        dump()
+    log["seconds"] = time.perf_counter() - t0
+    dump()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
