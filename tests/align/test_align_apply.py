@@ -34,6 +34,9 @@ KINDS = {
     "all": dict(vo="invertible", qk="invertible"),
 }
 TIGHT = dict(atol=1e-5, rtol=1e-5)
+# A random invertible V-O map is not norm-preserving: it amplifies float32 round-off, and how much depends
+# on the machine's BLAS (1.3e-5 seen with 16 threads on the reload test below).
+INVERTIBLE = dict(atol=5e-5, rtol=5e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -96,7 +99,7 @@ def test_aligned_checkpoint_reloads_as_same_family(family, tie, tmp_path):
     assert reloaded.config.model_type == config["model_type"]
     inputs = random_inputs(config, 3, 12, seed=5)
     before = logits_of(build_model(config, sd), inputs)
-    torch.testing.assert_close(logits_of(reloaded, inputs), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(reloaded, inputs), before, **INVERTIBLE)
 
 
 def test_fold_norms_keeps_logits_and_sets_gains_to_one():
