@@ -6,9 +6,12 @@ safetensors, fsynced as the merge's output is). Both sides are timed alike, from
 processes: interpreter start, imports (torch for both, plus ModelCypher's own for a merge) and work;
 each process also reports its own import time, so the figures can be read with or without it. Peak
 RSS is the process's own high-water mark (VmHWM): ru_maxrss would carry over the benchmark's own size
-across fork and exec. Where mergekit is installed in a separate environment
-(MERGEKIT_PYTHON=/path/to/python), it is timed on the same configs. Results:
-benchmarks/results/merge_speed.{json,md}.
+across fork and exec. The floor is timed once to warm the page cache, then again before each of a
+method's runs; the fastest floor of the whole run is the reference (disk speed drifts, and the fastest
+floor is the hardest bar). Where mergekit is installed in a separate environment
+(MERGEKIT_PYTHON=/path/to/python), it is timed on the same configs; e.g.
+``python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit`` (which reuses the
+installed torch). Results: benchmarks/results/merge_speed.{json,md}.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_speed.py [--small]
 """
@@ -179,16 +182,23 @@ def main() -> None:
     mk_python = os.environ.get("MERGEKIT_PYTHON")
     out = root / "out"
     rows = []
-    floor = min(timed(sys.executable, FLOOR, ",".join(map(str, paths)), str(out)) for _ in range(args.repeats))
-    shutil.rmtree(out, ignore_errors=True)
+    floors = []  # the floor is timed again next to every method (disk and cache drift), the fastest kept
+
+    def floor_run():
+        floors.append(timed(sys.executable, FLOOR, ",".join(map(str, paths)), str(out)))
+        shutil.rmtree(out, ignore_errors=True)
+
+    floor_run()  # warms the page cache for everything after it
     for method in METHODS:
         cfg_path = root / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
-        ours = min(timed(sys.executable, OURS, str(cfg_path), str(out)) for _ in range(args.repeats))
-        shutil.rmtree(out, ignore_errors=True)
-        row = {"method": method, "seconds": ours[0], "peak_rss_bytes": ours[1], "import_seconds": ours[2],
-               "floor_seconds": floor[0], "ratio_to_floor": ours[0] / floor[0],
-               "ratio_to_floor_without_imports": (ours[0] - ours[2]) / (floor[0] - floor[2])}
+        runs = []
+        for _ in range(args.repeats):
+            floor_run()
+            runs.append(timed(sys.executable, OURS, str(cfg_path), str(out)))
+            shutil.rmtree(out, ignore_errors=True)
+        ours = min(runs)
+        row = {"method": method, "seconds": ours[0], "peak_rss_bytes": ours[1], "import_seconds": ours[2]}
         if mk_python:
             try:
                 mk = timed(sys.executable, MERGEKIT, str(cfg_path), str(out), mk_python)
@@ -198,6 +208,10 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    floor = min(floors)
+    for row in rows:
+        row.update(floor_seconds=floor[0], ratio_to_floor=row["seconds"] / floor[0],
+                   ratio_to_floor_without_imports=(row["seconds"] - row["import_seconds"]) / (floor[0] - floor[2]))
     # Peak memory against depth: the same width at 4 and 16 layers (a small vocabulary, so the embedding
     # is not the largest tensor); streaming means the peak should not move.
     depth_rows = []
@@ -212,6 +226,7 @@ def main() -> None:
         print(json.dumps(depth_rows[-1]), flush=True)
     result = {"depth": depth_rows, "shape": shape, "parameters": n_params, "models": len(paths), "dtype": "bfloat16",
               "floor_seconds": floor[0], "floor_peak_rss_bytes": floor[1], "floor_import_seconds": floor[2],
+              "floor_runs_seconds": [f[0] for f in floors],
               "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     dest = HERE / "results"
