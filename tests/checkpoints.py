@@ -79,3 +79,23 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 def load(path: Path, family: str) -> torch.nn.Module:
     cls = MODEL_CLASS.get(family, tf.AutoModelForCausalLM)
     return cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def char_gpt2_set(root: Path) -> list[Path]:
+    """A character-level GPT-2 base and two 'fine-tunes' with the Shakespeare tokenizer, plus the texts
+    ``comedy.txt`` and ``tragedy.txt`` (6000 characters each) for the data-driven methods; base first."""
+    import transformers as tf
+
+    from modelcypher.zoo import chartok, shakespeare
+
+    tok = chartok.build_char_tokenizer(shakespeare.vocab())
+    torch.manual_seed(0)
+    base = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    paths = []
+    for i, m in enumerate([base, finetune(base, 1, 0.05), finetune(base, 2, 0.05)]):
+        m.save_pretrained(root / f"m{i}")
+        tok.save_pretrained(root / f"m{i}")
+        paths.append(root / f"m{i}")
+    for genre in ("comedy", "tragedy"):
+        (root / f"{genre}.txt").write_text(shakespeare.text(genre)[:6000])
+    return paths

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
 
-from checkpoints import family_set, finetune, state
+from checkpoints import char_gpt2_set, family_set, state
 from modelcypher.api import merge
-from modelcypher.zoo import chartok, shakespeare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -78,16 +76,7 @@ def test_random_methods_on_cuda_are_seeded_and_unbiased(llama_set, tmp_path, met
 
 
 def test_data_methods_on_cuda_equal_cpu(tmp_path):
-    tok = chartok.build_char_tokenizer(shakespeare.vocab())
-    torch.manual_seed(0)
-    base = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64))
-    paths = []
-    for i, m in enumerate([base, finetune(base, 1, 0.05), finetune(base, 2, 0.05)]):
-        m.save_pretrained(tmp_path / f"m{i}")
-        tok.save_pretrained(tmp_path / f"m{i}")
-        paths.append(tmp_path / f"m{i}")
-    for genre in ("comedy", "tragedy"):
-        (tmp_path / f"{genre}.txt").write_text(shakespeare.text(genre)[:6000])
+    paths = char_gpt2_set(tmp_path)
     for method in ("regmean", "fisher", "null_space"):
         cfg = {"merge_method": method, "base_model": str(paths[0]),
                "models": [{"model": str(paths[1]), "parameters": {"data": str(tmp_path / "comedy.txt")}},

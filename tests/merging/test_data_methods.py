@@ -8,26 +8,15 @@ import pytest
 import torch
 import transformers as tf
 
-from checkpoints import finetune, state
+from checkpoints import char_gpt2_set, state
 from cli_util import run_cli, write_config
 from modelcypher.merging.registry import get_method
-from modelcypher.zoo import chartok, shakespeare
 
 
 @pytest.fixture(scope="module")
 def char_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("char")
-    tok = chartok.build_char_tokenizer(shakespeare.vocab())
-    torch.manual_seed(0)
-    base = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64))
-    paths = []
-    for i, m in enumerate([base, finetune(base, 1, 0.05), finetune(base, 2, 0.05)]):
-        m.save_pretrained(root / f"m{i}")
-        tok.save_pretrained(root / f"m{i}")
-        paths.append(root / f"m{i}")
-    comedy, tragedy = shakespeare.text("comedy")[:6000], shakespeare.text("tragedy")[:6000]
-    (root / "comedy.txt").write_text(comedy)
-    (root / "tragedy.txt").write_text(tragedy)
+    paths = char_gpt2_set(root)
     return root, paths
 
 
