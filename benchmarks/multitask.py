@@ -2,7 +2,7 @@
 
     python benchmarks/multitask.py                    # everything (about 20 minutes on 2 CPU cores)
     python benchmarks/multitask.py --variants full --methods ties,tsv   # a subset
-    python benchmarks/multitask.py --device cuda      # pre-train and fine-tune on a GPU
+    python benchmarks/multitask.py --device cuda      # train, merge and evaluate on a GPU
     python benchmarks/multitask.py --instruct-steps 800 --out benchmarks/results/multitask_instruct800
                                                       # a base that already knows more
     python benchmarks/multitask.py --scale 8x512 --device cuda --variants full \
@@ -596,8 +596,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="full,lora")
     ap.add_argument("--methods", default=",".join(GRIDS))
     ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
-    ap.add_argument("--device", default="cpu", help="where to pre-train and fine-tune (e.g. cuda); merges and "
-                    "evaluation run on the CPU")
+    ap.add_argument("--device", default="cpu", help="where to train, merge and evaluate (e.g. cuda)")
     ap.add_argument("--out", default=str(RESULTS / "multitask"), help="results path without extension")
     ap.add_argument("--scale", default="4x128", choices=SCALES, help="model size and its calibrated recipes")
     ap.add_argument("--instruct-steps", type=int, default=None,
