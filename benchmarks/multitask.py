@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -335,20 +336,27 @@ def anchor_examples(model: nn.Module, tok, n: int = ANCHORS, seed: int = 3) -> l
     return [tasks.Example(e.task, e.input, a) for e, a in zip(prompts, answers, strict=True)]
 
 
-def finetune(base: nn.Module, examples, cfg: FineTune, tok, device: str = "cpu") -> nn.Module:
+@torch.no_grad()
+def anchor_targets(model: nn.Module, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The anchor lines of :func:`anchor_examples` on ``model``'s device: ids ``[N, L]``, the mask of
+    the positions scored ``[N, L-1]``, and ``model``'s own log-probabilities there ``[N, L-1, V]``."""
+    device = next(model.parameters()).device
+    a_ids = encode_examples(anchor_examples(model, tok), tok)[0].to(device)
+    a_logp = torch.log_softmax(model.eval()(input_ids=a_ids[:, :-1], use_cache=False).logits.float(), -1)
+    return a_ids, a_ids[:, 1:] != tok.eos_token_id, a_logp
+
+
+def finetune(base: nn.Module, examples, cfg: FineTune, tok, device: str = "cpu", anchors=None) -> nn.Module:
     """Fine-tune a copy of ``base`` on ``examples`` (loss on the answers); LoRA is folded in at the end.
 
     With ``cfg.anchor > 0`` each step adds ``anchor * KL(base || model)`` over every position of a
-    batch of :func:`anchor_examples` lines (the base's next-character distributions, computed once).
+    batch of anchor lines: ``anchors`` (:func:`anchor_targets` of ``base`` on ``device``, shared by the
+    fine-tunes of one base), or computed here from ``base``.
     """
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(base).to(device)
-    if cfg.anchor > 0:  # the starting model's answers and distributions, from the copy before any step
-        a_ids, _ = encode_examples(anchor_examples(model, tok), tok)
-        a_ids = a_ids.to(device)
-        a_mask = a_ids[:, 1:] != tok.eos_token_id
-        with torch.no_grad():
-            a_logp = torch.log_softmax(model.eval()(input_ids=a_ids[:, :-1], use_cache=False).logits.float(), -1)
+    if cfg.anchor > 0:
+        a_ids, a_mask, a_logp = anchors if anchors is not None else anchor_targets(model, tok)
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.freeze_embeddings:
@@ -392,6 +400,12 @@ def splits(seed: int = 0) -> dict[str, tuple]:
     return {t: tasks.make_splits(t, SIZES, seed) for t in tasks.TASK_NAMES}
 
 
+@functools.cache
+def _base_anchors(base_path: Path, tok, device: str):
+    """:func:`anchor_targets` of the base at ``base_path``, computed once for all its fine-tunes."""
+    return anchor_targets(gpt2.load(base_path)[0].to(device), tok)
+
+
 def get_finetune(variant: str, cfg: FineTune, task: str, base_path: Path, data: dict, tok, log=print,
                  device: str = "cpu") -> Path:
     key = asdict(cfg)
@@ -402,7 +416,8 @@ def get_finetune(variant: str, cfg: FineTune, task: str, base_path: Path, data: 
         return path
     base, _ = gpt2.load(base_path)
     t0 = time.perf_counter()
-    model = finetune(base, data[task][0], cfg, tok, device)
+    anchors = _base_anchors(base_path, tok, device) if cfg.anchor > 0 else None
+    model = finetune(base, data[task][0], cfg, tok, device, anchors)
     sec = time.perf_counter() - t0
     _save(model, tok, path, {"config": asdict(cfg), "seconds": sec})
     log(f"  fine-tuned {variant}/{task} in {sec:.0f}s")

@@ -67,12 +67,13 @@ def main(argv=None) -> int:
     log["curve"] = curve
     chosen = min(curve, key=lambda n: abs(mt._mean(curve[n]) - args.target))
     base, log["chosen_instruct"], log["finetunes"] = bases[chosen], chosen, {}
+    anchors = mt.anchor_targets(copy.deepcopy(base).to(dev), tok)  # shared by every fine-tune below
     for name, (steps, lr, rank) in RECIPES.items():
         cfg = (replace(mt.LORA, steps=steps, lr=lr, lora_rank=rank, lora_alpha=3.0 * rank) if rank
                else replace(mt.FULL, steps=steps, lr=lr))
         fts, own = {}, {}
         for t in tasks.TASK_NAMES:
-            m = mt.finetune(base, data[t][0], cfg, tok, dev).to(dev)
+            m = mt.finetune(base, data[t][0], cfg, tok, dev, anchors).to(dev)
             own[t] = mt.evaluate(m, tok, data, 1)[t]
             fts[t] = m.cpu().state_dict()
         rec = {"own": own, "own_avg": mt._mean(own), "task_arithmetic": {}}
