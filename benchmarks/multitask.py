@@ -505,7 +505,7 @@ def fmt_point(point: dict) -> str:
 
 
 def run_variant(variant: str, cfg: FineTune, base_path: Path, data: dict, tok, methods: list[str], res: dict,
-                log=print, device: str = "cpu", checkpoint=lambda: None) -> dict:
+                log=print, device: str = "cpu", checkpoint=lambda: None) -> None:
     """Fine-tune (or reuse) one model per task, merge with every method over its grid, evaluate; results
     go into ``res`` as they come (``checkpoint`` is called after each method)."""
     fts = {t: get_finetune(variant, cfg, t, base_path, data, tok, log, device) for t in tasks.TASK_NAMES}
@@ -551,7 +551,6 @@ def run_variant(variant: str, cfg: FineTune, base_path: Path, data: dict, tok, m
         log(f"  [{variant}] {method:<16} chose {fmt_point(best['params'])}: test avg {_mean(te):.3f} "
             f"norm {normalized(te, indiv_test):.3f}  ({time.perf_counter() - t0:.0f}s)")
         checkpoint()
-    return res
 
 
 
@@ -629,7 +628,6 @@ def main(argv=None) -> int:
     data = splits()
     base_path = get_base(tok, data, instruct, pre, device=args.device)
     base_meta = json.loads((base_path / "train_meta.json").read_text())
-    instruct = base_meta["config"]
     results = {
         "tasks": {t: [e.line.strip() for e in data[t][0][:3]] for t in tasks.TASK_NAMES},
         "sizes": SIZES,
@@ -638,7 +636,7 @@ def main(argv=None) -> int:
                  "summary": f"GPT-2 {pre.n_layer}x{pre.n_embd}, context {pre.block_size}, pre-trained "
                             f"{pre.steps} steps x {pre.batch_size} windows (lr {pre.lr:g}) on Shakespeare (val loss "
                             f"{base_meta['pretrain']['val_loss']:.3f} nats/char), then instructed "
-                            f"{instruct['steps']} steps x {instruct['batch_size']} examples (lr {instruct['lr']:g}) on "
+                            f"{instruct.steps} steps x {instruct.batch_size} examples (lr {instruct.lr:g}) on "
                             f"{POOL} examples per task, inputs disjoint from the splits"},
         "finetune": {v: asdict(c) for v, c in scale.variants.items()},
         "finetune_summary": {

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multitask as mt  # noqa: E402
 
+from modelcypher.merging.registry import get_method  # noqa: E402
 from modelcypher.zoo import gpt2, tasks  # noqa: E402
 
 # name: (steps, lr, LoRA rank or 0 for a full fine-tune)
@@ -31,10 +32,11 @@ RECIPES = {"full_3e-4_200": (200, 3e-4, 0), "full_1e-4_300": (300, 1e-4, 0),
 
 
 def task_arithmetic(base, fts: dict, lam: float, device: str):
-    """``base + lam * sum(ft - base)``, in memory."""
+    """The registered ``task_arithmetic`` method applied tensor by tensor, in memory."""
     bsd = base.state_dict()
+    merge = get_method("task_arithmetic").fn
     model = copy.deepcopy(base)
-    model.load_state_dict({k: bsd[k] + lam * sum(f[k] - bsd[k] for f in fts.values()) for k in bsd})
+    model.load_state_dict({k: merge([f[k] for f in fts.values()], bsd[k], lambda_=lam) for k in bsd})
     return model.to(device)
 
 
