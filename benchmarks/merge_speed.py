@@ -1,14 +1,14 @@
 """Merge speed and memory on ~200M-parameter Llama-shaped checkpoints (base + 3 fine-tunes, bf16).
 
 For each method: wall time and peak RSS of a fresh `modelcypher merge` process, next to the I/O floor
-measured in the same run (a fresh process that reads every input tensor once and writes one model with
-safetensors, fsynced as the merge's output is). Both sides are timed alike, from outside, as whole
-processes: interpreter start, imports (torch for both, plus ModelCypher's own for a merge) and work;
-each process also reports its own import time, so the figures can be read with or without it. Peak
-RSS is the process's own high-water mark (VmHWM): ru_maxrss would carry over the benchmark's own size
-across fork and exec. The floor is timed once to warm the page cache, then again before each of a
-method's runs; the fastest floor of the whole run is the reference (disk speed drifts, and the fastest
-floor is the hardest bar). Where mergekit is installed in a separate environment
+measured in the same run: a fresh process that reads every byte of the models that method's merge reads
+(slerp two, linear the three fine-tunes, the others all four) and writes one model with safetensors,
+fsynced as the merge's output is. Both sides are timed alike, from outside, as whole processes:
+interpreter start, imports (torch for both, plus ModelCypher's own for a merge) and work; each process
+also reports its own import time, so the figures can be read with or without it. Peak RSS is the
+process's own high-water mark (VmHWM): ru_maxrss would carry over the benchmark's own size across fork
+and exec. The floor is timed once to warm the page cache, then again before each of a method's runs;
+a method's fastest floor is its reference (disk speed drifts, and the fastest floor is the hardest bar). Where mergekit is installed in a separate environment
 (MERGEKIT_PYTHON=/path/to/python), it is timed on the same configs; e.g.
 ``python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit`` (which reuses the
 installed torch). Results: benchmarks/results/merge_speed.{json,md}.
@@ -103,6 +103,10 @@ def config_for(method: str, paths: list[Path]) -> dict:
 # Each process prints: seconds spent importing, its peak RSS (bytes).
 PEAK = 'int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024'
 
+# The floor reads every byte of each input model once (models after the first into one reused buffer,
+# the fastest read there is) and writes the first model with safetensors, which reads its bytes out
+# of the memory-mapped file as it serializes them. Reading through safe_open alone would not do:
+# get_tensor maps the file and touches nothing.
 FLOOR = r"""
 import time
 t0 = time.perf_counter()
@@ -112,16 +116,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 t_import = time.perf_counter() - t0
 models = sys.argv[1].split(",")
+buf = bytearray(64 << 20)
+for m in models[1:]:
+    for f in sorted(Path(m).glob("*.safetensors")):
+        with open(f, "rb") as h:
+            while h.readinto(buf):
+                pass
 out = {}
-files = [sorted(Path(m).glob("*.safetensors")) for m in models]
-for k, fs in enumerate(files):
-    for f in fs:
-        with safe_open(str(f), "pt") as h:
-            for n in h.keys():
-                t = h.get_tensor(n)
-                if k == 0:
-                    out[n] = t
-                del t
+for f in sorted(Path(models[0]).glob("*.safetensors")):
+    with safe_open(str(f), "pt") as h:
+        for n in h.keys():
+            out[n] = h.get_tensor(n)
 Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)
 dest = Path(sys.argv[2]) / "model.safetensors"
 save_file(out, str(dest), metadata={"format": "pt"})
@@ -182,23 +187,31 @@ def main() -> None:
     mk_python = os.environ.get("MERGEKIT_PYTHON")
     out = root / "out"
     rows = []
-    floors = []  # the floor is timed again next to every method (disk and cache drift), the fastest kept
+    # A method's floor reads the models its merge reads (slerp two, linear the three fine-tunes, the
+    # others all four). It is timed again next to every run (disk and cache drift); the fastest is kept.
+    floors: dict[str, list] = {}
 
-    def floor_run():
-        floors.append(timed(sys.executable, FLOOR, ",".join(map(str, paths)), str(out)))
+    def floor_run(inputs: list[Path]):
+        key = ",".join(map(str, inputs))
+        floors.setdefault(key, []).append(timed(sys.executable, FLOOR, key, str(out)))
         shutil.rmtree(out, ignore_errors=True)
+        return key
 
-    floor_run()  # warms the page cache for everything after it
+    floor_run(paths)  # warms the page cache for everything after it
     for method in METHODS:
+        cfg = config_for(method, paths)
         cfg_path = root / f"{method}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config_for(method, paths)))
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        inputs = list(dict.fromkeys([Path(m["model"]) for m in cfg["models"]] + (
+            [Path(cfg["base_model"])] if "base_model" in cfg else [])))
         runs = []
         for _ in range(args.repeats):
-            floor_run()
+            key = floor_run(inputs)
             runs.append(timed(sys.executable, OURS, str(cfg_path), str(out)))
             shutil.rmtree(out, ignore_errors=True)
         ours = min(runs)
-        row = {"method": method, "seconds": ours[0], "peak_rss_bytes": ours[1], "import_seconds": ours[2]}
+        row = {"method": method, "inputs": len(inputs), "seconds": ours[0], "peak_rss_bytes": ours[1],
+               "import_seconds": ours[2], "floor_key": key}
         if mk_python:
             try:
                 mk = timed(sys.executable, MERGEKIT, str(cfg_path), str(out), mk_python)
@@ -208,9 +221,10 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    floor = min(floors)
     for row in rows:
-        row.update(floor_seconds=floor[0], ratio_to_floor=row["seconds"] / floor[0],
+        floor = min(floors[row.pop("floor_key")])
+        row.update(floor_seconds=floor[0], floor_import_seconds=floor[2], floor_peak_rss_bytes=floor[1],
+                   ratio_to_floor=row["seconds"] / floor[0],
                    ratio_to_floor_without_imports=(row["seconds"] - row["import_seconds"]) / (floor[0] - floor[2]))
     # Peak memory against depth: the same width at 4 and 16 layers (a small vocabulary, so the embedding
     # is not the largest tensor); streaming means the peak should not move.
@@ -225,8 +239,7 @@ def main() -> None:
         depth_rows.append({"layers": layers, "seconds": secs, "peak_rss_bytes": rss})
         print(json.dumps(depth_rows[-1]), flush=True)
     result = {"depth": depth_rows, "shape": shape, "parameters": n_params, "models": len(paths), "dtype": "bfloat16",
-              "floor_seconds": floor[0], "floor_peak_rss_bytes": floor[1], "floor_import_seconds": floor[2],
-              "floor_runs_seconds": [f[0] for f in floors],
+              "floor_runs_seconds": {k: [f[0] for f in v] for k, v in floors.items()},
               "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     dest = HERE / "results"
@@ -235,21 +248,22 @@ def main() -> None:
     (dest / f"merge_speed{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Merge speed, {n_params / 1e6:.0f}M-parameter Llama-shaped bf16 checkpoints, base + 3 fine-tunes, "
              f"{result['machine']}, {result['date']}.", "",
-             f"I/O floor (a fresh process that reads every input tensor once and writes one model with "
-             f"safetensors, fsynced): {floor[0]:.2f} s, of which {floor[2]:.2f} s importing torch and "
-             f"safetensors; peak RSS {floor[1] / 2**30:.2f} GiB.", "",
+             "I/O floor: a fresh process that reads every byte of the models a method's merge reads "
+             "(slerp two, linear the three fine-tunes, the others four) and writes one model with "
+             "safetensors, fsynced; the fastest of its runs beside that method's.", "",
              "Every time is a whole fresh process (interpreter, imports, work), timed alike from outside; "
              "'x floor' divides it by the floor's. 'imports' is the merge process's own import time "
              "(torch and ModelCypher); 'x floor w/o imports' divides the times less each side's imports.",
              "",
-             "| method | seconds | x floor | imports (s) | x floor w/o imports | peak RSS (GiB) "
-             "| mergekit seconds | mergekit RSS (GiB) | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | inputs | floor (s) | floor imports (s) | seconds | x floor | imports (s) | "
+             "x floor w/o imports | peak RSS (GiB) | mergekit seconds | mergekit RSS (GiB) | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mk = (f"{r['mergekit_seconds']:.1f} | {r['mergekit_peak_rss_bytes'] / 2**30:.2f} | "
               f"{r['speedup_vs_mergekit']:.2f}x") if "mergekit_seconds" in r else (
               f"{r.get('mergekit_error', 'not installed')} | - | -")
-        lines.append(f"| {r['method']} | {r['seconds']:.2f} | {r['ratio_to_floor']:.2f} | {r['import_seconds']:.2f} | "
+        lines.append(f"| {r['method']} | {r['inputs']} | {r['floor_seconds']:.2f} | {r['floor_import_seconds']:.2f} | "
+                     f"{r['seconds']:.2f} | {r['ratio_to_floor']:.2f} | {r['import_seconds']:.2f} | "
                      f"{r['ratio_to_floor_without_imports']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | {mk} |")
     lines += ["", "Peak RSS against depth (ties, same width, vocabulary 1000): "
               + ", ".join(f"{r['layers']} layers {r['peak_rss_bytes'] / 2**30:.2f} GiB" for r in depth_rows)]

@@ -84,12 +84,12 @@ def read_tensor(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
         shape, start, nbytes = (max(b - a, 0),) + shape[1:], start + a * row_bytes, max(b - a, 0) * row_bytes
     if nbytes == 0:
         return torch.empty(shape, dtype=info.dtype)
-    buf = bytearray(nbytes)
+    buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: the read overwrites every byte
     with open(info.file, "rb") as f:
         f.seek(start)
-        if f.readinto(buf) != nbytes:
+        if f.readinto(buf.numpy()) != nbytes:
             raise UserError(f"{info.file}: truncated while reading a tensor at byte {start}")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+    return buf.view(info.dtype).reshape(shape)
 
 
 class StreamingFile:

@@ -147,17 +147,23 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
         order = tqdm(order, desc=f"merge ({plan.method.name})", unit="tensor", leave=False)
     reports: dict[str, dict] = {}
     names = list(writer.order)
-    # A reader thread reads the next tensor's inputs while this one is computed (file reads release
-    # the GIL): the merge then costs about max(read, compute) per tensor rather than their sum.
-    with ThreadPoolExecutor(max_workers=1) as reader:
+    # A reader thread reads the next tensor's inputs and a writer thread writes the last block while
+    # this one is computed (file I/O releases the GIL): the merge then costs about max(read, compute,
+    # write) per tensor rather than their sum. One write in flight at most keeps memory bounded.
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writing:
         ahead = reader.submit(read_first_block, plan, by_name[names[0]]) if names else None
+        written = None
         for k, name in enumerate(order):
             ready = ahead.result()
             ahead = reader.submit(read_first_block, plan, by_name[names[k + 1]]) if k + 1 < len(names) else None
             reports[name] = {}
             for _, part in compute_blocks(plan, by_name[name], device, seed, allow_nonfinite, stats,
                                           reports[name], ready, reader):
-                writer.write(name, part)
+                if written is not None:
+                    written.result()
+                written = writing.submit(writer.write, name, part)
+        if written is not None:
+            written.result()
     writer.finish()
     reports = {k: v for k, v in reports.items() if v}
     if reports:
