@@ -8,10 +8,10 @@ interpreter start, imports (torch for both, plus ModelCypher's own for a merge) 
 also reports its own import time, so the figures can be read with or without it. Peak RSS is the
 process's own high-water mark (VmHWM): ru_maxrss would carry over the benchmark's own size across fork
 and exec. The floor is timed once to warm the page cache, then again before each of a method's runs;
-a method's fastest floor is its reference (disk speed drifts, and the fastest floor is the hardest bar). Where mergekit is installed in a separate environment
-(MERGEKIT_PYTHON=/path/to/python), it is timed on the same configs; e.g.
-``python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit`` (which reuses the
-installed torch). Results: benchmarks/results/merge_speed.{json,md}.
+a method's fastest floor is its reference (disk speed drifts, and the fastest floor is the hardest bar).
+Where mergekit is installed in a separate environment (MERGEKIT_PYTHON=/path/to/python), it is timed on
+the same configs; e.g. ``python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install
+mergekit`` (which reuses the installed torch). Results: benchmarks/results/merge_speed.{json,md}.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_speed.py [--small]
 """
