@@ -6,6 +6,7 @@ Peak memory is the inputs of one tensor (in float32) plus its result, whatever t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,16 @@ def resolve_device(device: str) -> torch.device:
 # per input, so the largest tensors (embeddings, heads) do not set the peak memory, and a block's
 # temporaries stay in the CPU caches (16 MiB blocks ran linear merges about 2x slower on 2 cores).
 BLOCK_ELEMENTS = 1 << 19
+
+
+# The raw inputs of one tensor a multi-pass method may keep in memory between its passes: the
+# embeddings of a 7B Llama, four models' worth, in bf16.
+HOLD_BYTES = 1 << 30
+
+
+def _raw_bytes(plan: Plan, task: TensorTask) -> int:
+    """Bytes of a task's raw inputs, whole."""
+    return sum(math.prod(plan.models[mi].shape(n)) * plan.models[mi].dtype(n).itemsize for mi, n in _inputs(plan, task))
 
 
 def _inputs(plan: Plan, task: TensorTask) -> list[tuple[int, str]]:
@@ -105,11 +116,20 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
         kwargs["report"] = report
     blocks = row_blocks(task, _blocked(plan))
     checked = allow_nonfinite
+    # A method that makes several passes keeps the raw blocks of the first in memory for the others,
+    # when they fit in HOLD_BYTES, rather than reading the files again.
+    held: list[dict] | None = [] if plan.method.stream is not None and _raw_bytes(plan, task) <= HOLD_BYTES else None
 
     def passes():
         """One pass over the blocks as float32 ``(xs, base)``; inputs are checked in the first pass only."""
         nonlocal checked
         check, checked = not checked, True
+        if held is not None and len(held) == len(blocks):
+            for raw in held:
+                yield _float32(plan, task, raw, device, check)
+            return
+        if held:
+            held.clear()  # an earlier pass stopped part way
         nxt = None
         for i, rows in enumerate(blocks):
             if i == 0 and ready:
@@ -117,6 +137,8 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
             else:
                 raw = nxt.result() if nxt is not None else read_block(plan, task, rows)
             nxt = reader.submit(read_block, plan, task, blocks[i + 1]) if reader and i + 1 < len(blocks) else None
+            if held is not None:
+                held.append(raw)
             yield _float32(plan, task, raw, device, check)
             del raw
 

@@ -59,3 +59,19 @@ def test_density_zero_is_base(merge, gen):
 def test_density_out_of_range(merge, gen):
     with pytest.raises(UserError):
         merge("dare_linear", XS, BASE, rng=gen(0), density=[1.5, 0.5])
+
+
+def test_keep_probability_is_density_to_two_to_the_minus_16(gen):
+    """Coins come from 16-bit integers: p = round(density * 2**16) / 2**16, survivors scaled by 1/p."""
+    from modelcypher.merging.methods._sparsify import drop_and_rescale
+
+    n, density = 1 << 20, 0.3
+    p = round(density * 2**16) / 2**16  # 19661 / 65536
+    out = drop_and_rescale(torch.ones(n), density, gen(5))
+    kept = out != 0
+    assert torch.equal(out[kept], torch.full((int(kept.sum()),), 1.0 / p))
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(float(kept.float().mean()) - p) < 5 * sigma
+    # four coins per 64-bit draw, and no lane is stuck: every quarter of the entries keeps about p
+    for lane in range(4):
+        assert abs(float(kept[lane::4].float().mean()) - p) < 10 * sigma

@@ -233,25 +233,42 @@ def band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
 # random drops
 
 
+# DARE's coin flips come as 16-bit uniform integers, four from each 64-bit draw: torch's CPU generator
+# makes one number per ~3 ns on one core, so a float32 draw per entry was most of a DARE merge. The
+# keep probability is then ``density`` rounded to a multiple of 2**-16, and survivors are rescaled by
+# the inverse of that probability, so ``E[result] = delta`` still holds exactly.
+KEEP_LEVELS = 1 << 16
+
+
+def keep_levels(density: float) -> int:
+    """The keep probability ``density`` as a count of 2**-16 steps (round half up, clipped)."""
+    return count(density, KEEP_LEVELS)
+
+
+def bernoulli_mask(shape: Sequence[int], levels: int, rng: torch.Generator, device: torch.device) -> Tensor:
+    """float32 ones with probability ``levels / 2**16``, zeros elsewhere, independently per entry."""
+    n = math.prod(shape)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=rng)
+    u = draws.view(torch.int16)[:n].to(torch.float32).reshape(shape)  # uniform on [-2**15, 2**15)
+    # kept where u < levels - 2**15, i.e. where (levels - 2**15 - u) >= 1; elsewhere it is <= 0
+    return u.neg_().add_(levels - 2**15).clamp_(0.0, 1.0)
+
+
 def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator) -> Tensor:
-    """DARE: keep each entry independently with probability ``density``, rescale survivors by ``1/density``.
+    """DARE: keep each entry independently with probability ``p`` (``density`` to 2**-16), rescale
+    survivors by ``1/p``.
 
-    ``E[result] = delta``. ``density >= 1`` returns an exact copy (no random numbers drawn);
-    ``density <= 0`` returns zeros.
+    ``E[result] = delta``. ``p = 1`` returns an exact copy (no random numbers drawn); ``p = 0``
+    returns zeros. A dropped entry is ``0 * delta``: NaN or Inf, which only ``--allow-nonfinite``
+    lets in, stay non-finite, as in task arithmetic.
     """
-    if density >= 1.0:
+    levels = keep_levels(density)
+    if levels >= KEEP_LEVELS:
         return delta.clone()
-    if density <= 0.0:
+    if levels <= 0:
         return torch.zeros_like(delta)
-    u = torch.rand(delta.shape, generator=rng, device=delta.device, dtype=torch.float32)
-    # u < density as an int32 mask: non-negative floats order as their bits do
-    kept = u.view(torch.int32).sub_(_bits_of(density)).bitwise_right_shift_(31)
-    return keep_(delta / density, kept)
-
-
-def _bits_of(x: float) -> int:
-    """The int32 bit pattern of float32 ``x``."""
-    return int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
+    mask = bernoulli_mask(delta.shape, levels, rng, delta.device)
+    return mask.mul_(delta).mul_(KEEP_LEVELS / levels)
 
 
 def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:

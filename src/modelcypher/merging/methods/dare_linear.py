@@ -40,10 +40,11 @@ def dare_linear(
     """DARE + task arithmetic.
 
     ``d_i = m_i * (x_i - base) / density_i`` with ``m_i ~ Bernoulli(density_i)`` elementwise (drop
-    rate ``p = 1 - density_i``; ``density_i = 1`` keeps everything exactly, ``density_i = 0`` drops
-    everything); ``result = base + lambda_ * sum_i w_i d_i`` (sum divided by ``sum_i w_i`` when
-    ``normalize``, default False). ``E[result]`` is the undropped task-arithmetic result. The masks
-    come from ``rng``, drawn model by model in config order.
+    rate ``p = 1 - density_i``; ``density_i`` taken to a multiple of 2**-16, see
+    :func:`~modelcypher.merging.methods._sparsify.drop_and_rescale`; ``density_i = 1`` keeps
+    everything exactly, ``density_i = 0`` drops everything); ``result = base + lambda_ * sum_i w_i d_i``
+    (sum divided by ``sum_i w_i`` when ``normalize``, default False). ``E[result]`` is the undropped
+    task-arithmetic result. The masks come from ``rng``, drawn model by model in config order.
     """
     n = len(xs)
     w = per_model(weight, n, "weight")
