@@ -157,9 +157,30 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
         yield rows, y.to(dtype=task.dtype, device="cpu")
 
 
+def keep_heap_warm() -> None:
+    """Have glibc's malloc serve block-sized temporaries from a heap it keeps mapped.
+
+    A merge allocates and frees megabyte temporaries thousands of times a second. With glibc's
+    defaults each one may be a fresh mmap, or the heap's top goes back to the kernel and is faulted in
+    (and zeroed) again: about a third of a linear merge's time on 2 cores. Blocks up to the largest
+    mmap threshold (32 MiB) now come from the heap, which keeps 256 MiB of slack at its top.
+    Process-wide and harmless elsewhere; a no-op where the C library has no ``mallopt``.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return
+    m_top_pad, m_mmap_threshold = -2, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_top_pad, 256 << 20)
+
+
 def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, allow_nonfinite: bool = False,
             max_shard_size: int = 5 * 10**9, progress: bool = False, stats=None) -> dict[str, dict]:
     """Write the merged model into ``out_dir`` (an empty directory); returns the methods' per-tensor reports."""
+    keep_heap_warm()
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in plan.tasks], max_shard_size)
     by_name = {t.name: t for t in plan.tasks}
     order = writer.order

@@ -90,3 +90,22 @@ def test_streamed_blocks_equal_the_whole_tensor(merge, case):
 
         got = torch.cat(list(slerp_blocks(passes, v0.numel(), t=0.3)))
         torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("theta", [2e-3, 5e-2])
+def test_small_angle_from_float32_sums(merge, theta):
+    """Small angles (2e-3 rad is just above the lerp threshold) between float32 vectors of different
+    norms: the result matches slerp computed in float64 to float32 precision."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4096, generator=g, dtype=torch.float64)
+    w = torch.randn(4096, generator=g, dtype=torch.float64)
+    w -= (w @ a) / (a @ a) * a
+    w *= a.norm() / w.norm()
+    t = 0.3
+    v0, v1 = a, 1.5 * (a * math.cos(theta) + w * math.sin(theta))
+    want = (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+    got = merge("slerp", [v1.float()], v0.float(), t=t).double()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    if theta > 1e-2:  # here slerp and lerp differ by far more than the error
+        lerp = (1 - t) * v0 + t * v1
+        assert (lerp - want).abs().max() > 100 * (got - want).abs().max()

@@ -21,26 +21,27 @@ Blocks = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
 
 def slerp_blocks(passes: Blocks, numel: int, *, t: float, DOT_THRESHOLD: float = 1.0 - 1e-6) -> Iterator[Tensor]:
     """:func:`slerp` on a tensor seen in blocks of rows (``passes()`` yields each block's float32
-    ``([v1], v0)`` once per call): a first pass sums the norms and the dot product in float64, a
+    ``([v1], v0)`` once per call): a first pass sums ``|v0|^2``, ``|v1|^2`` and ``|v1 - v0|^2``, a
     second combines each block with the two coefficients they give. Memory: a few blocks."""
     with torch.no_grad():
-        n00 = n11 = n01 = 0.0
+        n00 = n11 = dd = 0.0
         for (v1,), v0 in passes():
-            a, b, c = _grams(v0, v1)
-            n00, n11, n01 = n00 + a, n11 + b, n01 + c
-        s0, s1 = coefficients(n00, n11, n01, float(t), DOT_THRESHOLD)
+            a, b, c = _squares(v0, v1)
+            n00, n11, dd = n00 + a, n11 + b, dd + c
+        s0, s1 = coefficients(n00, n11, dd, float(t), DOT_THRESHOLD)
         for (v1,), v0 in passes():
             yield v0 * s0 + v1 * s1
 
 
-def coefficients(n00: float, n11: float, n01: float, t: float, dot_threshold: float) -> tuple[float, float]:
-    """``(s0, s1)`` of ``s0 v0 + s1 v1`` from ``<v0,v0>, <v1,v1>, <v0,v1>``: slerp's, else lerp's."""
+def coefficients(n00: float, n11: float, dd: float, t: float, dot_threshold: float) -> tuple[float, float]:
+    """``(s0, s1)`` of ``s0 v0 + s1 v1`` from ``|v0|^2, |v1|^2, |v1 - v0|^2``: slerp's, else lerp's."""
     n0, n1 = math.sqrt(n00), math.sqrt(n11)
-    if n0 > NORM_EPS and n1 > NORM_EPS and math.isfinite(n0) and math.isfinite(n1):
-        # |u0 - u1|^2 = 2 - 2 cos and |u0 + u1|^2 = 2 + 2 cos, from float64 sums: no unit copies.
-        cos = max(-1.0, min(1.0, n01 / (n0 * n1)))
-        theta = 2.0 * math.atan2(math.sqrt(2.0 - 2.0 * cos), math.sqrt(2.0 + 2.0 * cos))
-        if abs(math.cos(theta)) <= dot_threshold:
+    if n0 > NORM_EPS and n1 > NORM_EPS and math.isfinite(n0) and math.isfinite(n1) and math.isfinite(dd):
+        # |u0 - u1|^2 = 2 - 2 cos = (|v1 - v0|^2 - (n1 - n0)^2) / (n0 n1), and |u0 + u1|^2 = 4 minus it:
+        # from the difference, which keeps small angles accurate where a dot product would cancel.
+        diff2 = min(4.0, max(0.0, (dd - (n1 - n0) ** 2) / (n0 * n1)))
+        theta = 2.0 * math.atan2(math.sqrt(diff2), math.sqrt(4.0 - diff2))
+        if abs(1.0 - diff2 / 2.0) <= dot_threshold:
             sin_theta = math.sin(theta)
             return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
     return 1.0 - t, t
@@ -84,11 +85,13 @@ def slerp(
     return out
 
 
-def _grams(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> tuple[float, float, float]:
-    """<a,a>, <b,b>, <a,b> accumulated in float64 over chunks (float32 sums lose small angles)."""
+def _squares(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> tuple[float, float, float]:
+    """|a|^2, |b|^2, |b - a|^2, float32 dot products over chunks summed in float64 (about 1e-6
+    relative error each; the angle comes from the difference, so small angles keep their precision)."""
     a, b = a.reshape(-1), b.reshape(-1)
-    aa = bb = ab = 0.0
+    aa = bb = dd = 0.0
     for i in range(0, a.numel(), chunk):
-        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
-        aa, bb, ab = aa + float(x @ x), bb + float(y @ y), ab + float(x @ y)
-    return aa, bb, ab
+        x, y = a[i:i + chunk], b[i:i + chunk]
+        d = y - x
+        aa, bb, dd = aa + float(x @ x), bb + float(y @ y), dd + float(d @ d)
+    return aa, bb, dd
