@@ -202,3 +202,25 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch, method):
     assert get_method(method).rowwise or get_method(method).stream
     for n in whole:
         torch.testing.assert_close(blocks[n], whole[n], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_multi_pass_methods_give_the_same_merge_held_or_read_again(tmp_path, monkeypatch, method):
+    """Multi-pass methods keep a tensor's raw blocks between passes (up to HOLD_BYTES) or read them
+    again: the same output to the bit, over many blocks per tensor."""
+    import modelcypher
+    from modelcypher.merging import run
+
+    base, a, b = family_set(tmp_path, "llama", 2, dtype=torch.bfloat16)
+    models = [{"model": str(a), "parameters": {"density": 0.4}}, {"model": str(b), "parameters": {"density": 0.6}}]
+    cfg = ({"merge_method": "ties", "base_model": str(base), "models": models} if method == "ties" else
+           {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(a)}],
+            "parameters": {"t": 0.3}})
+    monkeypatch.setattr(run, "BLOCK_ELEMENTS", 256)
+    modelcypher.merge(cfg, tmp_path / "held")
+    monkeypatch.setattr(run, "HOLD_BYTES", 0)
+    modelcypher.merge(cfg, tmp_path / "read")
+    held, read = state(tmp_path / "held"), state(tmp_path / "read")
+    assert set(held) == set(read)
+    for n in held:
+        assert torch.equal(held[n], read[n]), n

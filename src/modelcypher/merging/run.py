@@ -1,6 +1,7 @@
 """The streaming runner: one output tensor at a time, read -> merge -> write.
 
-Peak memory is the inputs of one tensor (in float32) plus its result, whatever the depth of the model.
+Peak memory is the inputs of one tensor (in float32) plus its result, whatever the depth of the model;
+a multi-pass method also keeps that tensor's raw inputs between its passes, up to ``HOLD_BYTES``.
 """
 
 from __future__ import annotations
