@@ -213,3 +213,28 @@ def test_output_inside_an_input_is_refused(tmp_path, trio):
     r = run_cli("merge", path, "-o", trio[0] / "merged")
     assert r.returncode != 0 and "inside the input model" in r.stderr
     assert not (trio[0] / "merged").exists()
+
+
+def test_a_failing_tensor_stops_every_worker(tmp_path, monkeypatch):
+    """The runner computes tensors side by side: a tensor that fails while others wait on a full queue
+    for the writer still ends the merge with its own error, the threads restored, nothing left."""
+    import modelcypher.merging.run as run
+    from modelcypher.api import merge
+    from modelcypher.errors import UserError
+
+    base = build("gpt2")
+    bad = finetune(base, 1)
+    with torch.no_grad():
+        bad.transformer.h[1].attn.c_attn.weight[3, 5] = float("inf")
+    save(base, tmp_path / "base")
+    save(bad, tmp_path / "bad")
+    monkeypatch.setattr(run, "BLOCK_ELEMENTS", 64)  # many blocks per tensor
+    monkeypatch.setattr(run, "QUEUED_BLOCKS", 1)  # a tensor ahead of its turn waits at once
+    monkeypatch.setattr(run, "cpu_workers", lambda: (3, 1))
+    threads = torch.get_num_threads()
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "bad")}]}
+    with pytest.raises(UserError, match="transformer.h.1.attn.c_attn.weight"):
+        merge(cfg, tmp_path / "out", device="cpu")
+    assert torch.get_num_threads() == threads
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -224,3 +224,24 @@ def test_multi_pass_methods_give_the_same_merge_held_or_read_again(tmp_path, mon
     assert set(held) == set(read)
     for n in held:
         assert torch.equal(held[n], read[n]), n
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_tensors_computed_side_by_side_give_the_same_merge(tmp_path, monkeypatch, method):
+    """One worker or several, short queues or not: the same output to the bit (DARE is seeded per tensor)."""
+    import modelcypher
+    from modelcypher.merging import run
+
+    base, a, b = family_set(tmp_path, "llama", 2, dtype=torch.bfloat16, shard="20KB")
+    cfg = {"merge_method": method, "base_model": str(base),
+           "models": [{"model": str(m), "parameters": {"density": 0.5}} for m in (a, b)]}
+    monkeypatch.setattr(run, "BLOCK_ELEMENTS", 256)
+    monkeypatch.setattr(run, "cpu_workers", lambda: (1, 1))
+    modelcypher.merge(cfg, tmp_path / "one", device="cpu")
+    monkeypatch.setattr(run, "cpu_workers", lambda: (3, 1))
+    monkeypatch.setattr(run, "QUEUED_BLOCKS", 2)
+    modelcypher.merge(cfg, tmp_path / "three", device="cpu")
+    one, three = state(tmp_path / "one"), state(tmp_path / "three")
+    assert set(one) == set(three)
+    for n in one:
+        assert torch.equal(one[n], three[n]), n
