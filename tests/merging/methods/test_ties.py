@@ -131,9 +131,9 @@ def _where_consensus(deltas, weights, normalize):
 
 @pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, -1.0, 0.5], [0.0, 1.0, 1.0]])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_integer_masks_match_boolean_masks_bit_for_bit(weights, normalize):
-    """The consensus built from integer masks equals the boolean-mask formula to the bit, zeros'
-    signs, infinities and NaN included."""
+def test_float_agreement_matches_boolean_masks_bit_for_bit(weights, normalize):
+    """The consensus built from float agreement factors equals the boolean-mask formula to the bit,
+    zeros' signs, infinities and NaN included."""
     from modelcypher.merging.methods._sparsify import sign_consensus
 
     g = torch.Generator().manual_seed(len(weights) + normalize)

@@ -254,21 +254,21 @@ def bernoulli_mask(shape: Sequence[int], levels: int, rng: torch.Generator, devi
     return u.neg_().add_(levels - 2**15).clamp_(0.0, 1.0)
 
 
-def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator) -> Tensor:
+def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator, weight: float = 1.0) -> Tensor:
     """DARE: keep each entry independently with probability ``p`` (``density`` to 2**-16), rescale
-    survivors by ``1/p``.
+    survivors by ``1/p`` (times ``weight``, folded into the same multiplication).
 
-    ``E[result] = delta``. ``p = 1`` returns an exact copy (no random numbers drawn); ``p = 0``
-    returns zeros. A dropped entry is ``0 * delta``: NaN or Inf, which only ``--allow-nonfinite``
-    lets in, stay non-finite, as in task arithmetic.
+    ``E[result] = weight * delta``. ``p = 1`` returns ``delta * weight`` (no random numbers drawn);
+    ``p = 0`` returns zeros. A dropped entry is ``0 * delta``: NaN or Inf, which only
+    ``--allow-nonfinite`` lets in, stay non-finite, as in task arithmetic.
     """
     levels = keep_levels(density)
     if levels >= KEEP_LEVELS:
-        return delta.clone()
+        return delta.clone() if weight == 1.0 else delta * weight
     if levels <= 0:
         return torch.zeros_like(delta)
     mask = bernoulli_mask(delta.shape, levels, rng, delta.device)
-    return mask.mul_(delta).mul_(KEEP_LEVELS / levels)
+    return mask.mul_(delta).mul_(weight * KEEP_LEVELS / levels)
 
 
 def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -338,27 +338,32 @@ def sign_consensus(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     return disjoint_merge_([d * w for d, w in zip(deltas, weights, strict=True)], weights, normalize)
 
 
-def agreement_mask(c: Tensor, s: Tensor) -> Tensor:
-    """int32 mask of where ``c * s > 0`` (NaN never agrees)."""
-    return torch.gt(torch.mul(c, s), 0).to(torch.int32).neg_()
-
-
 def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
     """:func:`sign_consensus` from the contributions ``c_i = w_i d_i``, which it overwrites (callers
-    hand over temporaries: no copies). Elementwise, so blocks of rows give the whole tensor's result."""
+    hand over temporaries: no copies). Elementwise, so blocks of rows give the whole tensor's result.
+
+    In float arithmetic only (comparisons and boolean masks cost several times more on CPU): model i
+    agrees where ``a_i = relu(sign(c_i) * s)`` is 1, and adds ``c_i * a_i`` (``c_i`` or a zero) to the
+    numerator and ``w_i * a_i`` to the denominator, in model order, so the sums are those of the
+    boolean-mask formula to the bit. Where the elected sign is NaN (a NaN contribution, or opposite
+    infinities) nobody agrees: ``a_i`` is NaN there, and both sums are set back to 0.
+    """
     total = contributions[0].clone()
     for c in contributions[1:]:
         total.add_(c)
     s = total.sign_()
-    num = den = None
+    num = torch.zeros_like(s)
+    den = torch.zeros_like(s) if normalize else None
     for c, w in zip(contributions, weights, strict=True):
-        agree = agreement_mask(c, s)
-        num = keep_(c, agree) if num is None else num.add_(keep_(c, agree))
+        agree = torch.sign(c).mul_(s).relu_()
+        num.addcmul_(c, agree)
         if normalize:
-            w_agree = keep_(torch.full_like(c, w), agree)
-            den = w_agree if den is None else den.add_(w_agree)
+            den.add_(agree, alpha=w)
+    # a finite elected sign leaves no NaN behind (an infinite contribution agrees with it, or it is NaN)
+    num.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     if not normalize:
         return num
+    den.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     if min(weights) >= 0:
         # den is 0 only where nobody agrees, and num is +0 there: dividing by 1 keeps it
         return num.div_(den.add_(den.sign().neg_().add_(1.0)))

@@ -10,9 +10,9 @@ from torch import Tensor
 from modelcypher.merging.methods._sparsify import (
     apply_delta,
     check_fraction,
+    disjoint_merge_,
     drop_and_rescale,
     per_model,
-    sign_consensus,
     task_vectors,
 )
 from modelcypher.merging.methods.dare_linear import DARE_PAPER
@@ -46,5 +46,6 @@ def dare_ties(
     dens = per_model(density, n, "density")
     check_fraction(dens, "density")
     with torch.no_grad():
-        dropped = [drop_and_rescale(t, d, rng) for t, d in zip(task_vectors(xs, base), dens, strict=True)]
-        return apply_delta(base, sign_consensus(dropped, w, normalize), lambda_)
+        # the contributions c_i = w_i d_i, with w_i folded into the rescale
+        c = [drop_and_rescale(t, d, rng, wi) for t, d, wi in zip(task_vectors(xs, base), dens, w, strict=True)]
+        return apply_delta(base, disjoint_merge_(c, w, normalize), lambda_)
