@@ -168,7 +168,7 @@ def keep_heap_warm() -> None:
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no mallopt, or (Windows) no process-wide handle
         return
     m_top_pad, m_mmap_threshold = -2, -3  # from glibc's malloc.h
     mallopt(m_mmap_threshold, 32 << 20)
