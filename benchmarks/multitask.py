@@ -3,7 +3,8 @@
     python benchmarks/multitask.py                    # everything (about 20 minutes on 2 CPU cores)
     python benchmarks/multitask.py --variants full --methods ties,tsv   # a subset
     python benchmarks/multitask.py --device cuda      # train, merge and evaluate on a GPU
-    python benchmarks/multitask.py --instruct-steps 800 --out benchmarks/results/multitask_instruct800
+    python benchmarks/multitask.py --scale 4x128-anchor1 --instruct-steps 800 --variants full \
+        --methods task_arithmetic,ties,tsv,wudi --out benchmarks/results/multitask_instruct800
                                                       # a base that already knows more
     python benchmarks/multitask.py --scale 8x512 --device cuda --variants full \
         --out benchmarks/results/multitask_8x512          # the same protocol on a 25M-parameter model
@@ -27,17 +28,18 @@ What it does
    inputs), each seeing only its own task, in two variants:
 
    - ``full``: every parameter of the transformer blocks and final norm, AdamW lr 3e-4 (no weight
-     decay), 200 steps of 32 examples, loss on the answer characters only; the token and position
+     decay), 400 steps of 32 examples, loss on the answer characters only; the token and position
      embeddings (the token embedding is also the tied output head) stay the base's;
    - ``lora``: LoRA of rank 16 (alpha 48, lr 1e-3, 300 steps) on every ``Conv1D`` of GPT-2 (attention
      qkv and output, MLP in and out), everything else frozen; ``W + A B · alpha / r`` is folded
      into the weights before saving, so each LoRA fine-tune is an ordinary checkpoint whose task
      vector is exactly low-rank (and zero outside those 16 matrices).
 
-   Both add an anchor (:func:`anchor_examples`, weight 1): a KL to the starting model on prompts whose
-   task name is none of the benchmark's (random 2-4 letter names), so the fine-tune learns that its
-   skill belongs to its own name and leaves the rest of the base alone (what task arithmetic assumes
-   of fine-tunes of a large base). The anchor names no other benchmark task.
+   Both add an anchor (:func:`anchor_examples`, weight 10): a KL to the starting model on prompts
+   whose task name is none of the benchmark's (random 2-4 letter names), so the fine-tune learns that
+   its skill belongs to its own name and leaves the rest of the base alone (what task arithmetic
+   assumes of fine-tunes of a large base). The anchor names no other benchmark task. Its weight was
+   chosen on validation (below, "The anchor's weight").
 3. Merges the six fine-tunes of a variant with every method through the public
    :func:`modelcypher.merge` API (task arithmetic, TIES, DARE-TIES, TSV-M, WUDI, Fisher, RegMean,
    null-space), the instructed base as ``base_model``. The data-driven ones (Fisher, RegMean,
@@ -76,13 +78,23 @@ Choices
   tunes; 700 steps was chosen for a base near half of its fine-tunes (CLIP's ratio), not for the
   merges' scores (the 800-step base scores higher). The transition is sharp (validation average after
   600 / 700 / 800 / 1000 steps in a probe: 40 / 59 / 76 / 95 %). ``--instruct-steps 800``
-  (``results/multitask_instruct800.md``, full fine-tunes, four methods) gives a base at 75 % normalized
-  and WUDI 88.0 %, TSV-M 87.4 %, task arithmetic 86.8 %, TIES 85.2 %: the headline number depends on
+  (``results/multitask_instruct800.md``, full fine-tunes with anchor weight 1, four methods) gives a base
+  at 75 % normalized and WUDI 88.0 %, TSV-M 87.4 %, task arithmetic 86.8 %, TIES 85.2 %: the headline number depends on
   how much the base already knows, as it does in the published benchmarks, and the order barely moves.
 - The anchor. Without it, a fine-tune from the instructed base forgets the other tasks (its own 98-100 %,
   the others 0-15 %: it does its task whatever the name), and every merge falls below the base
   (task arithmetic 30 % normalized at best with the 600-step base, 70 % with the 800-step one).
-- Fine-tunes are gentle (lr 3e-4, 200 steps): task vectors are 0.04-0.07x the base's norm.
+- The anchor's weight (``multitask_calibrate.py --recipes``, ``results/multitask_4x128_anchor.json``,
+  validation only; own = the fine-tunes' average on their own tasks, merged = task arithmetic's average
+  at its best lambda). Weight 1 (the first recipe, 200 full steps) gives strong fine-tunes that merge
+  badly: 94.9 % own, 68.5 % merged (lambda 0.5). Weight 10: 83.9 / 74.0 % after 200 steps, 89.3 / 78.2 %
+  after 400, 93.2 / 77.6 % after 800; weight 5 (400 steps) 93.2 / 75.5 %; weight 30 (400 steps)
+  79.3 / 72.5 %. LoRA: weight 1 96.2 / 69.3 %, weight 10 87.4 / 76.3 %. The recipe is chosen by the
+  merged average, not the normalized one: a stronger anchor makes weaker fine-tunes, which alone raises
+  merged / own (weight 30 has the best ratio, 90 %, and a worse merge than weight 10). With weight 10
+  task arithmetic's best lambda moves from 0.5 to 1: the task vectors no longer need shrinking.
+  ``--scale 4x128-anchor1`` keeps the weight-1 recipes (``results/multitask_anchor1.md``).
+- Fine-tunes are gentle (lr 3e-4): task vectors are 0.04-0.07x the base's norm.
 - TSV-M at this width: each task keeps 128 / 6 = 21 singular components per matrix (a LoRA task all 16
   of its rank), so the stacked bases (126 or 96 columns) nearly fill the 128 dimensions, and their polar
   factor turns every task's basis far from its own. Measured on layer 1's matrices, the merge keeps
@@ -98,8 +110,11 @@ Choices
   (``results/multitask_8x512_calibration.json``); the GPU pre-training (bf16 autocast) is not
   bit-reproducible and the instruction stage's transition is sharp, so the same 400 steps gave a base
   of 54 % validation average in the probe and 44 % in the recorded run.
-- Grids are small (2-6 points per method) to keep the run within the time budget; a method whose
+- Grids are small (2-16 points per method) to keep the run within the time budget; a method whose
   best point is at the edge of its grid might do better with a wider one (the JSON shows the trend).
+  With the anchored fine-tunes every lambda grid reaches past 1: their task vectors need no shrinking
+  (task arithmetic's best is 1), and TIES and DARE-TIES, which average the models that agree
+  (``normalize``) where task arithmetic sums them, chose lambda 2 (3 and 4 were worse).
 """
 
 from __future__ import annotations
@@ -156,9 +171,12 @@ class FineTune:
     seed: int = 1
 
 
-FULL = FineTune(steps=200, lr=3e-4, anchor=1.0)
-LORA = FineTune(steps=300, lr=1e-3, lora_rank=16, lora_alpha=48.0, anchor=1.0)
+FULL = FineTune(steps=400, lr=3e-4, anchor=10.0)
+LORA = FineTune(steps=300, lr=1e-3, lora_rank=16, lora_alpha=48.0, anchor=10.0)
 VARIANTS = {"full": FULL, "lora": LORA}
+# the first recipes, anchor weight 1 (results/multitask_anchor1.md; the 8x512 run used them too)
+FULL_ANCHOR1 = replace(FULL, steps=200, anchor=1.0)
+LORA_ANCHOR1 = replace(LORA, anchor=1.0)
 SIZES = (2000, 200, 300)  # train / validation / test examples per task
 DATA_EXAMPLES = 256  # training examples per task given to the data-driven merges (Fisher, Grams)
 
@@ -188,14 +206,16 @@ class Scale:
 # 73 % after 600), fine-tuned more gently (in the probe, on validation: full fine-tunes at lr 3e-4 x 200
 # reached 94 % on their own tasks but task arithmetic only 70 % normalized; lr 1e-4 x 300 reached 90 % and
 # 86 %). LoRA keeps the 4x128 recipe (probe: 91 % own, task arithmetic 83 %); the recorded run has full
-# fine-tunes only.
+# fine-tunes only. Both anchor with weight 1, as every recipe did then: weight 10 (4x128's choice since) is
+# untried at this size.
 SCALES = {
     "4x128": Scale(BASE, INSTRUCT, VARIANTS),
+    "4x128-anchor1": Scale(BASE, INSTRUCT, {"full": FULL_ANCHOR1, "lora": LORA_ANCHOR1}),
     "8x512": Scale(
         replace(BASE, n_layer=8, n_head=8, n_embd=512, steps=2000, batch_size=64, lr=1e-3, warmup_steps=100,
                 bf16=True),
         replace(INSTRUCT, steps=400),
-        {"full": replace(FULL, steps=300, lr=1e-4), "lora": LORA},
+        {"full": replace(FULL_ANCHOR1, steps=300, lr=1e-4), "lora": LORA_ANCHOR1},
     ),
 }
 
@@ -438,15 +458,16 @@ def evaluate(model, tok, data: dict, split: int) -> dict[str, float]:
 # Hyperparameter grids, searched on the validation split; the setting with the best validation average
 # is then evaluated once on the test split.  ``model`` keys go to every model's parameters, the rest to
 # the global ones.  Data-driven methods get each model's own training text (``data``) on top.
+TIES_LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # they average the models that agree: lambda above 1
 GRIDS: dict[str, list[dict]] = {
-    "task_arithmetic": [{"lambda": lam} for lam in (0.2, 0.35, 0.5, 0.7, 1.0)],
-    "ties": [{"lambda": lam, "model": {"density": d}} for d in (0.2, 0.5) for lam in (0.5, 0.7, 1.0, 1.5)],
-    "dare_ties": [{"lambda": lam, "model": {"density": d}} for d in (0.3, 0.6) for lam in (0.5, 0.7, 1.0, 1.5)],
-    "tsv": [{"lambda": lam} for lam in (0.3, 0.5, 0.7, 1.0, 1.3)],
-    "wudi": [{"lambda": lam, "lr": lr} for lr in (1e-5, 1e-4) for lam in (0.5, 0.7, 1.0)],
+    "task_arithmetic": [{"lambda": lam} for lam in (0.2, 0.35, 0.5, 0.7, 1.0, 1.3)],
+    "ties": [{"lambda": lam, "model": {"density": d}} for d in (0.2, 0.5) for lam in TIES_LAMBDAS],
+    "dare_ties": [{"lambda": lam, "model": {"density": d}} for d in (0.3, 0.6) for lam in TIES_LAMBDAS],
+    "tsv": [{"lambda": lam} for lam in (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)],
+    "wudi": [{"lambda": lam, "lr": lr} for lr in (1e-5, 1e-4) for lam in (0.5, 0.7, 1.0, 1.3, 1.6)],
     "fisher": [{"normalize": False}, {"normalize": True}],
     "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
-    "null_space": [{"lambda": lam, "rank_threshold": r} for r in (1e-4, 1e-2) for lam in (0.3, 0.5, 1.0)],
+    "null_space": [{"lambda": lam, "rank_threshold": r} for r in (1e-4, 1e-2) for lam in (0.3, 0.5, 1.0, 1.3)],
 }
 DATA_METHODS = ("fisher", "regmean", "null_space")
 

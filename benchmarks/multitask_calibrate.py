@@ -1,12 +1,20 @@
 """Calibrate the multi-task benchmark's recipes for a new model size, on the validation split only.
 
     python benchmarks/multitask_calibrate.py --layers 8 --width 512 --device cuda
+    python benchmarks/multitask_calibrate.py --recipes full:1:200,full:10:200,full:5:400,full:10:400,\
+full:30:400,full:10:800,lora:1:300,lora:10:300 --out benchmarks/results/multitask_4x128_anchor.json
+                                            # the anchor weight (variant:anchor:steps) on a scale's base
 
 For one size it pre-trains the base (cached like the benchmark's), instructs it for several lengths and
 reports each base's validation accuracies, picks the length whose average is nearest ``--target`` (the
 4x128 base's level), then fine-tunes every task with each candidate recipe and scores task arithmetic
 in memory over a few lambdas. What :data:`multitask.SCALES` holds for 8x512 was read off this probe
-(``results/multitask_8x512_calibration.json``). Nothing here touches the test split.
+(``results/multitask_8x512_calibration.json``).
+
+With ``--recipes`` it scores the fine-tunes' anchor weight and length instead, on the calibrated base of
+``--scale``, with the benchmark's cached fine-tunes. A recipe is judged by the validation
+average of its task arithmetic merge (best lambda), not by the normalized one: a stronger anchor makes
+weaker fine-tunes, which alone raises merged / own. Nothing here touches the test split.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,7 +56,12 @@ def main(argv=None) -> int:
     ap.add_argument("--instruct-steps", default="150,250,400,600")
     ap.add_argument("--target", type=float, default=0.58, help="validation average wanted of the base")
     ap.add_argument("--out", default=str(mt.RESULTS / "multitask_calibration.json"))
+    ap.add_argument("--recipes", default=None,
+                    help="variant:anchor:steps,... to score on --scale's base (e.g. full:10:400,lora:1:300)")
+    ap.add_argument("--scale", default="4x128", choices=mt.SCALES, help="with --recipes: the base and recipes")
     args = ap.parse_args(argv)
+    if args.recipes:
+        return anchor_sweep(args)
     dev, t0 = args.device, time.perf_counter()
     log: dict = {"scale": f"{args.layers}x{args.width}"}
 
@@ -89,6 +102,46 @@ def main(argv=None) -> int:
         dump()
     log["seconds"] = time.perf_counter() - t0
     dump()
+    return 0
+
+
+LAMBDAS = (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)  # a stronger anchor makes smaller task vectors: wider grid
+
+
+def anchor_sweep(args) -> int:
+    """Each variant's recipe with every anchor weight x length: own and task arithmetic accuracies."""
+    dev, t0 = args.device, time.perf_counter()
+    scale = mt.SCALES[args.scale]
+    tok, data = mt.tokenizer(), mt.splits()
+    base_path = mt.get_base(tok, data, scale.instruct, scale.pretrain, device=dev)
+    base = gpt2.load(base_path)[0]
+    log: dict = {"scale": args.scale, "criterion": "validation average of task arithmetic at its best lambda",
+                 "recipes": {}}
+    recipes = [(v, float(a), int(n)) for v, a, n in (r.split(":") for r in args.recipes.split(","))]
+    for variant, anchor, steps in recipes:
+        cfg = replace(scale.variants[variant], steps=steps, anchor=anchor)
+        fts, own = {}, {}
+        for t in tasks.TASK_NAMES:
+            m = gpt2.load(mt.get_finetune(variant, cfg, t, base_path, data, tok, device=dev))[0]
+            own[t] = mt.evaluate(m.to(dev), tok, data, 1)[t]
+            fts[t] = m.cpu().state_dict()
+        rec = {"config": asdict(cfg), "own": own, "own_avg": mt._mean(own), "task_arithmetic": {}}
+        for lam in LAMBDAS:
+            v = mt.evaluate(task_arithmetic(base, fts, lam, dev), tok, data, 1)
+            rec["task_arithmetic"][lam] = {"avg": mt._mean(v), "norm": mt.normalized(v, own), "acc": v}
+        lam, best = max(rec["task_arithmetic"].items(), key=lambda kv: kv[1]["avg"])
+        rec["best"] = {"lambda": lam, **best}
+        name = f"{variant}_anchor{anchor:g}_steps{steps}"
+        log["recipes"][name] = rec
+        print(f"{name}: own {rec['own_avg']:.3f}, task arithmetic avg {best['avg']:.3f} "
+              f"(norm {best['norm']:.3f}, lambda {lam:g}) ({time.perf_counter() - t0:.0f}s)", flush=True)
+        Path(args.out).write_text(json.dumps(log, indent=1) + "\n")
+    for variant in dict.fromkeys(v for v, _, _ in recipes):
+        mine = {k: r for k, r in log["recipes"].items() if k.startswith(variant + "_")}
+        log[f"chosen_{variant}"] = max(mine, key=lambda k: mine[k]["best"]["avg"])
+        print(f"chosen for {variant}: {log[f'chosen_{variant}']}")
+    log["seconds"] = time.perf_counter() - t0
+    Path(args.out).write_text(json.dumps(log, indent=1) + "\n")
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods import _kernels
 
 # ---------------------------------------------------------------------------------------------
 # parameter plumbing
@@ -140,28 +141,30 @@ def cut_at_kth(low: Tensor, bucket: int, above: int, k: int) -> Cut:
     return Cut((bucket << 16) | (LOW_BUCKETS - 1 - j), k - strictly_above, int(low[LOW_BUCKETS - 1 - j]))
 
 
-def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Tensor]]], ks: Sequence[int], n: int) -> list[Cut]:
+def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Any]]], ks: Sequence[int], n: int,
+               high: Callable = high_counts, low: Callable = low_counts) -> list[Cut]:
     """The top-``k_i`` cut of each of several tensors of ``n`` entries, seen as magnitude bits in blocks.
 
     ``passes()`` starts a pass over the blocks, yielding per block ``{i: tensor i's block of magnitude
     bits}`` for every ``i`` with ``0 < k_i < n`` (the others need no data). Two passes at most, and
-    memory for one block and the histograms only.
+    memory for one block and the histograms only. ``high(block)`` and ``low(block, bucket)`` make a
+    block's histograms; other block forms come with their own (e.g. the fused ones of ``._kernels``).
     """
     cuts: list[Cut | None] = [KEEP_NONE if k <= 0 else KEEP_ALL if k >= n else None for k in ks]
     todo = [i for i, c in enumerate(cuts) if c is None]
     if not todo:
         return cuts
-    high = {i: 0 for i in todo}
+    hist = {i: 0 for i in todo}
     for block in passes():
         for i in todo:
-            high[i] = high[i] + high_counts(block[i])
-    found = {i: bucket_of_kth(high[i], ks[i]) for i in todo}
-    low = {i: 0 for i in todo}
+            hist[i] = hist[i] + high(block[i])
+    found = {i: bucket_of_kth(hist[i], ks[i]) for i in todo}
+    lows = {i: 0 for i in todo}
     for block in passes():
         for i in todo:
-            low[i] = low[i] + low_counts(block[i], found[i][0])
+            lows[i] = lows[i] + low(block[i], found[i][0])
     for i in todo:
-        cuts[i] = cut_at_kth(low[i], *found[i], ks[i])
+        cuts[i] = cut_at_kth(lows[i], *found[i], ks[i])
     return cuts
 
 
@@ -195,6 +198,32 @@ def cut_mask_(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
     if first is not None:
         mask.view(-1)[first] = -1
     return mask, ties_seen
+
+
+def tau_high_counts(x: Tensor, b: Tensor) -> Tensor:
+    """:func:`high_counts` of the magnitude bits of ``tau = x - b`` (float32 blocks)."""
+    if _kernels.usable(x, b):
+        return _kernels.high_counts(x, b)
+    return high_counts(magnitude_bits_(x - b))
+
+
+def tau_low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
+    """:func:`low_counts` of the magnitude bits of ``tau = x - b`` (float32 blocks)."""
+    if _kernels.usable(x, b):
+        return _kernels.low_counts(x, b, bucket)
+    return low_counts(magnitude_bits_(x - b), bucket)
+
+
+def trimmed_contribution(x: Tensor, b: Tensor, cut: Cut, ties_seen: int, w: float) -> tuple[Tensor, int]:
+    """TIES's ``c_i = w_i d_i`` for a block: ``tau = x - b`` inside ``cut``, +0 outside, times ``w``;
+    and the count of entries equal to the cut seen so far (see :func:`cut_mask_`)."""
+    if _kernels.usable(x, b):
+        return _kernels.trim(x, b, cut, ties_seen, w)
+    tau = x - b
+    if cut != KEEP_ALL:
+        inside, ties_seen = cut_mask_(magnitude_bits(tau), cut, ties_seen)
+        keep_(tau, inside)
+    return tau.mul_(w), ties_seen
 
 
 def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
@@ -245,11 +274,15 @@ def keep_levels(density: float) -> int:
     return count(density, KEEP_LEVELS)
 
 
+def _coins(n: int, rng: torch.Generator, device: torch.device) -> Tensor:
+    """Uniform random bits for ``n`` 16-bit coins: ``ceil(n / 4)`` int64 draws."""
+    return torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=rng)
+
+
 def bernoulli_mask(shape: Sequence[int], levels: int, rng: torch.Generator, device: torch.device) -> Tensor:
     """float32 ones with probability ``levels / 2**16``, zeros elsewhere, independently per entry."""
     n = math.prod(shape)
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=rng)
-    u = draws.view(torch.int16)[:n].to(torch.float32).reshape(shape)  # uniform on [-2**15, 2**15)
+    u = _coins(n, rng, device).view(torch.int16)[:n].to(torch.float32).reshape(shape)  # uniform on [-2**15, 2**15)
     # kept where u < levels - 2**15, i.e. where (levels - 2**15 - u) >= 1; elsewhere it is <= 0
     return u.neg_().add_(levels - 2**15).clamp_(0.0, 1.0)
 
@@ -262,12 +295,21 @@ def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator, weight
     ``p = 0`` returns zeros. A dropped entry is ``0 * delta``: NaN or Inf, which only
     ``--allow-nonfinite`` lets in, stay non-finite, as in task arithmetic.
     """
+    return dropped_contribution(delta, None, density, rng, weight)
+
+
+def dropped_contribution(x: Tensor, b: Tensor | None, density: float, rng: torch.Generator,
+                         weight: float = 1.0) -> Tensor:
+    """:func:`drop_and_rescale` of ``x - b`` (float32 blocks; of ``x`` itself when ``b`` is None)."""
     levels = keep_levels(density)
-    if levels >= KEEP_LEVELS:
-        return delta.clone() if weight == 1.0 else delta * weight
     if levels <= 0:
-        return torch.zeros_like(delta)
-    mask = bernoulli_mask(delta.shape, levels, rng, delta.device)
+        return torch.zeros_like(x)
+    if levels < KEEP_LEVELS and b is not None and _kernels.usable(x, b):
+        return _kernels.drop(x, b, _coins(x.numel(), rng, x.device), levels, weight * KEEP_LEVELS / levels)
+    delta = x if b is None else x - b
+    if levels >= KEEP_LEVELS:
+        return delta.clone() if weight == 1.0 and b is None else delta * weight
+    mask = bernoulli_mask(x.shape, levels, rng, x.device)
     return mask.mul_(delta).mul_(weight * KEEP_LEVELS / levels)
 
 
@@ -338,9 +380,12 @@ def sign_consensus(deltas: Sequence[Tensor], weights: Sequence[float], normalize
     return disjoint_merge_([d * w for d, w in zip(deltas, weights, strict=True)], weights, normalize)
 
 
-def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
-    """:func:`sign_consensus` from the contributions ``c_i = w_i d_i``, which it overwrites (callers
-    hand over temporaries: no copies). Elementwise, so blocks of rows give the whole tensor's result.
+def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], normalize: bool,
+                    lambda_: float = 1.0, base: Tensor | None = None) -> Tensor:
+    """:func:`sign_consensus` from the contributions ``c_i = w_i d_i``, which it may overwrite (callers
+    hand over temporaries: no copies); with a ``base``, ``base + lambda_ * merged`` instead (float32).
+    Elementwise, so blocks of rows give the whole tensor's result. On the CPU a fused loop computes
+    the same bits (:mod:`._kernels`).
 
     In float arithmetic only (comparisons and boolean masks cost several times more on CPU): model i
     agrees where ``a_i = relu(sign(c_i) * s)`` is 1, and adds ``c_i * a_i`` (``c_i`` or a zero) to the
@@ -348,6 +393,13 @@ def disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], norma
     boolean-mask formula to the bit. Where the elected sign is NaN (a NaN contribution, or opposite
     infinities) nobody agrees: ``a_i`` is NaN there, and both sums are set back to 0.
     """
+    if _kernels.usable(*contributions, *([] if base is None else [base])):
+        return _kernels.consensus(contributions, weights, normalize, lambda_, base)
+    merged = _disjoint_merge_(contributions, weights, normalize)
+    return merged if base is None else merged.mul_(lambda_).add_(f32(base))
+
+
+def _disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:
     total = contributions[0].clone()
     for c in contributions[1:]:
         total.add_(c)

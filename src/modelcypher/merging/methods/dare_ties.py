@@ -7,13 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from modelcypher.errors import UserError
 from modelcypher.merging.methods._sparsify import (
-    apply_delta,
     check_fraction,
+    check_shapes,
     disjoint_merge_,
-    drop_and_rescale,
+    dropped_contribution,
+    f32,
     per_model,
-    task_vectors,
 )
 from modelcypher.merging.methods.dare_linear import DARE_PAPER
 from modelcypher.merging.methods.ties import TIES_PAPER
@@ -22,6 +23,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "dare_ties",
+    fused=True,
     rowwise=True,
     base="required",
     paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
@@ -47,5 +49,9 @@ def dare_ties(
     check_fraction(dens, "density")
     with torch.no_grad():
         # the contributions c_i = w_i d_i, with w_i folded into the rescale
-        c = [drop_and_rescale(t, d, rng, wi) for t, d, wi in zip(task_vectors(xs, base), dens, w, strict=True)]
-        return apply_delta(base, disjoint_merge_(c, w, normalize), lambda_)
+        if base is None:
+            raise UserError("dare_ties needs a base_model")
+        check_shapes([base, *xs])
+        b = f32(base)
+        c = [dropped_contribution(f32(x), b, d, rng, wi) for x, d, wi in zip(xs, dens, w, strict=True)]
+        return disjoint_merge_(c, w, normalize, lambda_, base)

@@ -14,6 +14,7 @@ from modelcypher.merging.registry import register
 
 @register(
     "della",
+    fused=True,
     rowwise=True,
     base="required",
     paper=DELLA_PAPER,

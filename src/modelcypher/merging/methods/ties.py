@@ -9,18 +9,16 @@ from torch import Tensor
 
 from modelcypher.errors import UserError
 from modelcypher.merging.methods._sparsify import (
-    KEEP_ALL,
     check_fraction,
     check_shapes,
     count,
-    cut_mask_,
     disjoint_merge_,
     f32,
-    keep_,
-    magnitude_bits,
-    magnitude_bits_,
     per_model,
+    tau_high_counts,
+    tau_low_counts,
     top_k_cuts,
+    trimmed_contribution,
 )
 from modelcypher.merging.registry import register
 
@@ -52,23 +50,21 @@ def ties_blocks(
         ks = [count(d, numel) for d in dens]
         ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
         # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
-        cuts = top_k_cuts(lambda: ({i: magnitude_bits_(xs[i] - b) for i in ranked} for xs, b in passes()),
-                          ks, numel)
+        cuts = top_k_cuts(lambda: ({i: (xs[i], b) for i in ranked} for xs, b in passes()), ks, numel,
+                          high=lambda xb: tau_high_counts(*xb), low=lambda xb, bucket: tau_low_counts(*xb, bucket))
         ties_seen = [0] * n
         for xs, b in passes():
             contributions = []
             for i, (x, cut) in enumerate(zip(xs, cuts, strict=True)):
-                tau = x - b
-                if cut != KEEP_ALL:
-                    inside, ties_seen[i] = cut_mask_(magnitude_bits(tau), cut, ties_seen[i])
-                    keep_(tau, inside)
-                contributions.append(tau.mul_(w[i]))  # c_i = w_i d_i
+                c, ties_seen[i] = trimmed_contribution(x, b, cut, ties_seen[i], w[i])  # c_i = w_i d_i
+                contributions.append(c)
             # 3-4. elect, disjoint merge, then base + lambda * tau
-            yield disjoint_merge_(contributions, w, normalize).mul_(lambda_).add_(b)
+            yield disjoint_merge_(contributions, w, normalize, lambda_, b)
 
 
 @register(
     "ties",
+    fused=True,
     base="required",
     paper=TIES_PAPER,
     model_params={"weight": 1.0, "density": 1.0},
