@@ -49,7 +49,6 @@ class Method:
     reports: bool = False
     rowwise: bool = False
     stream: Callable[..., Any] | None = None
-    fused: bool = False  # uses the compiled CPU loops of methods/_kernels.py (warmed up as a merge starts)
 
 
 METHODS: dict[str, Method] = {}
@@ -69,14 +68,13 @@ def register(
     reports: bool = False,
     rowwise: bool = False,
     stream: Callable[..., Any] | None = None,
-    fused: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
             name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
-            random, stats, min_models, max_models, reports, rowwise, stream, fused,
+            random, stats, min_models, max_models, reports, rowwise, stream,
         )
         return fn
 

@@ -213,10 +213,6 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
     file order.
     """
     keep_heap_warm()
-    if device.type == "cpu" and plan.method.fused:
-        from modelcypher.merging.methods import _kernels
-
-        _kernels.start_warm_up(len(plan.tasks[0].sources) if plan.tasks else 1)
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in plan.tasks], max_shard_size)
     by_name = {t.name: t for t in plan.tasks}
     order = writer.order

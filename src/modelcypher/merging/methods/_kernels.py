@@ -9,9 +9,8 @@ ways, so either may compute any block.
 
 Loading the kernels costs about 0.6 s (importing numba, then its compiler's set-up; the compiled code
 comes from numba's on-disk cache after the first run). It starts in a thread at the first call of
-:func:`usable` (a merge calls :func:`start_warm_up` as it starts); until it is done the torch formulas
-do the work. Used for float32 CPU tensors when numba imports; ``MODELCYPHER_KERNELS=torch`` turns them
-off."""
+:func:`usable` (in a merge, at its first block); until it is done the torch formulas do the work.
+Used for float32 CPU tensors when numba imports; ``MODELCYPHER_KERNELS=torch`` turns them off."""
 
 from __future__ import annotations
 
@@ -99,22 +98,24 @@ def drop(x: Tensor, b: Tensor, draws: Tensor, levels: int, scale: float) -> Tens
     return torch.from_numpy(c).reshape(x.shape)
 
 
-def start_warm_up(models: int = 3) -> None:
+def start_warm_up() -> None:
     """:func:`warm_up` in a thread, once per process."""
     if _started.acquire(blocking=False):
-        threading.Thread(target=warm_up, args=(models,), daemon=True).start()
+        threading.Thread(target=warm_up, daemon=True).start()
 
 
 def warm_up(models: int = 3) -> None:
     """Compile (or load from numba's cache) every kernel, for ``models`` inputs to the consensus (other
-    counts compile when first met): about half a second, in a thread as a merge starts."""
+    counts load when first met): about half a second, in a thread (:func:`start_warm_up`)."""
     if _numba() is None:
         return
+    from modelcypher.merging.methods._sparsify import Cut  # imports this module: not at the top
+
     x = torch.zeros(8)
     try:
         high_counts(x, x)
         low_counts(x, x, 0)
-        trim(x, x, _Cut(0, 1, 2), 0, 1.0)
+        trim(x, x, Cut(0, 1, 2), 0, 1.0)
         for base in (x, None):
             consensus([x] * models, [1.0] * models, True, 1.0, base)
         drop(x, x, torch.zeros(2, dtype=torch.int64), 1, 1.0)
@@ -122,7 +123,3 @@ def warm_up(models: int = 3) -> None:
         return
     _ready.set()
 
-
-class _Cut:  # the fields of ._sparsify.Cut that trim reads
-    def __init__(self, bits: int, ties: int, equal: int):
-        self.bits, self.ties, self.equal = bits, ties, equal

@@ -64,17 +64,20 @@ def check_shapes(xs: Sequence[Tensor]) -> None:
             raise UserError(f"tensor shapes differ across models: {tuple(xs[0].shape)} vs {tuple(x.shape)}")
 
 
-def task_vectors(xs: Sequence[Tensor], base: Tensor | None) -> list[Tensor]:
-    """``tau_i = x_i - base`` in float32 (new tensors)."""
+def check_base(xs: Sequence[Tensor], base: Tensor | None) -> None:
+    """A base is given, and every model's tensor has its shape."""
     if base is None:
         raise UserError("this merge method needs a base_model")
-    b = f32(base)
-    out = []
     for x in xs:
         if x.shape != base.shape:
             raise UserError(f"tensor shape {tuple(x.shape)} differs from the base's {tuple(base.shape)}")
-        out.append(f32(x) - b)
-    return out
+
+
+def task_vectors(xs: Sequence[Tensor], base: Tensor | None) -> list[Tensor]:
+    """``tau_i = x_i - base`` in float32 (new tensors)."""
+    check_base(xs, base)
+    b = f32(base)
+    return [f32(x) - b for x in xs]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from modelcypher.merging.registry import register
 
 @register(
     "breadcrumbs_ties",
-    fused=True,
     base="required",
     paper=f"{BREADCRUMBS_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
     model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},

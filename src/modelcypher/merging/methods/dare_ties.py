@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.errors import UserError
 from modelcypher.merging.methods._sparsify import (
+    check_base,
     check_fraction,
-    check_shapes,
     disjoint_merge_,
     dropped_contribution,
     f32,
@@ -23,7 +22,6 @@ from modelcypher.merging.registry import register
 
 @register(
     "dare_ties",
-    fused=True,
     rowwise=True,
     base="required",
     paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
@@ -47,11 +45,9 @@ def dare_ties(
     w = per_model(weight, n, "weight")
     dens = per_model(density, n, "density")
     check_fraction(dens, "density")
+    check_base(xs, base)
     with torch.no_grad():
-        # the contributions c_i = w_i d_i, with w_i folded into the rescale
-        if base is None:
-            raise UserError("dare_ties needs a base_model")
-        check_shapes([base, *xs])
         b = f32(base)
+        # the contributions c_i = w_i d_i, with w_i folded into the rescale
         c = [dropped_contribution(f32(x), b, d, rng, wi) for x, d, wi in zip(xs, dens, w, strict=True)]
         return disjoint_merge_(c, w, normalize, lambda_, base)

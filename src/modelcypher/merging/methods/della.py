@@ -14,7 +14,6 @@ from modelcypher.merging.registry import register
 
 @register(
     "della",
-    fused=True,
     rowwise=True,
     base="required",
     paper=DELLA_PAPER,

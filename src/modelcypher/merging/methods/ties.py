@@ -64,7 +64,6 @@ def ties_blocks(
 
 @register(
     "ties",
-    fused=True,
     base="required",
     paper=TIES_PAPER,
     model_params={"weight": 1.0, "density": 1.0},
