@@ -108,13 +108,19 @@ def test_different_architectures(tmp_path, trio):
     refuse(tmp_path, ties_cfg(trio[0], trio[1], gpt), match="differ in architecture")
 
 
-def test_nonfinite_input_refused_unless_allowed(tmp_path):
+def save_base_and_poisoned(tmp_path, weight, index, value: float) -> None:
+    """A GPT-2 base at ``tmp_path/base`` and a fine-tune of it at ``tmp_path/bad`` whose ``weight``
+    (a function of the model) holds ``value`` at ``index``."""
     base = build("gpt2")
     bad = finetune(base, 1)
     with torch.no_grad():
-        bad.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+        weight(bad)[index] = value
     save(base, tmp_path / "base")
     save(bad, tmp_path / "bad")
+
+
+def test_nonfinite_input_refused_unless_allowed(tmp_path):
+    save_base_and_poisoned(tmp_path, lambda m: m.transformer.h[0].mlp.c_fc.weight, (0, 0), float("nan"))
     cfg = ties_cfg(tmp_path / "base", tmp_path / "bad")
     refuse(tmp_path, cfg, match="transformer.h.0.mlp.c_fc.weight", inputs=[tmp_path / "base", tmp_path / "bad"])
     r = run_cli("merge", write_config(tmp_path / "ok.yaml", cfg), "-o", tmp_path / "out", "--allow-nonfinite")
@@ -222,12 +228,7 @@ def test_a_failing_tensor_stops_every_worker(tmp_path, monkeypatch):
     from modelcypher.api import merge
     from modelcypher.errors import UserError
 
-    base = build("gpt2")
-    bad = finetune(base, 1)
-    with torch.no_grad():
-        bad.transformer.h[1].attn.c_attn.weight[3, 5] = float("inf")
-    save(base, tmp_path / "base")
-    save(bad, tmp_path / "bad")
+    save_base_and_poisoned(tmp_path, lambda m: m.transformer.h[1].attn.c_attn.weight, (3, 5), float("inf"))
     monkeypatch.setattr(run, "BLOCK_ELEMENTS", 64)  # many blocks per tensor
     monkeypatch.setattr(run, "QUEUED_BLOCKS", 1)  # a tensor ahead of its turn waits at once
     monkeypatch.setattr(run, "cpu_workers", lambda: (3, 1))
