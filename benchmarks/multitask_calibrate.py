@@ -48,6 +48,21 @@ def task_arithmetic(base, fts: dict, lam: float, device: str):
     return model.to(device)
 
 
+def score(base, finetuned, lambdas, tok, data, dev: str) -> dict:
+    """Validation accuracies of each task's fine-tune (``finetuned(task)``, a model) on its own task,
+    and of their task arithmetic merge at every lambda."""
+    fts, own = {}, {}
+    for t in tasks.TASK_NAMES:
+        m = finetuned(t).to(dev)
+        own[t] = mt.evaluate(m, tok, data, 1)[t]
+        fts[t] = m.cpu().state_dict()
+    rec = {"own": own, "own_avg": mt._mean(own), "task_arithmetic": {}}
+    for lam in lambdas:
+        v = mt.evaluate(task_arithmetic(base, fts, lam, dev), tok, data, 1)
+        rec["task_arithmetic"][lam] = {"avg": mt._mean(v), "norm": mt.normalized(v, own), "acc": v}
+    return rec
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -86,15 +101,8 @@ def main(argv=None) -> int:
     for name, (steps, lr, rank) in RECIPES.items():
         cfg = (replace(mt.LORA, steps=steps, lr=lr, lora_rank=rank, lora_alpha=3.0 * rank) if rank
                else replace(mt.FULL, steps=steps, lr=lr))
-        fts, own = {}, {}
-        for t in tasks.TASK_NAMES:
-            m = mt.finetune(base, data[t][0], cfg, tok, dev, anchors).to(dev)
-            own[t] = mt.evaluate(m, tok, data, 1)[t]
-            fts[t] = m.cpu().state_dict()
-        rec = {"own": own, "own_avg": mt._mean(own), "task_arithmetic": {}}
-        for lam in (0.3, 0.5, 0.7, 1.0):
-            v = mt.evaluate(task_arithmetic(base, fts, lam, dev), tok, data, 1)
-            rec["task_arithmetic"][lam] = {"avg": mt._mean(v), "norm": mt.normalized(v, own), "acc": v}
+        rec = score(base, lambda t, cfg=cfg: mt.finetune(base, data[t][0], cfg, tok, dev, anchors),
+                    (0.3, 0.5, 0.7, 1.0), tok, data, dev)
         best = max(rec["task_arithmetic"].values(), key=lambda r: r["avg"])
         print(f"{name}: own {rec['own_avg']:.3f}, task arithmetic norm {best['norm']:.3f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -120,15 +128,9 @@ def anchor_sweep(args) -> int:
     recipes = [(v, float(a), int(n)) for v, a, n in (r.split(":") for r in args.recipes.split(","))]
     for variant, anchor, steps in recipes:
         cfg = replace(scale.variants[variant], steps=steps, anchor=anchor)
-        fts, own = {}, {}
-        for t in tasks.TASK_NAMES:
-            m = gpt2.load(mt.get_finetune(variant, cfg, t, base_path, data, tok, device=dev))[0]
-            own[t] = mt.evaluate(m.to(dev), tok, data, 1)[t]
-            fts[t] = m.cpu().state_dict()
-        rec = {"config": asdict(cfg), "own": own, "own_avg": mt._mean(own), "task_arithmetic": {}}
-        for lam in LAMBDAS:
-            v = mt.evaluate(task_arithmetic(base, fts, lam, dev), tok, data, 1)
-            rec["task_arithmetic"][lam] = {"avg": mt._mean(v), "norm": mt.normalized(v, own), "acc": v}
+        rec = {"config": asdict(cfg),
+               **score(base, lambda t, cfg=cfg, variant=variant: gpt2.load(
+                   mt.get_finetune(variant, cfg, t, base_path, data, tok, device=dev))[0], LAMBDAS, tok, data, dev)}
         lam, best = max(rec["task_arithmetic"].items(), key=lambda kv: kv[1]["avg"])
         rec["best"] = {"lambda": lam, **best}
         name = f"{variant}_anchor{anchor:g}_steps{steps}"
