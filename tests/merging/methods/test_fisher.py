@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from modelcypher.errors import UserError
 from modelcypher.merging.registry import get_method
 
 
@@ -42,3 +44,15 @@ def test_normalize_removes_global_scale():
     f = torch.tensor([1.0, 3.0])
     out = fn(xs, None, fisher=[f, 1000 * f], normalize=True)
     torch.testing.assert_close(out, torch.full((2,), 0.5))
+
+
+def test_lambda_scales_the_merge_from_the_base():
+    # equal Fishers: the average of x_i = base + tau_i, i.e. base + mean(tau); lambda 2 doubles mean(tau)
+    fn = get_method("fisher").fn
+    base = torch.tensor([1.0, -1.0])
+    xs = [base + torch.tensor([2.0, 0.0]), base + torch.tensor([0.0, 4.0])]
+    f = torch.ones(2)
+    torch.testing.assert_close(fn(xs, base, fisher=[f, f], lambda_=2.0), torch.tensor([3.0, 3.0]))
+    assert torch.equal(fn(xs, base, fisher=[f, f]), fn(xs, None, fisher=[f, f]))  # lambda 1: base unused
+    with pytest.raises(UserError, match="lambda 2 .*base_model"):
+        fn(xs, None, fisher=[f, f], lambda_=2.0)

@@ -74,3 +74,16 @@ def test_auto_layout_and_fallbacks():
     torch.testing.assert_close(fn([torch.zeros(3), torch.ones(3)], None, gram=None), torch.full((3,), 0.5))
     with pytest.raises(UserError):
         fn(xs, None, gram=[torch.eye(5), torch.eye(5)])
+
+
+def test_lambda_scales_the_merge_from_the_base():
+    # identical Grams: the average, base + mean(tau); lambda T gives task arithmetic's sum of the tau_i
+    fn = get_method("regmean").fn
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 8, generator=g)
+    taus = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    gram = _gram(torch.randn(40, 8, generator=g))
+    out = fn([base + t for t in taus], base, gram=[gram] * 3, lambda_=3.0)
+    torch.testing.assert_close(out, base + sum(taus), atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="regmean: lambda 3 .*base_model"):
+        fn([base + t for t in taus], None, gram=[gram] * 3, lambda_=3.0)

@@ -426,6 +426,17 @@ def _disjoint_merge_(contributions: list[Tensor], weights: Sequence[float], norm
     return num.masked_fill_(nobody, 0.0).div_(den.masked_fill_(nobody, 1.0))
 
 
+def scale_from_base(merged: Tensor, base: Tensor | None, lambda_: float, method: str) -> Tensor:
+    """``base + lambda_ (merged - base)`` for a method that averages full weights (so, in effect, the
+    task vectors); ``merged`` itself when ``lambda_`` is 1, which needs no base."""
+    if lambda_ == 1.0:
+        return merged
+    if base is None:
+        raise UserError(f"{method}: lambda {lambda_:g} scales the merge from the base, which needs a base_model")
+    b = f32(base)
+    return (merged - b).mul_(lambda_).add_(b)
+
+
 def apply_delta(base: Tensor, merged_delta: Tensor, lambda_: float) -> Tensor:
     """``base + lambda_ * merged_delta`` as a new float32 tensor."""
     return f32(base) + merged_delta * lambda_

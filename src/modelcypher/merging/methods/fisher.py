@@ -18,7 +18,10 @@ Statistic: ``fisher`` — a list, one tensor per entry of ``xs``, each of the pa
 (float32, ≥ 0). Entries may be ``None`` for tensors without a Fisher (buffers); if any is ``None``
 the method falls back to the weighted average for that tensor.
 
-Works on full parameters (no base): ``base`` is ignored.
+Works on full parameters: the base cancels out (the merge is a Fisher-weighted average of the task
+vectors, added to the base). ``lambda`` (default 1) scales it from the base as in task arithmetic,
+``base + lambda (merged - base)``, which needs a ``base_model`` when it is not 1: an average of ``T``
+task vectors shrinks each task's update about ``T``-fold. With ``lambda`` 1 the base is not used.
 """
 
 from __future__ import annotations
@@ -26,18 +29,24 @@ from __future__ import annotations
 import torch
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods._sparsify import scale_from_base
 from modelcypher.merging.registry import register
 
 
 @register(
     "fisher",
-    base="none",
+    base="optional",
     paper="Merging Models with Fisher-Weighted Averaging (arXiv 2111.09832)",
     model_params={"weight": 1.0},
-    global_params={"epsilon": 1e-8, "normalize": False},
+    global_params={"epsilon": 1e-8, "normalize": False, "lambda": 1.0},
     stats=("fisher",),
 )
-def fisher(xs, base=None, *, fisher=None, weight=None, epsilon: float = 1e-8, normalize: bool = False):
+def fisher(xs, base=None, *, fisher=None, weight=None, epsilon: float = 1e-8, normalize: bool = False,
+           lambda_: float = 1.0, base_fisher=None):
+    return scale_from_base(_fisher(xs, fisher, weight, epsilon, normalize), base, lambda_, "fisher")
+
+
+def _fisher(xs, fisher, weight, epsilon: float, normalize: bool) -> torch.Tensor:
     n = len(xs)
     w = [1.0] * n if weight is None else [float(v) for v in weight]
     if len(w) != n:

@@ -26,7 +26,11 @@ plain average: input directions no model ever excites are otherwise undetermined
 average weight and the solve stays well-posed. It changes the fit on seen directions by ~``ridge``.
 
 Tensors that are not 2-D, or whose ``gram`` is missing (``None``: embeddings, norms, biases), are
-averaged. ``base`` is ignored (RegMean merges full weights; the base cancels out of the formula).
+averaged. RegMean merges full weights, and the base cancels out of the formula: the merge is a
+(Gram-weighted) average of the task vectors ``tau_i = W_i - base``, added to the base. Like every average
+of ``T`` task vectors it shrinks each task's own update about ``T``-fold, so ``lambda`` (default 1)
+scales it, as in task arithmetic: ``base + lambda (W - base)``, which needs a ``base_model`` when
+``lambda`` is not 1. With ``lambda`` 1 the base is not used.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods._sparsify import scale_from_base
 from modelcypher.merging.registry import register
 
 LAYOUTS = ("auto", "linear", "conv1d")
@@ -81,12 +86,17 @@ def regmean_matrix(
 
 @register(
     "regmean",
-    base="none",
     paper="Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean, arXiv 2212.09849)",
-    global_params={"alpha": 0.9, "ridge": 1e-6, "layout": "auto"},
+    base="optional",
+    global_params={"alpha": 0.9, "ridge": 1e-6, "layout": "auto", "lambda": 1.0},
     stats=("gram",),
 )
-def regmean(xs, base=None, *, gram=None, alpha: float = 0.9, ridge: float = 1e-6, layout: str = "auto"):
+def regmean(xs, base=None, *, gram=None, alpha: float = 0.9, ridge: float = 1e-6, layout: str = "auto",
+            lambda_: float = 1.0, base_gram=None):
+    return scale_from_base(_regmean(xs, gram, alpha, ridge, layout), base, lambda_, "regmean")
+
+
+def _regmean(xs, gram, alpha: float, ridge: float, layout: str) -> torch.Tensor:
     xs = [x.float() for x in xs]
     if xs[0].dim() != 2 or gram is None or any(g is None for g in gram):
         return torch.stack(xs).mean(0)
