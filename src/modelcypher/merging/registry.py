@@ -19,6 +19,8 @@ A method is a pure function on float32 tensors of one parameter:
   starts a pass over the tensor's row blocks, yielding each block's ``(xs, base)`` (float32, base
   None without one), and ``stream`` yields the result of each block in order. The runner then
   bounds memory by blocks as for ``rowwise`` methods, at the price of re-reading the inputs per pass;
+- ``raw=True``: the method gets its blocks as stored (bfloat16, float16 or float32) rather than in
+  float32, and widens them itself (e.g. in a compiled loop, without a float32 copy of every input);
 - ``report``: a dict the method may fill with figures about this tensor (registered ``reports=True``);
   the runner writes them to ``merge_report.json``.
 
@@ -49,6 +51,7 @@ class Method:
     reports: bool = False
     rowwise: bool = False
     stream: Callable[..., Any] | None = None
+    raw: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -68,13 +71,14 @@ def register(
     reports: bool = False,
     rowwise: bool = False,
     stream: Callable[..., Any] | None = None,
+    raw: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
             name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
-            random, stats, min_models, max_models, reports, rowwise, stream,
+            random, stats, min_models, max_models, reports, rowwise, stream, raw,
         )
         return fn
 

@@ -60,11 +60,13 @@ def _inputs(plan: Plan, task: TensorTask) -> list[tuple[int, str]]:
     return list(task.sources) + ([task.base] if task.base else [])
 
 
-def _float32(plan: Plan, task: TensorTask, raw: dict, device: torch.device, check: bool):
-    """A block's raw input tensors as float32 ``(xs, base)`` on ``device``, checked for NaN/Inf."""
+def _prepared(plan: Plan, task: TensorTask, raw: dict, device: torch.device, check: bool):
+    """A block's raw input tensors as ``(xs, base)`` on ``device``, checked for NaN/Inf: in float32, or
+    as stored for a method registered ``raw`` (it widens them itself, without a float32 copy)."""
     out = []
+    dtype = None if plan.method.raw else torch.float32
     for mi, name in _inputs(plan, task):
-        x = raw[mi, name].to(device=device, dtype=torch.float32)
+        x = raw[mi, name].to(device=device, dtype=dtype)
         # One sum tells when every entry is finite (NaN and Inf propagate); the exact test runs only
         # when the sum is not finite, which a huge but finite tensor can also cause.
         if check and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
@@ -122,12 +124,13 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
     held: list[dict] | None = [] if plan.method.stream is not None and _raw_bytes(plan, task) <= HOLD_BYTES else None
 
     def passes():
-        """One pass over the blocks as float32 ``(xs, base)``; inputs are checked in the first pass only."""
+        """One pass over the blocks as ``(xs, base)`` (see :func:`_prepared`); inputs are checked in the
+        first pass only."""
         nonlocal checked
         check, checked = not checked, True
         if held is not None and len(held) == len(blocks):
             for raw in held:
-                yield _float32(plan, task, raw, device, check)
+                yield _prepared(plan, task, raw, device, check)
             return
         if held:
             held.clear()  # an earlier pass stopped part way
@@ -137,7 +140,7 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
             nxt = reader.submit(read_block, plan, task, blocks[i + 1]) if reader and i + 1 < len(blocks) else None
             if held is not None:
                 held.append(raw)
-            yield _float32(plan, task, raw, device, check)
+            yield _prepared(plan, task, raw, device, check)
             del raw
 
     if plan.method.stream is not None:

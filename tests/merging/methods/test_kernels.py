@@ -49,17 +49,24 @@ def test_disjoint_merge(weights, normalize, with_base):
     assert _same_bits(fused, plain)
 
 
+BF16 = torch.bfloat16
+# (the models' dtype, the base's): the loops read bfloat16 blocks as stored, in any mix with float32
+DTYPES = [(torch.float32, torch.float32), (BF16, BF16), (BF16, torch.float32), (torch.float32, BF16)]
+
+
 @pytest.mark.parametrize("density", [0.0, 0.13, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("rows", [1, 7, 41])
-def test_ties_streamed(density, rows):
-    """Whole-tensor cuts over blocks of rows, equal magnitudes kept in flat order across blocks."""
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+def test_ties_streamed(density, rows, dtypes):
+    """Whole-tensor cuts over blocks of rows, equal magnitudes kept in flat order across blocks; raw
+    bfloat16 blocks give the result of their float32 values."""
     from modelcypher.merging.methods.ties import ties_blocks
 
     g = torch.Generator().manual_seed(rows)
-    base = torch.randn(41, 9, generator=g)
-    xs = [base + _special(g, (41, 9)) for _ in range(3)]
+    base = torch.randn(41, 9, generator=g).to(dtypes[1])
+    xs = [(base.float() + _special(g, (41, 9))).to(dtypes[0]) for _ in range(3)]
 
-    def run():
+    def run(xs=xs, base=base):
         def passes():
             return (([x[a:a + rows] for x in xs], base[a:a + rows]) for a in range(0, 41, rows))
 
@@ -68,13 +75,17 @@ def test_ties_streamed(density, rows):
 
     fused, plain = _both(run)
     assert _same_bits(fused, plain)
+    widened, _ = _both(lambda: run([x.float() for x in xs], base.float()))
+    assert _same_bits(fused, widened)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
-def test_registered_methods(method):
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_registered_methods(method, dtype):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 48, generator=g)
-    xs = [base + 0.1 * torch.randn(64, 48, generator=g) for _ in range(4)]
+    xs = [(base + 0.1 * torch.randn(64, 48, generator=g)).to(dtype) for _ in range(4)]
+    base = base.to(dtype)
     fn = get_method(method).fn
     params = {"density": 0.4, "weight": [1.0, 0.5, 0.8, 1.2], "lambda_": 0.9}
     if get_method(method).random:
@@ -82,3 +93,15 @@ def test_registered_methods(method):
     else:
         fused, plain = _both(lambda: fn(xs, base, **params))
     assert _same_bits(fused, plain)
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_dare_on_raw_blocks(density):
+    """DARE's drop reads bfloat16 blocks as stored: the coins and the result of their float32 values."""
+    from modelcypher.merging.methods._sparsify import dropped_contribution
+
+    g = torch.Generator().manual_seed(5)
+    base, x = torch.randn(33, 17, generator=g).to(BF16), torch.randn(33, 17, generator=g).to(BF16)
+    raw, plain = _both(lambda: dropped_contribution(x, base, density, torch.Generator().manual_seed(1), 0.8))
+    widened = dropped_contribution(x.float(), base.float(), density, torch.Generator().manual_seed(1), 0.8)
+    assert raw.dtype == torch.float32 and _same_bits(raw, plain) and _same_bits(raw, widened)

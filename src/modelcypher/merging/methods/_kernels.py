@@ -10,7 +10,9 @@ ways, so either may compute any block.
 Loading the kernels costs about 0.6 s (importing numba, then its compiler's set-up; the compiled code
 comes from numba's on-disk cache after the first run). It starts in a thread at the first call of
 :func:`usable` (in a merge, at its first block); until it is done the torch formulas do the work.
-Used for float32 CPU tensors when numba imports; ``MODELCYPHER_KERNELS=torch`` turns them off."""
+Used for float32 and bfloat16 CPU tensors (a method registered ``raw=True`` gets its blocks as stored,
+and the loops widen bfloat16 as they read it) when numba imports; ``MODELCYPHER_KERNELS=torch`` turns
+them off."""
 
 from __future__ import annotations
 
@@ -38,10 +40,15 @@ _ready = threading.Event()  # set once every kernel is compiled or loaded (warm_
 _started = threading.Lock()
 
 
+# What the loops read: float32, and bfloat16 as its bits (widened exactly, in the loop).
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 def usable(*ts: Tensor) -> bool:
-    """Whether the kernels apply: loaded, and every tensor float32 on the CPU. The first call starts
-    loading them in a thread; until they are ready the torch formulas (the same bits) do the work."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts):
+    """Whether the kernels apply: loaded, and every tensor float32 or bfloat16 on the CPU. The first
+    call starts loading them in a thread; until they are ready the torch formulas (the same bits) do
+    the work."""
+    if not all(t.device.type == "cpu" and t.dtype in DTYPES for t in ts):
         return False
     if not _ready.is_set():
         start_warm_up()
@@ -50,7 +57,9 @@ def usable(*ts: Tensor) -> bool:
 
 
 def _flat(t: Tensor) -> np.ndarray:
-    return t.contiguous().reshape(-1).numpy()
+    """``t`` flattened as a numpy array: a bfloat16 tensor as its uint16 bits."""
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 @functools.cache
@@ -111,14 +120,16 @@ def warm_up(models: int = 3) -> None:
         return
     from modelcypher.merging.methods._sparsify import Cut  # imports this module: not at the top
 
-    x = torch.zeros(8)
     try:
-        high_counts(x, x)
-        low_counts(x, x, 0)
-        trim(x, x, Cut(0, 1, 2), 0, 1.0)
-        for base in (x, None):
-            consensus([x] * models, [1.0] * models, True, 1.0, base)
-        drop(x, x, torch.zeros(2, dtype=torch.int64), 1, 1.0)
+        for dtype in DTYPES:
+            x = torch.zeros(8, dtype=dtype)
+            high_counts(x, x)
+            low_counts(x, x, 0)
+            trim(x, x, Cut(0, 1, 2), 0, 1.0)
+            c = torch.zeros(8)
+            for base in (x, None):
+                consensus([c] * models, [1.0] * models, True, 1.0, base)
+            drop(x, x, torch.zeros(2, dtype=torch.int64), 1, 1.0)
     except Exception:  # noqa: BLE001  left to the torch formulas
         return
     _ready.set()

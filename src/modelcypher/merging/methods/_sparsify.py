@@ -204,17 +204,17 @@ def cut_mask_(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
 
 
 def tau_high_counts(x: Tensor, b: Tensor) -> Tensor:
-    """:func:`high_counts` of the magnitude bits of ``tau = x - b`` (float32 blocks)."""
+    """:func:`high_counts` of the magnitude bits of ``tau = x - b`` (float32 or bfloat16 blocks)."""
     if _kernels.usable(x, b):
         return _kernels.high_counts(x, b)
-    return high_counts(magnitude_bits_(x - b))
+    return high_counts(magnitude_bits_(f32(x) - f32(b)))
 
 
 def tau_low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
-    """:func:`low_counts` of the magnitude bits of ``tau = x - b`` (float32 blocks)."""
+    """:func:`low_counts` of the magnitude bits of ``tau = x - b`` (float32 or bfloat16 blocks)."""
     if _kernels.usable(x, b):
         return _kernels.low_counts(x, b, bucket)
-    return low_counts(magnitude_bits_(x - b), bucket)
+    return low_counts(magnitude_bits_(f32(x) - f32(b)), bucket)
 
 
 def trimmed_contribution(x: Tensor, b: Tensor, cut: Cut, ties_seen: int, w: float) -> tuple[Tensor, int]:
@@ -222,7 +222,7 @@ def trimmed_contribution(x: Tensor, b: Tensor, cut: Cut, ties_seen: int, w: floa
     and the count of entries equal to the cut seen so far (see :func:`cut_mask_`)."""
     if _kernels.usable(x, b):
         return _kernels.trim(x, b, cut, ties_seen, w)
-    tau = x - b
+    tau = f32(x) - f32(b)
     if cut != KEEP_ALL:
         inside, ties_seen = cut_mask_(magnitude_bits(tau), cut, ties_seen)
         keep_(tau, inside)
@@ -303,13 +303,14 @@ def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator, weight
 
 def dropped_contribution(x: Tensor, b: Tensor | None, density: float, rng: torch.Generator,
                          weight: float = 1.0) -> Tensor:
-    """:func:`drop_and_rescale` of ``x - b`` (float32 blocks; of ``x`` itself when ``b`` is None)."""
+    """:func:`drop_and_rescale` of ``x - b`` (float32 or bfloat16 blocks; of ``x`` itself when ``b`` is
+    None), as float32."""
     levels = keep_levels(density)
     if levels <= 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x, dtype=torch.float32)
     if levels < KEEP_LEVELS and b is not None and _kernels.usable(x, b):
         return _kernels.drop(x, b, _coins(x.numel(), rng, x.device), levels, weight * KEEP_LEVELS / levels)
-    delta = x if b is None else x - b
+    delta = f32(x) if b is None else f32(x) - f32(b)
     if levels >= KEEP_LEVELS:
         return delta.clone() if weight == 1.0 and b is None else delta * weight
     mask = bernoulli_mask(x.shape, levels, rng, x.device)

@@ -12,7 +12,6 @@ from modelcypher.merging.methods._sparsify import (
     check_fraction,
     disjoint_merge_,
     dropped_contribution,
-    f32,
     per_model,
 )
 from modelcypher.merging.methods.dare_linear import DARE_PAPER
@@ -23,6 +22,7 @@ from modelcypher.merging.registry import register
 @register(
     "dare_ties",
     rowwise=True,
+    raw=True,
     base="required",
     paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
     model_params={"weight": 1.0, "density": 1.0},
@@ -47,7 +47,6 @@ def dare_ties(
     check_fraction(dens, "density")
     check_base(xs, base)
     with torch.no_grad():
-        b = f32(base)
-        # the contributions c_i = w_i d_i, with w_i folded into the rescale
-        c = [dropped_contribution(f32(x), b, d, rng, wi) for x, d, wi in zip(xs, dens, w, strict=True)]
+        # the contributions c_i = w_i d_i, with w_i folded into the rescale (float32, from raw blocks)
+        c = [dropped_contribution(x, base, d, rng, wi) for x, d, wi in zip(xs, dens, w, strict=True)]
         return disjoint_merge_(c, w, normalize, lambda_, base)

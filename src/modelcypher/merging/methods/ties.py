@@ -35,8 +35,8 @@ def ties_blocks(
     normalize: bool = True, lambda_: float = 1.0,
 ) -> Iterator[Tensor]:
     """TIES on a tensor of ``numel`` entries seen in blocks of rows: ``passes()`` yields each block's
-    float32 ``(xs, base)`` in order, once per call; ``weight`` and ``density`` hold one value per
-    model. Yields the result block by block.
+    ``(xs, base)`` in order, once per call (float32, or as stored: the arithmetic is float32's);
+    ``weight`` and ``density`` hold one value per model. Yields the result block by block (float32).
 
     The trim keeps a whole-tensor top-k, so its cut is found first, in two passes of histograms
     (:func:`top_k_cuts`); elect and disjoint merge are elementwise, done in a third pass. Memory: a
@@ -69,6 +69,7 @@ def ties_blocks(
     model_params={"weight": 1.0, "density": 1.0},
     global_params={"normalize": True, "lambda": 1.0},
     stream=ties_blocks,
+    raw=True,
 )
 def ties(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
