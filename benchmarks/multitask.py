@@ -168,6 +168,9 @@ class FineTune:
     lora_rank: int = 0  # 0 = full fine-tune; r > 0: LoRA of rank r on every Conv1D (attention and MLP)
     lora_alpha: float = 16.0  # LoRA scale alpha / r
     anchor: float = 0.0  # weight of the KL to the starting model on prompts of other names (anchor_examples)
+    # "attention": a full fine-tune of the attention weights only (c_attn, c_proj), whose task vectors
+    # interfere less (Jin et al., "Fine-Tuning Attention Modules Only", ICLR 2025, arXiv 2407.07089)
+    modules: str = "all"
     seed: int = 1
 
 
@@ -179,6 +182,15 @@ FULL_ANCHOR1 = replace(FULL, steps=200, anchor=1.0)
 LORA_ANCHOR1 = replace(LORA, anchor=1.0)
 SIZES = (2000, 200, 300)  # train / validation / test examples per task
 DATA_EXAMPLES = 256  # training examples per task given to the data-driven merges (Fisher, Grams)
+
+
+def recipe_key(cfg: FineTune) -> dict:
+    """A recipe's fields for cache keys: ``modules`` only when not the default, so that models cached
+    before the option existed keep their keys."""
+    key = asdict(cfg)
+    if cfg.modules == "all":
+        key.pop("modules")
+    return key
 
 
 def _key(*parts) -> str:
@@ -264,7 +276,7 @@ def get_base(tok, data: dict, instruct: FineTune = INSTRUCT, pretrain: gpt2.Trai
     """The instructed base every task is fine-tuned from: the pre-trained model after ``instruct``
     on :func:`instruction_pool` (trained once, then read from the cache)."""
     pre = get_pretrained(tok, pretrain, log, device)
-    path = CACHE / f"instructed-{_key(pre.name, asdict(instruct), POOL, SIZES)}"
+    path = CACHE / f"instructed-{_key(pre.name, recipe_key(instruct), POOL, SIZES)}"
     if (path / "config.json").exists():
         return path
     log(f"instructing the base: {instruct.steps} steps on {POOL} examples per task ...")
@@ -382,6 +394,11 @@ def finetune(base: nn.Module, examples, cfg: FineTune, tok, device: str = "cpu",
     if cfg.freeze_embeddings:
         model.transformer.wte.weight.requires_grad_(False)
         model.transformer.wpe.weight.requires_grad_(False)
+    if cfg.modules == "attention":
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and ".attn." in name)
+    elif cfg.modules != "all":
+        raise ValueError(f"FineTune.modules: 'all' or 'attention', got {cfg.modules!r}")
     model.to(device)  # the LoRA factors
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -428,7 +445,7 @@ def _base_anchors(base_path: Path, tok, device: str):
 
 def get_finetune(variant: str, cfg: FineTune, task: str, base_path: Path, data: dict, tok, log=print,
                  device: str = "cpu") -> Path:
-    key = asdict(cfg)
+    key = recipe_key(cfg)
     if cfg.lora_rank:
         key.pop("freeze_embeddings")  # no effect with LoRA (everything but A, B is frozen)
     path = CACHE / f"ft-{variant}-{task}-{_key(base_path.name, key, SIZES)}"
@@ -459,14 +476,15 @@ def evaluate(model, tok, data: dict, split: int) -> dict[str, float]:
 # is then evaluated once on the test split.  ``model`` keys go to every model's parameters, the rest to
 # the global ones.  Data-driven methods get each model's own training text (``data``) on top.
 TIES_LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # they average the models that agree: lambda above 1
+AVERAGE_LAMBDAS = (1.0, 2.0, 3.0, 4.5, 6.0)  # Fisher and RegMean average all six task vectors
 GRIDS: dict[str, list[dict]] = {
     "task_arithmetic": [{"lambda": lam} for lam in (0.2, 0.35, 0.5, 0.7, 1.0, 1.3)],
     "ties": [{"lambda": lam, "model": {"density": d}} for d in (0.2, 0.5) for lam in TIES_LAMBDAS],
     "dare_ties": [{"lambda": lam, "model": {"density": d}} for d in (0.3, 0.6) for lam in TIES_LAMBDAS],
     "tsv": [{"lambda": lam} for lam in (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)],
     "wudi": [{"lambda": lam, "lr": lr} for lr in (1e-5, 1e-4) for lam in (0.5, 0.7, 1.0, 1.3, 1.6)],
-    "fisher": [{"normalize": False}, {"normalize": True}],
-    "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
+    "fisher": [{"normalize": nz, "lambda": lam} for nz in (False, True) for lam in AVERAGE_LAMBDAS],
+    "regmean": [{"alpha": a, "lambda": lam} for a in (0.2, 0.5, 0.9, 1.0) for lam in AVERAGE_LAMBDAS],
     "null_space": [{"lambda": lam, "rank_threshold": r} for r in (1e-4, 1e-2) for lam in (0.3, 0.5, 1.0, 1.3)],
 }
 DATA_METHODS = ("fisher", "regmean", "null_space")

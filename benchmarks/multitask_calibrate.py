@@ -3,7 +3,7 @@
     python benchmarks/multitask_calibrate.py --layers 8 --width 512 --device cuda
     python benchmarks/multitask_calibrate.py --recipes full:1:200,full:10:200,full:5:400,full:10:400,\
 full:30:400,full:10:800,lora:1:300,lora:10:300 --out benchmarks/results/multitask_4x128_anchor.json
-                                            # the anchor weight (variant:anchor:steps) on a scale's base
+                                            # the anchor weight (variant:anchor:steps[:modules]) on a scale's base
 
 For one size it pre-trains the base (cached like the benchmark's), instructs it for several lengths and
 reports each base's validation accuracies, picks the length whose average is nearest ``--target`` (the
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.58, help="validation average wanted of the base")
     ap.add_argument("--out", default=str(mt.RESULTS / "multitask_calibration.json"))
     ap.add_argument("--recipes", default=None,
-                    help="variant:anchor:steps,... to score on --scale's base (e.g. full:10:400,lora:1:300)")
+                    help="variant:anchor:steps[:attention],... to score on --scale's base (e.g. full:10:400)")
     ap.add_argument("--scale", default="4x128", choices=mt.SCALES, help="with --recipes: the base and recipes")
     args = ap.parse_args(argv)
     if args.recipes:
@@ -125,20 +125,21 @@ def anchor_sweep(args) -> int:
     base = gpt2.load(base_path)[0]
     log: dict = {"scale": args.scale, "criterion": "validation average of task arithmetic at its best lambda",
                  "recipes": {}}
-    recipes = [(v, float(a), int(n)) for v, a, n in (r.split(":") for r in args.recipes.split(","))]
-    for variant, anchor, steps in recipes:
-        cfg = replace(scale.variants[variant], steps=steps, anchor=anchor)
+    recipes = [(v, float(a), int(n), (m or ["all"])[0])
+               for v, a, n, *m in (r.split(":") for r in args.recipes.split(","))]
+    for variant, anchor, steps, modules in recipes:
+        cfg = replace(scale.variants[variant], steps=steps, anchor=anchor, modules=modules)
         rec = {"config": asdict(cfg),
                **score(base, lambda t, cfg=cfg, variant=variant: gpt2.load(
                    mt.get_finetune(variant, cfg, t, base_path, data, tok, device=dev))[0], LAMBDAS, tok, data, dev)}
         lam, best = max(rec["task_arithmetic"].items(), key=lambda kv: kv[1]["avg"])
         rec["best"] = {"lambda": lam, **best}
-        name = f"{variant}_anchor{anchor:g}_steps{steps}"
+        name = f"{variant}_anchor{anchor:g}_steps{steps}" + ("" if modules == "all" else f"_{modules}")
         log["recipes"][name] = rec
         print(f"{name}: own {rec['own_avg']:.3f}, task arithmetic avg {best['avg']:.3f} "
               f"(norm {best['norm']:.3f}, lambda {lam:g}) ({time.perf_counter() - t0:.0f}s)", flush=True)
         Path(args.out).write_text(json.dumps(log, indent=1) + "\n")
-    for variant in dict.fromkeys(v for v, _, _ in recipes):
+    for variant in dict.fromkeys(v for v, *_ in recipes):
         mine = {k: r for k, r in log["recipes"].items() if k.startswith(variant + "_")}
         log[f"chosen_{variant}"] = max(mine, key=lambda k: mine[k]["best"]["avg"])
         print(f"chosen for {variant}: {log[f'chosen_{variant}']}")
