@@ -41,8 +41,8 @@ What it does
    assumes of fine-tunes of a large base). The anchor names no other benchmark task. Its weight was
    chosen on validation (below, "The anchor's weight").
 3. Merges the six fine-tunes of a variant with every method through the public
-   :func:`modelcypher.merge` API (task arithmetic, TIES, DARE-TIES, TSV-M, WUDI, Fisher, RegMean,
-   null-space), the instructed base as ``base_model``. The data-driven ones (Fisher, RegMean,
+   :func:`modelcypher.merge` API (task arithmetic, TIES, DARE-TIES, TSV-M, WUDI, Iso-C, Fisher,
+   RegMean, null-space), the instructed base as ``base_model``. The data-driven ones (Fisher, RegMean,
    null-space) get each model's own training text (the first :data:`DATA_EXAMPLES` training lines of
    its task) as the per-model ``data`` parameter; the runner computes the diagonal Fishers / input
    Grams from it and caches them.
@@ -483,6 +483,7 @@ GRIDS: dict[str, list[dict]] = {
     "dare_ties": [{"lambda": lam, "model": {"density": d}} for d in (0.3, 0.6) for lam in TIES_LAMBDAS],
     "tsv": [{"lambda": lam} for lam in (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)],
     "wudi": [{"lambda": lam, "lr": lr} for lr in (1e-5, 1e-4) for lam in (0.5, 0.7, 1.0, 1.3, 1.6)],
+    "iso_c": [{"lambda": lam} for lam in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
     "fisher": [{"normalize": nz, "lambda": lam} for nz in (False, True) for lam in AVERAGE_LAMBDAS],
     "regmean": [{"alpha": a, "lambda": lam} for a in (0.2, 0.5, 0.9, 1.0) for lam in AVERAGE_LAMBDAS],
     "null_space": [{"lambda": lam, "rank_threshold": r} for r in (1e-4, 1e-2) for lam in (0.3, 0.5, 1.0, 1.3)],
@@ -595,7 +596,7 @@ def run_variant(variant: str, cfg: FineTune, base_path: Path, data: dict, tok, m
 
 # ------------------------------------------------------------------------------------------ report
 METHOD_NAMES = {"task_arithmetic": "Task arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES", "tsv": "TSV-M",
-                "wudi": "WUDI", "fisher": "Fisher", "regmean": "RegMean", "null_space": "Null-space"}
+                "iso_c": "Iso-C", "wudi": "WUDI", "fisher": "Fisher", "regmean": "RegMean", "null_space": "Null-space"}
 
 
 def table(res: dict, variant: str) -> str:

@@ -19,7 +19,7 @@ WEIGHT_METHODS = {
     "linear": ({"weight": 1.0}, {}), "task_arithmetic": ({"weight": 1.0}, {"lambda": 0.8}),
     "ties": ({"weight": 1.0, "density": 0.4}, {}), "breadcrumbs": ({"weight": 1.0, "density": 0.5}, {}),
     "breadcrumbs_ties": ({"weight": 1.0, "density": 0.5}, {}), "model_stock": ({}, {}), "dfs": ({}, {}),
-    "tsv": ({}, {"lambda": 1.0}), "wudi": ({}, {"lambda": 1.0}),
+    "tsv": ({}, {"lambda": 1.0}), "wudi": ({}, {"lambda": 1.0}), "iso_c": ({}, {"lambda": 1.0}),
 }
 RANDOM_METHODS = {m: ({"weight": 1.0, "density": 0.5}, {}) for m in ("dare_linear", "dare_ties", "della")}
 
