@@ -105,3 +105,16 @@ def test_dare_on_raw_blocks(density):
     raw, plain = _both(lambda: dropped_contribution(x, base, density, torch.Generator().manual_seed(1), 0.8))
     widened = dropped_contribution(x.float(), base.float(), density, torch.Generator().manual_seed(1), 0.8)
     assert raw.dtype == torch.float32 and _same_bits(raw, plain) and _same_bits(raw, widened)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_dare_ties_with_every_kind_of_density(dtype):
+    """Densities 0 (nothing kept, no coins), 1 (everything, no coins) and between, special values."""
+    from modelcypher.merging.methods._sparsify import dropped_merge
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(37, 13, generator=g).to(dtype)
+    xs = [(base.float() + _special(g, (37, 13))).to(dtype) for _ in range(4)]
+    dens, w = [0.0, 0.45, 1.0, 0.7], [1.0, -0.5, 0.8, 1.3]
+    fused, plain = _both(lambda: dropped_merge(xs, base, dens, torch.Generator().manual_seed(3), w, True, 0.9))
+    assert _same_bits(fused, plain)

@@ -2,10 +2,11 @@
 
 The torch formulas in :mod:`._sparsify` take one pass over memory per operation: a TIES block is some
 thirty of them, each cheap, together several times the cost of reading the models. Here the same
-arithmetic runs as one compiled loop per step (numba, :mod:`._numba_loops`; single-threaded, releasing
-the GIL so that the runner's worker threads overlap). Every kernel gives the torch formula's result to
-the bit (NaN, infinities and signed zeros included; no fused multiply-add), which the tests check both
-ways, so either may compute any block.
+arithmetic runs as compiled loops (numba, :mod:`._numba_loops`; single-threaded, releasing the GIL so
+that the runner's worker threads overlap): the trim's two histograms, then one loop per block for the
+rest of TIES (trim, election, disjoint mean, base) or of DARE-TIES (drop, election, ...). Every kernel
+gives the torch formulas' result to the bit (NaN, infinities and signed zeros included; no fused
+multiply-add), which the tests check both ways, so either may compute any block.
 
 Loading the kernels costs about 0.6 s (importing numba, then its compiler's set-up; the compiled code
 comes from numba's on-disk cache after the first run). It starts in a thread at the first call of
@@ -62,32 +63,24 @@ def _flat(t: Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
-@functools.cache
-def _compiled():
-    from modelcypher.merging.methods import _numba_loops as L
+def _loops():
+    from modelcypher.merging.methods import _numba_loops
 
-    return L.high_counts, L.low_counts, L.trim, L.consensus, L.drop
+    return _numba_loops
 
 
 def high_counts(x: Tensor, b: Tensor) -> Tensor:
     """:func:`._sparsify.high_counts` of the magnitude bits of ``x - b``."""
     hist = torch.zeros(1 << 15, dtype=torch.int64)
-    _compiled()[0](_flat(x), _flat(b), hist.numpy())
+    _loops().high_counts(_flat(x), _flat(b), hist.numpy())
     return hist
 
 
 def low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
     """:func:`._sparsify.low_counts` of the magnitude bits of ``x - b``."""
     hist = torch.zeros(1 << 16, dtype=torch.int64)
-    _compiled()[1](_flat(x), _flat(b), np.uint32(bucket), hist.numpy())
+    _loops().low_counts(_flat(x), _flat(b), np.uint32(bucket), hist.numpy())
     return hist
-
-
-def trim(x: Tensor, b: Tensor, cut, seen: int, w: float) -> tuple[Tensor, int]:
-    """``w (x - b)`` inside ``cut`` (a :class:`._sparsify.Cut`), +0 outside; and the count of entries
-    equal to the cut seen so far (as :func:`._sparsify.cut_mask_`)."""
-    c, seen = _compiled()[2](_flat(x), _flat(b), cut.bits, cut.ties, cut.equal, seen, w)
-    return torch.from_numpy(c).reshape(x.shape), seen
 
 
 def consensus(cs: list[Tensor], weights, normalize: bool, lambda_: float = 1.0, base: Tensor | None = None) -> Tensor:
@@ -95,16 +88,44 @@ def consensus(cs: list[Tensor], weights, normalize: bool, lambda_: float = 1.0, 
     when a base is given."""
     out = np.empty(cs[0].numel(), np.float32)
     flat_base = None if base is None else _flat(base)
-    _compiled()[3](tuple(_flat(c) for c in cs), np.asarray(weights, np.float32), normalize, np.float32(lambda_),
+    _loops().consensus(tuple(_flat(c) for c in cs), np.asarray(weights, np.float32), normalize, np.float32(lambda_),
                    flat_base, out)
     return torch.from_numpy(out).reshape(cs[0].shape)
 
 
-def drop(x: Tensor, b: Tensor, draws: Tensor, levels: int, scale: float) -> Tensor:
-    """:func:`._sparsify.drop_and_rescale` of ``x - b`` with its coins from ``draws`` (int64, four
-    16-bit coins each) and its rescale ``scale``."""
-    c = _compiled()[4](_flat(x), _flat(b), draws.numpy(), levels, np.float32(scale))
-    return torch.from_numpy(c).reshape(x.shape)
+def ties_merge(xs: list[Tensor], b: Tensor, cuts, seen: list[int], weights, normalize: bool,
+               lambda_: float) -> Tensor:
+    """TIES on one block in one loop: each ``x_i - b`` trimmed to ``cuts[i]`` (``seen[i]``: entries
+    equal to the cut met so far, updated), times ``weights[i]``, then :func:`consensus` with the base."""
+    if len({x.dtype for x in xs}) > 1:  # the loop indexes the models: one array type for all
+        xs = [x.float() for x in xs]
+    loops, flat = _loops(), tuple(_flat(x) for x in xs)
+    bits = np.array([c.bits for c in cuts], np.int64)
+    ties, equal = np.array([c.ties for c in cuts], np.int64), np.array([c.equal for c in cuts], np.int64)
+    counted, ends = np.array(seen, np.int64), np.empty(len(xs), np.int64)
+    loops.trim_quotas(flat, _flat(b), bits, ties, equal, counted, ends)
+    seen[:] = counted.tolist()
+    out = np.empty(b.numel(), np.float32)
+    loops.ties_merge(flat, _flat(b), bits, ends, np.asarray(weights, np.float32), normalize, np.float32(lambda_),
+                     out)
+    return torch.from_numpy(out).reshape(b.shape)
+
+
+def dare_merge(xs: list[Tensor], b: Tensor, draws: list[Tensor | None], levels: list[int], scales: list[float],
+               weights, normalize: bool, lambda_: float) -> Tensor:
+    """DARE-TIES on one block in one loop: each ``x_i - b`` kept where its 16-bit coins (``draws[i]``,
+    int64, four coins each, as :func:`._sparsify.bernoulli_mask` reads them) fall below ``levels[i]``
+    (out of 2**16: 0 keeps none, 2**16 all, with no draws), rescaled by ``scales[i]``; then
+    :func:`consensus` with the base."""
+    if len({x.dtype for x in xs}) > 1:  # the loop indexes the models: one array type for all
+        xs = [x.float() for x in xs]
+    none = np.zeros(0, np.int16)
+    coins = tuple(none if d is None else d.numpy().view(np.int16) for d in draws)
+    below = np.array([-(2**15) if k <= 0 else 2**15 + 1 if k >= 1 << 16 else k - 2**15 for k in levels], np.int32)
+    out = np.empty(b.numel(), np.float32)
+    _loops().dare_merge(tuple(_flat(x) for x in xs), _flat(b), coins, below, np.asarray(scales, np.float32),
+                        np.asarray(weights, np.float32), normalize, np.float32(lambda_), out)
+    return torch.from_numpy(out).reshape(b.shape)
 
 
 def start_warm_up() -> None:
@@ -125,11 +146,12 @@ def warm_up(models: int = 3) -> None:
             x = torch.zeros(8, dtype=dtype)
             high_counts(x, x)
             low_counts(x, x, 0)
-            trim(x, x, Cut(0, 1, 2), 0, 1.0)
+            ties_merge([x] * models, x, [Cut(0, 1, 2)] * models, [0] * models, [1.0] * models, True, 1.0)
+            draws = [torch.zeros(2, dtype=torch.int64)] * models
+            dare_merge([x] * models, x, draws, [1] * models, [1.0] * models, [1.0] * models, True, 1.0)
             c = torch.zeros(8)
             for base in (x, None):
                 consensus([c] * models, [1.0] * models, True, 1.0, base)
-            drop(x, x, torch.zeros(2, dtype=torch.int64), 1, 1.0)
     except Exception:  # noqa: BLE001  left to the torch formulas
         return
     _ready.set()

@@ -114,52 +114,70 @@ def keep_at_least(t, lowest):
 
 
 @jit
-def trim(x, b, cut, ties, equal, seen, w):
-    # c = w (x - b) where |x - b| is inside the cut, w (+0) elsewhere; returns c and the ties seen
-    n = b.shape[0]
-    c = np.empty(n, np.float32)
-    difference(x, b, c)
-    t = c.view(np.uint32)
-    p = 0  # entries before p keep their magnitudes equal to the cut, those after do not
+def quota_end(t, cut, ties, equal, seen):
+    # Of a block's magnitude bits t, entries before the returned p keep their magnitudes equal to the
+    # cut, those after do not (the first ties - seen equal entries in flat order); and the ties seen.
+    n = t.shape[0]
     if 0 < ties == equal:
-        p = n
-    elif 0 < ties < equal and seen < ties:  # the first (ties - seen) equal entries in flat order
-        count = 0
-        p = n
-        for j in range(n):
-            count += np.int64(np.int64(t[j] & np.uint32(0x7FFFFFFF)) == cut)
-            if count == ties - seen:
-                p = j + 1
-                break
-        seen += count
-    keep_at_least(t[:p], cut)
-    keep_at_least(t[p:], cut + 1)
-    c *= np.float32(w)
-    return c, seen
+        return n, seen
+    if not (0 < ties < equal and seen < ties):
+        return 0, seen
+    count = 0
+    for j in range(n):
+        count += np.int64(np.int64(t[j] & np.uint32(0x7FFFFFFF)) == cut)
+        if count == ties - seen:
+            return j + 1, seen + count
+    return n, seen + count
+
+
+@jit
+def trim_quotas(xs, b, cuts, ties, equal, seen, ends):
+    # quota_end of each model's block (ends[i]; seen[i] updated), scanning only where a quota runs
+    c = np.empty(b.shape[0], np.float32)
+    for i in range(len(xs)):
+        if 0 < ties[i] < equal[i] and seen[i] < ties[i]:
+            difference(xs[i], b, c)
+            ends[i], seen[i] = quota_end(c.view(np.uint32), cuts[i], ties[i], equal[i], seen[i])
+        else:
+            ends[i] = b.shape[0] if 0 < ties[i] == equal[i] else 0
+
+
+@jit
+def elect(total, pos, wpos, neg, wneg, normalize):
+    # The disjoint mean of one entry from its contributions' sum (s = sign(total)) and the sums of the
+    # positive and of the negative ones, with their weights (each in model order); a NaN total elects
+    # nobody. The kernels keep these sums in registers: a per-entry array of contributions (or one
+    # passed to a helper) ran ten times slower.
+    zero = np.float32(0.0)
+    if total > 0:
+        num, den = pos, wpos
+    elif total < 0:
+        num, den = neg, wneg
+    else:
+        num, den = zero, zero
+    if normalize:
+        num = num / den if den != 0 else zero
+    return num
 
 
 @jit
 def consensus(cs, w, normalize, lam, base, out):
-    # s = sign(sum_i c_i); num = sum of the c_i of sign s, den = their w_i (model order)
-    m = len(cs)
+    # elect of the contributions cs, entry by entry; then base + lam * merged with a base
     zero = np.float32(0.0)
     for j in range(out.shape[0]):
         total = cs[0][j]
-        for i in range(1, m):
-            total += cs[i][j]
-        num, den = zero, zero
-        if total > 0:
-            for i in range(m):
-                if cs[i][j] > 0:
-                    num += cs[i][j]
-                    den += w[i]
-        elif total < 0:  # a NaN total elects nobody
-            for i in range(m):
-                if cs[i][j] < 0:
-                    num += cs[i][j]
-                    den += w[i]
-        if normalize:
-            num = num / den if den != 0 else zero
+        pos, wpos, neg, wneg = zero, zero, zero, zero
+        for i in range(len(cs)):
+            c = cs[i][j]
+            if i > 0:
+                total += c
+            if c > 0:
+                pos += c
+                wpos += w[i]
+            elif c < 0:
+                neg += c
+                wneg += w[i]
+        num = elect(total, pos, wpos, neg, wneg, normalize)
         if base is None:
             out[j] = num
         else:
@@ -167,13 +185,82 @@ def consensus(cs, w, normalize, lam, base, out):
 
 
 @jit
-def drop(x, b, draws, levels, scale):
-    # DARE: (m (x - b)) scale, m = 1 where the 16-bit coin u < levels - 2**15, else 0
-    u = draws.view(np.int16)
-    c = np.empty(b.shape[0], np.float32)
-    below = np.int32(levels - 2**15)
+def widen(a, out):
+    for j in range(out.shape[0]):
+        out[j] = at(a, j)
+
+
+@jit
+def ties_merge(xs, b, cuts, ends, w, normalize, lam, out):
+    # trim (each model's cut, its first ends[i] entries keeping magnitudes equal to it), then elect,
+    # disjoint mean and base + lam * merged, a chunk at a time: each model's x_i - b is widened into a
+    # small buffer and masked there (in one per-entry loop, the bit casts ran several times slower)
+    m, n = len(xs), out.shape[0]
+    tau = np.empty((m, CHUNK), np.float32)
+    bw = np.empty(CHUNK, np.float32)
+    zero = np.float32(0.0)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        widen(b[s:e], bw[: e - s])
+        for i in range(m):
+            t = tau[i, : e - s]
+            difference(xs[i][s:e], b[s:e], t)
+            p = min(max(ends[i] - s, 0), e - s)
+            keep_at_least(t[:p].view(np.uint32), cuts[i])
+            keep_at_least(t[p:].view(np.uint32), cuts[i] + 1)
+        for k in range(e - s):
+            total, pos, wpos, neg, wneg = zero, zero, zero, zero, zero
+            for i in range(m):
+                c = tau[i, k] * w[i]
+                total = c if i == 0 else total + c
+                if c > 0:
+                    pos += c
+                    wpos += w[i]
+                elif c < 0:
+                    neg += c
+                    wneg += w[i]
+            out[s + k] = elect(total, pos, wpos, neg, wneg, normalize) * lam + bw[k]
+
+
+@jit
+def drop_in_place(t, u, below, scale):
+    # t = (m t) scale, m = 1 where the 16-bit coin u < below, else 0; below <= -2**15 keeps none (+0),
+    # > 2**15 keeps all (u unused)
     one, zero = np.float32(1.0), np.float32(0.0)
-    for j in range(c.shape[0]):
-        m = one if np.int32(u[j]) < below else zero
-        c[j] = (m * (at(x, j) - at(b, j))) * scale
-    return c
+    if below <= -(2**15):
+        t[:] = zero
+    elif below > 2**15:
+        for k in range(t.shape[0]):
+            t[k] = t[k] * scale
+    else:
+        for k in range(t.shape[0]):
+            t[k] = ((one if np.int32(u[k]) < below else zero) * t[k]) * scale
+
+
+@jit
+def dare_merge(xs, b, coins, below, scale, w, normalize, lam, out):
+    # DARE's drop of each x_i - b (drop_in_place, with model i's coins), then elect, disjoint mean and
+    # base + lam * merged, a chunk at a time (as ties_merge)
+    m, n = len(xs), out.shape[0]
+    tau = np.empty((m, CHUNK), np.float32)
+    bw = np.empty(CHUNK, np.float32)
+    zero = np.float32(0.0)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        widen(b[s:e], bw[: e - s])
+        for i in range(m):
+            t = tau[i, : e - s]
+            difference(xs[i][s:e], b[s:e], t)
+            drop_in_place(t, coins[i][s:e], below[i], scale[i])  # (an empty slice where no coins)
+        for k in range(e - s):
+            total, pos, wpos, neg, wneg = zero, zero, zero, zero, zero
+            for i in range(m):
+                c = tau[i, k]
+                total = c if i == 0 else total + c
+                if c > 0:
+                    pos += c
+                    wpos += w[i]
+                elif c < 0:
+                    neg += c
+                    wneg += w[i]
+            out[s + k] = elect(total, pos, wpos, neg, wneg, normalize) * lam + bw[k]

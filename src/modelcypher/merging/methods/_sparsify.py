@@ -220,13 +220,24 @@ def tau_low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
 def trimmed_contribution(x: Tensor, b: Tensor, cut: Cut, ties_seen: int, w: float) -> tuple[Tensor, int]:
     """TIES's ``c_i = w_i d_i`` for a block: ``tau = x - b`` inside ``cut``, +0 outside, times ``w``;
     and the count of entries equal to the cut seen so far (see :func:`cut_mask_`)."""
-    if _kernels.usable(x, b):
-        return _kernels.trim(x, b, cut, ties_seen, w)
     tau = f32(x) - f32(b)
     if cut != KEEP_ALL:
         inside, ties_seen = cut_mask_(magnitude_bits(tau), cut, ties_seen)
         keep_(tau, inside)
     return tau.mul_(w), ties_seen
+
+
+def trimmed_merge(xs: Sequence[Tensor], b: Tensor, cuts: Sequence[Cut], ties_seen: list[int],
+                  w: Sequence[float], normalize: bool, lambda_: float) -> Tensor:
+    """TIES on a block: each model's :func:`trimmed_contribution` (``ties_seen`` updated in place),
+    then ``b + lambda_ * merged`` by :func:`disjoint_merge_`; on the CPU one fused loop (:mod:`._kernels`)."""
+    if _kernels.usable(*xs, b):
+        return _kernels.ties_merge(list(xs), b, cuts, ties_seen, w, normalize, lambda_)
+    contributions = []
+    for i, (x, cut) in enumerate(zip(xs, cuts, strict=True)):
+        c, ties_seen[i] = trimmed_contribution(x, b, cut, ties_seen[i], w[i])
+        contributions.append(c)
+    return disjoint_merge_(contributions, w, normalize, lambda_, b)
 
 
 def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
@@ -308,13 +319,25 @@ def dropped_contribution(x: Tensor, b: Tensor | None, density: float, rng: torch
     levels = keep_levels(density)
     if levels <= 0:
         return torch.zeros_like(x, dtype=torch.float32)
-    if levels < KEEP_LEVELS and b is not None and _kernels.usable(x, b):
-        return _kernels.drop(x, b, _coins(x.numel(), rng, x.device), levels, weight * KEEP_LEVELS / levels)
     delta = f32(x) if b is None else f32(x) - f32(b)
     if levels >= KEEP_LEVELS:
         return delta.clone() if weight == 1.0 and b is None else delta * weight
     mask = bernoulli_mask(x.shape, levels, rng, x.device)
     return mask.mul_(delta).mul_(weight * KEEP_LEVELS / levels)
+
+
+def dropped_merge(xs: Sequence[Tensor], b: Tensor, density: Sequence[float], rng: torch.Generator,
+                  w: Sequence[float], normalize: bool, lambda_: float) -> Tensor:
+    """DARE-TIES on a block: each model's :func:`dropped_contribution` (``w_i`` folded into the rescale,
+    coins drawn in model order), then ``b + lambda_ * merged`` by :func:`disjoint_merge_`; on the CPU one
+    fused loop (:mod:`._kernels`) with the same coins and bits."""
+    if _kernels.usable(*xs, b):
+        levels = [keep_levels(d) for d in density]
+        draws = [_coins(b.numel(), rng, b.device) if 0 < k < KEEP_LEVELS else None for k in levels]
+        scales = [wi * KEEP_LEVELS / k if 0 < k < KEEP_LEVELS else wi for wi, k in zip(w, levels, strict=True)]
+        return _kernels.dare_merge(list(xs), b, draws, levels, scales, w, normalize, lambda_)
+    c = [dropped_contribution(x, b, d, rng, wi) for x, d, wi in zip(xs, density, w, strict=True)]
+    return disjoint_merge_(c, w, normalize, lambda_, b)
 
 
 def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:

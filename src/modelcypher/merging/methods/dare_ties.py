@@ -10,8 +10,7 @@ from torch import Tensor
 from modelcypher.merging.methods._sparsify import (
     check_base,
     check_fraction,
-    disjoint_merge_,
-    dropped_contribution,
+    dropped_merge,
     per_model,
 )
 from modelcypher.merging.methods.dare_linear import DARE_PAPER
@@ -47,6 +46,4 @@ def dare_ties(
     check_fraction(dens, "density")
     check_base(xs, base)
     with torch.no_grad():
-        # the contributions c_i = w_i d_i, with w_i folded into the rescale (float32, from raw blocks)
-        c = [dropped_contribution(x, base, d, rng, wi) for x, d, wi in zip(xs, dens, w, strict=True)]
-        return disjoint_merge_(c, w, normalize, lambda_, base)
+        return dropped_merge(xs, base, dens, rng, w, normalize, lambda_)

@@ -12,13 +12,12 @@ from modelcypher.merging.methods._sparsify import (
     check_fraction,
     check_shapes,
     count,
-    disjoint_merge_,
     f32,
     per_model,
     tau_high_counts,
     tau_low_counts,
     top_k_cuts,
-    trimmed_contribution,
+    trimmed_merge,
 )
 from modelcypher.merging.registry import register
 
@@ -52,14 +51,10 @@ def ties_blocks(
         # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
         cuts = top_k_cuts(lambda: ({i: (xs[i], b) for i in ranked} for xs, b in passes()), ks, numel,
                           high=lambda xb: tau_high_counts(*xb), low=lambda xb, bucket: tau_low_counts(*xb, bucket))
+        # c_i = w_i d_i; 3-4. elect, disjoint merge, then base + lambda * tau
         ties_seen = [0] * n
         for xs, b in passes():
-            contributions = []
-            for i, (x, cut) in enumerate(zip(xs, cuts, strict=True)):
-                c, ties_seen[i] = trimmed_contribution(x, b, cut, ties_seen[i], w[i])  # c_i = w_i d_i
-                contributions.append(c)
-            # 3-4. elect, disjoint merge, then base + lambda * tau
-            yield disjoint_merge_(contributions, w, normalize, lambda_, b)
+            yield trimmed_merge(xs, b, cuts, ties_seen, w, normalize, lambda_)
 
 
 @register(
