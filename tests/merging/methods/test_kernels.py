@@ -51,7 +51,9 @@ def test_disjoint_merge(weights, normalize, with_base):
 
 BF16 = torch.bfloat16
 # (the models' dtype, the base's): the loops read bfloat16 blocks as stored, in any mix with float32
-DTYPES = [(torch.float32, torch.float32), (BF16, BF16), (BF16, torch.float32), (torch.float32, BF16)]
+# (float16 blocks reach the torch formulas, which widen them)
+DTYPES = [(torch.float32, torch.float32), (BF16, BF16), (BF16, torch.float32), (torch.float32, BF16),
+          (torch.float16, torch.float16)]
 
 
 @pytest.mark.parametrize("density", [0.0, 0.13, 0.5, 0.9, 1.0])
@@ -80,7 +82,7 @@ def test_ties_streamed(density, rows, dtypes):
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16])
 def test_registered_methods(method, dtype):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 48, generator=g)
