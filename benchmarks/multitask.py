@@ -476,16 +476,16 @@ def evaluate(model, tok, data: dict, split: int) -> dict[str, float]:
 # is then evaluated once on the test split.  ``model`` keys go to every model's parameters, the rest to
 # the global ones.  Data-driven methods get each model's own training text (``data``) on top.
 TIES_LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # they average the models that agree: lambda above 1
-AVERAGE_LAMBDAS = (1.0, 2.0, 3.0, 4.5, 6.0)  # Fisher and RegMean average all six task vectors
+AVERAGE_LAMBDAS = (1.0, 2.0, 3.0, 4.5, 6.0, 8.0)  # Fisher and RegMean average all six task vectors
 GRIDS: dict[str, list[dict]] = {
     "task_arithmetic": [{"lambda": lam} for lam in (0.2, 0.35, 0.5, 0.7, 1.0, 1.3)],
     "ties": [{"lambda": lam, "model": {"density": d}} for d in (0.2, 0.5) for lam in TIES_LAMBDAS],
     "dare_ties": [{"lambda": lam, "model": {"density": d}} for d in (0.3, 0.6) for lam in TIES_LAMBDAS],
     "tsv": [{"lambda": lam} for lam in (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)],
     "wudi": [{"lambda": lam, "lr": lr} for lr in (1e-5, 1e-4) for lam in (0.5, 0.7, 1.0, 1.3, 1.6)],
-    "iso_c": [{"lambda": lam} for lam in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
+    "iso_c": [{"lambda": lam} for lam in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)],
     "fisher": [{"normalize": nz, "lambda": lam} for nz in (False, True) for lam in AVERAGE_LAMBDAS],
-    "regmean": [{"alpha": a, "lambda": lam} for a in (0.2, 0.5, 0.9, 1.0) for lam in AVERAGE_LAMBDAS],
+    "regmean": [{"alpha": a, "lambda": lam} for a in (0.0, 0.2, 0.5, 0.9, 1.0) for lam in AVERAGE_LAMBDAS],
     "null_space": [{"lambda": lam, "rank_threshold": r} for r in (1e-4, 1e-2) for lam in (0.3, 0.5, 1.0, 1.3)],
 }
 DATA_METHODS = ("fisher", "regmean", "null_space")
