@@ -1,8 +1,8 @@
 """The streaming runner: one output tensor at a time, read -> merge -> write.
 
-Peak memory is, per tensor in flight (one per worker, :func:`cpu_workers`), its inputs (in float32) plus
-its result, whatever the depth of the model; a multi-pass method also keeps the tensor's raw inputs
-between its passes, up to ``HOLD_BYTES``.
+Peak memory is, per tensor in flight (one per worker, :func:`cpu_workers`), its inputs (in float32, or
+as stored for a method registered ``raw``) plus its result, whatever the depth of the model; a
+multi-pass method also keeps the tensor's raw inputs between its passes, up to ``HOLD_BYTES``.
 """
 
 from __future__ import annotations
