@@ -13,7 +13,7 @@ Where mergekit is installed in a separate environment (MERGEKIT_PYTHON=/path/to/
 the same configs; e.g. ``python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install
 mergekit`` (which reuses the installed torch). Results: benchmarks/results/merge_speed.{json,md}.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_speed.py [--small]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/merge_speed.py [--small | --large]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ METHODS = {
     "dare_ties": {"parameters": {"weight": 1.0, "density": 0.5}},
 }
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+             num_attention_heads=16, num_key_value_heads=8)
+# Three times the parameters (632M): how the ratios move with size, when per-process costs weigh less
+LARGE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
              num_attention_heads=16, num_key_value_heads=8)
 SMALL = dict(vocab_size=4000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4)
@@ -172,14 +175,16 @@ def timed(python: str, script: str, *args: str) -> tuple[float, int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a tiny shape, to check the script itself")
+    ap.add_argument("--large", action="store_true", help="632M parameters per model (results: merge_speed_large)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     import shutil
 
     import yaml
 
-    shape = SMALL if args.small else SHAPE
-    root = CACHE / ("small" if args.small else "full")
+    size = "small" if args.small else "large" if args.large else "full"
+    shape = {"small": SMALL, "large": LARGE, "full": SHAPE}[size]
+    root = CACHE / size
     paths = build_models(shape, root)
     from modelcypher.checkpoint import Checkpoint
 
@@ -244,7 +249,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     dest = HERE / "results"
     dest.mkdir(exist_ok=True)
-    tag = "_small" if args.small else ""
+    tag = "" if size == "full" else f"_{size}"
     (dest / f"merge_speed{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Merge speed, {n_params / 1e6:.0f}M-parameter Llama-shaped bf16 checkpoints, base + 3 fine-tunes, "
              f"{result['machine']}, {result['date']}.", "",
