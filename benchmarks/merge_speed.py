@@ -38,7 +38,7 @@ METHODS = {
 }
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
              num_attention_heads=16, num_key_value_heads=8)
-# Three times the parameters (632M): how the ratios move with size, when per-process costs weigh less
+# 3.4 times the parameters (697M): how the ratios move with size, when per-process costs weigh less
 LARGE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
              num_attention_heads=16, num_key_value_heads=8)
 SMALL = dict(vocab_size=4000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
@@ -175,7 +175,7 @@ def timed(python: str, script: str, *args: str) -> tuple[float, int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a tiny shape, to check the script itself")
-    ap.add_argument("--large", action="store_true", help="632M parameters per model (results: merge_speed_large)")
+    ap.add_argument("--large", action="store_true", help="697M parameters per model (results: merge_speed_large)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     import shutil
