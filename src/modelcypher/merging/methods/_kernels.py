@@ -63,6 +63,14 @@ def _flat(t: Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def _models(xs: list[Tensor]) -> tuple[np.ndarray, ...]:
+    """The models' blocks as one tuple of flat arrays of one type (the loops index the models), all
+    float32 when their dtypes differ."""
+    if len({x.dtype for x in xs}) > 1:
+        xs = [x.float() for x in xs]
+    return tuple(_flat(x) for x in xs)
+
+
 def _loops():
     from modelcypher.merging.methods import _numba_loops
 
@@ -97,16 +105,14 @@ def ties_merge(xs: list[Tensor], b: Tensor, cuts, seen: list[int], weights, norm
                lambda_: float) -> Tensor:
     """TIES on one block in one loop: each ``x_i - b`` trimmed to ``cuts[i]`` (``seen[i]``: entries
     equal to the cut met so far, updated), times ``weights[i]``, then :func:`consensus` with the base."""
-    if len({x.dtype for x in xs}) > 1:  # the loop indexes the models: one array type for all
-        xs = [x.float() for x in xs]
-    loops, flat = _loops(), tuple(_flat(x) for x in xs)
+    loops, flat, fb = _loops(), _models(xs), _flat(b)
     bits = np.array([c.bits for c in cuts], np.int64)
     ties, equal = np.array([c.ties for c in cuts], np.int64), np.array([c.equal for c in cuts], np.int64)
     counted, ends = np.array(seen, np.int64), np.empty(len(xs), np.int64)
-    loops.trim_quotas(flat, _flat(b), bits, ties, equal, counted, ends)
+    loops.trim_quotas(flat, fb, bits, ties, equal, counted, ends)
     seen[:] = counted.tolist()
     out = np.empty(b.numel(), np.float32)
-    loops.ties_merge(flat, _flat(b), bits, ends, np.asarray(weights, np.float32), normalize, np.float32(lambda_),
+    loops.ties_merge(flat, fb, bits, ends, np.asarray(weights, np.float32), normalize, np.float32(lambda_),
                      out)
     return torch.from_numpy(out).reshape(b.shape)
 
@@ -117,13 +123,11 @@ def dare_merge(xs: list[Tensor], b: Tensor, draws: list[Tensor | None], levels: 
     int64, four coins each, as :func:`._sparsify.bernoulli_mask` reads them) fall below ``levels[i]``
     (out of 2**16: 0 keeps none, 2**16 all, with no draws), rescaled by ``scales[i]``; then
     :func:`consensus` with the base."""
-    if len({x.dtype for x in xs}) > 1:  # the loop indexes the models: one array type for all
-        xs = [x.float() for x in xs]
     none = np.zeros(0, np.int16)
     coins = tuple(none if d is None else d.numpy().view(np.int16) for d in draws)
     below = np.array([-(2**15) if k <= 0 else 2**15 + 1 if k >= 1 << 16 else k - 2**15 for k in levels], np.int32)
     out = np.empty(b.numel(), np.float32)
-    _loops().dare_merge(tuple(_flat(x) for x in xs), _flat(b), coins, below, np.asarray(scales, np.float32),
+    _loops().dare_merge(_models(xs), _flat(b), coins, below, np.asarray(scales, np.float32),
                         np.asarray(weights, np.float32), normalize, np.float32(lambda_), out)
     return torch.from_numpy(out).reshape(b.shape)
 

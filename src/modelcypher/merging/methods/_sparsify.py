@@ -457,8 +457,7 @@ def scale_from_base(merged: Tensor, base: Tensor | None, lambda_: float, method:
         return merged
     if base is None:
         raise UserError(f"{method}: lambda {lambda_:g} scales the merge from the base, which needs a base_model")
-    b = f32(base)
-    return (merged - b).mul_(lambda_).add_(b)
+    return apply_delta(base, merged - f32(base), lambda_)
 
 
 def apply_delta(base: Tensor, merged_delta: Tensor, lambda_: float) -> Tensor:

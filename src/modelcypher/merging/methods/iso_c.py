@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from modelcypher.merging.methods.tsv import NEGLIGIBLE, svd_dtype
 from modelcypher.merging.registry import register
-
-NEGLIGIBLE = 1e-6  # singular values below this share of the largest are round-off
 
 
 def isotropic(delta: torch.Tensor) -> torch.Tensor:
@@ -42,7 +41,7 @@ def iso_c(xs, base, *, lambda_: float = 1.0):
     b = base.float()
     if b.dim() != 2:
         return b + float(lambda_) * torch.stack([x.float() - b for x in xs]).mean(0)
-    dt = torch.float64 if b.device.type == "cpu" and b.numel() <= 4_000_000 else torch.float32
+    dt = svd_dtype(b)
     bd = base.to(dt)
     delta = sum(x.to(dt) - bd for x in xs)
     return b + float(lambda_) * isotropic(delta).to(torch.float32)

@@ -29,6 +29,13 @@ from modelcypher.errors import UserError
 from modelcypher.merging.registry import register
 
 NEGLIGIBLE = 1e-6  # singular values below this share of the task's largest are treated as zero
+EXACT_ENTRIES = 4_000_000  # task matrices up to this size are formed and decomposed in float64 on CPU
+
+
+def svd_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for a CPU matrix of up to ``EXACT_ENTRIES`` entries (the difference of two float32
+    tensors is exact there), else float32."""
+    return torch.float64 if t.device.type == "cpu" and t.numel() <= EXACT_ENTRIES else torch.float32
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,6 @@ def tsv(xs, base, *, lambda_: float = 1.0, fraction: float | None = None):
     b = base.float()
     if b.dim() != 2:
         return b + float(lambda_) * torch.stack([x.float() - b for x in xs]).mean(0)
-    exact = b.device.type == "cpu" and b.numel() <= 4_000_000
-    dt = torch.float64 if exact else torch.float32
+    dt = svd_dtype(b)
     merged = tsv_merge_matrix([x.to(dt) - base.to(dt) for x in xs], fraction)
     return b + float(lambda_) * merged
