@@ -85,3 +85,20 @@ def test_missing_or_short_data_is_a_clear_error(char_models, tmp_path):
     r = run_cli("merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "out")
     assert r.returncode == 2 and "tiny.txt" in r.stderr and "give more text" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_lambda_through_the_cli_needs_a_base_and_scales_from_it(char_models, tmp_path, method):
+    root, paths = char_models
+    cfg = cfg_for(method, root, paths, **{"lambda": 2.0})
+    r = run_cli("merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    plain = cfg_for(method, root, paths)
+    assert run_cli("merge", write_config(tmp_path / "p.yaml", plain), "-o", tmp_path / "plain").returncode == 0
+    merged, one, base = state(tmp_path / "out"), state(tmp_path / "plain"), state(paths[0])
+    for n in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
+        torch.testing.assert_close(merged[n], base[n] + 2.0 * (one[n] - base[n]), atol=1e-5, rtol=1e-5)
+    del cfg["base_model"]
+    r = run_cli("merge", write_config(tmp_path / "n.yaml", cfg), "-o", tmp_path / "none")
+    assert r.returncode == 2 and "needs a base_model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()

@@ -139,6 +139,9 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
         raise UserError(f"merge_method {method.name} needs a base_model")
     uses_base = method.base != "none" and base is not None
     _check_params(method, cfg, entries)
+    if method.base == "optional" and base is None and cfg.parameters.get("lambda", 1.0) != 1.0:
+        # lambda scales a merge from its base (task arithmetic's convention): refused before any work
+        raise UserError(f"merge_method {method.name}: lambda scales the merge from the base, which needs a base_model")
 
     ref = base if base is not None else idx[entries[0].model]
     if cfg.tokenizer_source in (None, "base"):
