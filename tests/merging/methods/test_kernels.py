@@ -120,3 +120,19 @@ def test_dare_ties_with_every_kind_of_density(dtype):
     dens, w = [0.0, 0.45, 1.0, 0.7], [1.0, -0.5, 0.8, 1.3]
     fused, plain = _both(lambda: dropped_merge(xs, base, dens, torch.Generator().manual_seed(3), w, True, 0.9))
     assert _same_bits(fused, plain)
+
+
+def test_loading_starts_for_large_blocks_and_ends_before_the_process(tmp_path):
+    """Small blocks never start the loading; a large one does, and the process waits for it at exit
+    (here a first compilation, into an empty cache) rather than ending while numba compiles."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom modelcypher.merging.methods import _kernels as k\n"
+            "assert not k.usable(torch.zeros(8)) and not k._started.locked()\n"
+            "assert not k.usable(torch.zeros(k.WORTH_LOADING)) and k._started.locked()\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert any(tmp_path.rglob("*consensus*.nbi"))  # the last kernel warm_up loads was compiled and cached

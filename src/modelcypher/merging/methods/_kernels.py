@@ -10,7 +10,7 @@ multiply-add), which the tests check both ways, so either may compute any block.
 
 Loading the kernels costs about 0.6 s (importing numba, then its compiler's set-up; the compiled code
 comes from numba's on-disk cache after the first run). It starts in a thread at the first call of
-:func:`usable` (in a merge, at its first block); until it is done the torch formulas do the work.
+:func:`usable` with a large enough block; until it is done the torch formulas do the work.
 Used for float32 and bfloat16 CPU tensors (a method registered ``raw=True`` gets its blocks as stored,
 and the loops widen bfloat16 as they read it) when numba imports; ``MODELCYPHER_KERNELS=torch`` turns
 them off."""
@@ -43,16 +43,20 @@ _started = threading.Lock()
 
 # What the loops read: float32, and bfloat16 as its bits (widened exactly, in the loop).
 DTYPES = (torch.float32, torch.bfloat16)
+# Loading costs about 0.65 s of a core, which blocks of fewer entries than this do not repay (and a
+# process merging only such tensors would then wait for the loading at exit).
+WORTH_LOADING = 1 << 16
 
 
 def usable(*ts: Tensor) -> bool:
     """Whether the kernels apply: loaded, and every tensor float32 or bfloat16 on the CPU. The first
-    call starts loading them in a thread; until they are ready the torch formulas (the same bits) do
-    the work."""
+    call with a block of ``WORTH_LOADING`` entries or more starts loading them in a thread; until they
+    are ready the torch formulas (the same bits) do the work."""
     if not all(t.device.type == "cpu" and t.dtype in DTYPES for t in ts):
         return False
     if not _ready.is_set():
-        start_warm_up()
+        if ts and ts[0].numel() >= WORTH_LOADING:
+            start_warm_up()
         return False
     return True
 
@@ -133,9 +137,11 @@ def dare_merge(xs: list[Tensor], b: Tensor, draws: list[Tensor | None], levels: 
 
 
 def start_warm_up() -> None:
-    """:func:`warm_up` in a thread, once per process."""
+    """:func:`warm_up` in a thread, once per process. Not a daemon: the interpreter waits for it at
+    exit, since a process that ended while numba was compiling aborted in C++ ("terminate called
+    without an active exception", once, in a fresh clone's test run)."""
     if _started.acquire(blocking=False):
-        threading.Thread(target=warm_up, daemon=True).start()
+        threading.Thread(target=warm_up, name="modelcypher-kernels").start()
 
 
 def warm_up(models: int = 3) -> None:
