@@ -7,7 +7,10 @@ held-out data along the straight line between them at 11 values of lambda, and t
 - vanilla averaging (no alignment);
 - activation matching (correlations on training text; the residual by Procrustes where exact);
 - weight matching with permutations only (MLP units, heads, and the residual as a permutation);
-- weight matching with permutations and an orthogonal residual (norms folded; LayerNorm-aware).
+- weight matching with permutations and an orthogonal residual (norms folded; LayerNorm-aware), and
+  with each head's V-O and Q-K bases on top;
+- learned matching: the rotations of the last refined on the midpoint's loss, on training text, or on
+  text sampled from the two models (no data at all).
 
 Pairs: a character-level GPT-2 (6 layers, 4 heads, width 256, MLP 1024, context 128) on the bundled
 Shakespeare with a contiguous 90/5/5 split, and a 3-hidden-layer ReLU MLP on scikit-learn's digits.
@@ -54,6 +57,7 @@ EVAL_TOKENS = 16384  # held-out (test split) tokens per loss
 PROBE_TOKENS = 16384  # training tokens for activation matching
 LEARN = dict(steps=1000, lr=1e-3, tokens=131072)  # learned matching: Adam steps, step size, training tokens
 RESTARTS = 4  # weight matching: descents from this many visiting orders, the best objective kept
+SAMPLED = "learned matching on text sampled from the two models (no data)"
 
 
 def recipe_key(recipe: dict, seed: int) -> str:
@@ -128,19 +132,23 @@ def aligned_states(method: str, residual: str, ck_a, ck_b, train_text: str | Non
     return (config_a, raw_a), (config_b, aligned_b), facts
 
 
-# The rows of the table: (name, matching method or None, residual, in-head bases, short name for the plot).
-# Learned matching starts from weight matching with both bases and refines them with the residual.
+# The rows of the table: (name, matching method or None, residual, in-head bases, probe text: "train" for
+# the training split, None for text sampled from the two models; short name for the plot). Learned
+# matching starts from weight matching with both bases and refines them with the residual.
 ROWS = [
-    ("vanilla averaging", None, None, "", "vanilla"),
-    ("activation matching (permutations)", "activation", "permutation", "", "AM perm"),
-    ("activation matching (permutations + orthogonal residual)", "activation", "orthogonal", "", "AM perm+orth"),
-    ("weight matching (permutations only)", "weight", "permutation", "", "WM perm"),
-    ("weight matching (permutations + orthogonal residual)", "weight", "orthogonal", "", "WM perm+orth"),
-    ("weight matching (permutations + orthogonal residual + V-O bases)", "weight", "orthogonal", "vo",
+    ("vanilla averaging", None, None, "", "train", "vanilla"),
+    ("activation matching (permutations)", "activation", "permutation", "", "train", "AM perm"),
+    ("activation matching (permutations + orthogonal residual)", "activation", "orthogonal", "", "train",
+     "AM perm+orth"),
+    ("weight matching (permutations only)", "weight", "permutation", "", "train", "WM perm"),
+    ("weight matching (permutations + orthogonal residual)", "weight", "orthogonal", "", "train", "WM perm+orth"),
+    ("weight matching (permutations + orthogonal residual + V-O bases)", "weight", "orthogonal", "vo", "train",
      "WM perm+orth+VO"),
     ("weight matching (permutations + orthogonal residual + V-O and Q-K bases)", "weight", "orthogonal", "vo,qk",
-     "WM perm+orth+VO+QK"),
-    ("learned matching (rotations refined from weight matching)", "learned", "orthogonal", "vo,qk", "learned"),
+     "train", "WM perm+orth+VO+QK"),
+    ("learned matching (rotations refined from weight matching)", "learned", "orthogonal", "vo,qk", "train",
+     "learned"),
+    (SAMPLED, "learned", "orthogonal", "vo,qk", None, "learned (sampled)"),
 ]
 RESULT = "barrier"  # file stem of the results: barrier for the quick recipe, barrier_<recipe> otherwise
 
@@ -159,7 +167,7 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
     template, _ = lm_states(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})
     loss = lm_loss_fn(template, ids, torch.device(device), batch_size=32)
     rows = {}
-    for name, method, residual, bases, _ in ROWS:
+    for name, method, residual, bases, text, _ in ROWS:
         if keep and name in keep:
             rows[name] = keep[name]
             continue
@@ -168,7 +176,7 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
             pair = [(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_a, ck_b)]
             facts = {}
         else:
-            *pair, facts = aligned_states(method, residual, ck_a, ck_b, probe, bases, device)
+            *pair, facts = aligned_states(method, residual, ck_a, ck_b, probe if text else None, bases, device)
         sd_a, sd_b = (lm_states(cfg, sd)[1] for cfg, sd in pair)
         rows[name] = {**barrier_states(sd_a, sd_b, loss, 11), **facts, "wall_seconds": time.perf_counter() - t0}
         print(f"gpt2  {name:66s} barrier {rows[name]['barrier']:.4f}", flush=True)
@@ -242,7 +250,8 @@ def markdown(result: dict) -> str:
                       f"then the residual rotation and the V-O and Q-K bases refined by {lr['steps']} Adam steps "
                       f"(lr {lr['lr']:g}) "
                       f"on the loss of the midpoint (lambda ~ U(0.4, 0.6)) over {lr['tokens']} training "
-                      "characters in batches of 8x128; permutations kept."]
+                      "characters in batches of 8x128; permutations kept. On sampled text: the same, on as many "
+                      "tokens sampled from the two models (half each, temperature 1; no training text)."]
     if m:
         lines += ["", f"MLP: {m['sizes']} ReLU on scikit-learn digits, seeds {SEEDS}, test accuracy "
                   f"{', '.join(f'{x:.3f}' for x in m['test_accuracy'])}; barrier in test cross-entropy."]
@@ -273,6 +282,10 @@ def markdown(result: dict) -> str:
         if learned:
             lines += ["", f"Learned matching, which trains the rotations on training text (never on the test "
                       f"text the barrier is measured on), brings it to {learned['barrier'] / vanilla:.1%} of vanilla."]
+        sampled = g["rows"].get(SAMPLED)
+        if sampled:
+            lines += ["", f"Without any data, learned matching on text the two models generate brings it to "
+                      f"{sampled['barrier'] / vanilla:.1%} of vanilla."]
     lines += ["", "Barrier = max over 11 lambdas of L(mix) - ((1-lambda) L_A + lambda L_B) (SYMMETRIES.md 5). "
               "The MLP has no residual stream: its only symmetries are the hidden-unit permutations.", ""]
     return "\n".join(lines)

@@ -96,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--to", required=True, dest="model_a", help="the model to align onto")
     a.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
     a.add_argument("--method", choices=["weight", "activation", "learned"], default="weight",
-                   help="learned: weight matching, then the rotations refined on the midpoint's loss on --data")
+                   help="learned: weight matching, then the rotations refined on the midpoint's loss on --data "
+                   "(without --data, on text sampled from the two models)")
     a.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto",
                    help="the residual-stream transform (auto: orthogonal where exact, else permutation)")
-    a.add_argument("--data", help="probe text for --method activation or learned (training text, not held out)")
+    a.add_argument("--data", help="probe text for --method activation (required) or learned (optional): training "
+                   "text, not held out")
     a.add_argument("--vo", action="store_true", help="also match each head's V-O basis (weight matching)")
     a.add_argument("--qk", action="store_true", help="also match each head's Q-K basis (weight matching; "
                    "under RoPE a rotation of each rotary pair)")
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--restarts", type=int, default=1, help="--align weight: descents from this many visiting "
                    "orders; the best objective wins")
     b.add_argument("--probe", help="probe text for --align activation (default: the held-out text) or learned "
-                   "(required: training text)")
+                   "(training text; default: text sampled from the two models, never the held-out text)")
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
     b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
     b.add_argument("--plot", help="write a PNG plot here")

@@ -243,29 +243,40 @@ def test_learned_matching_from_the_command_line_writes_an_equivalent_model(tmp_p
     torch.testing.assert_close(logits(tmp_path / "out"), logits(b), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("extra,message", [
-    ([], "learned matching needs probe text"),
-    (["--residual", "permutation", "--data", "t.txt"], "learned matching refines an orthogonal residual"),
-])
-def test_learned_matching_bad_input_is_one_line(tmp_path, capsys, monkeypatch, extra, message):
+def test_learned_matching_without_data_samples_its_probes_from_the_models(tmp_path, capsys):
+    a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
+    report = pipeline.align_checkpoint(b, a, tmp_path / "out", method="learned", steps=3, lr=1e-2)
+    assert report["probes"] == "sampled from the two models" and report["tokens"] > 0
+    torch.testing.assert_close(logits(tmp_path / "out"), logits(b), atol=1e-4, rtol=1e-4)
+    again = pipeline.align_checkpoint(b, a, tmp_path / "again", method="learned", steps=3, lr=1e-2)
+    assert again["midpoint_loss"] == report["midpoint_loss"]  # seeded probes, seeded steps
+    (tmp_path / "held_out.txt").write_text(TEXT)
+    rc, out, err = cli(capsys, "barrier", a, b, "--data", tmp_path / "held_out.txt", "--align", "learned")
+    assert rc == 0, err
+    assert json.loads(out)["aligned"]["probes"] == "sampled from the two models"  # never the held-out text
+
+
+def test_learned_matching_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
     (tmp_path / "t.txt").write_text(TEXT)
-    rc, _, err = cli(capsys, "align", b, "--to", a, "-o", tmp_path / "out", "--method", "learned", *extra)
-    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
-    rc, _, err = cli(capsys, "barrier", a, b, "--data", "t.txt", "--align", "learned")
-    assert rc == 2 and "pass --probe with training text" in err, err
+    rc, _, err = cli(capsys, "align", b, "--to", a, "-o", tmp_path / "out", "--method", "learned",
+                     "--residual", "permutation", "--data", "t.txt")
+    assert rc == 2 and "learned matching refines an orthogonal residual" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_merge_with_learned_alignment_needs_data_and_then_runs(tmp_path, capsys):
+def test_merge_with_learned_alignment_runs_with_or_without_data(tmp_path, capsys):
     a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
     (tmp_path / "train.txt").write_text(TEXT)
     cfg = {"merge_method": "linear", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
-           "align": {"method": "learned"}}
+           "align": {"method": "activation"}}
     rc, _, err = cli(capsys, "merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "m")
-    assert rc == 2 and "method learned needs data" in err and len(err.strip().splitlines()) == 1, err
-    cfg["align"].update(data=str(tmp_path / "train.txt"), steps=3)
+    assert rc == 2 and "method activation needs data" in err and len(err.strip().splitlines()) == 1, err
+    cfg["align"] = {"method": "learned", "steps": 3}  # probes sampled from the models
+    rc, _, err = cli(capsys, "merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "m0")
+    assert rc == 0, err
+    cfg["align"].update(data=str(tmp_path / "train.txt"))
     rc, _, err = cli(capsys, "merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "m")
     assert rc == 0, err
     assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False  # folded

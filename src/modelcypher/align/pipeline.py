@@ -40,6 +40,7 @@ from modelcypher.checkpoint.writer import ShardedWriter, atomic_dir
 from modelcypher.errors import UserError
 
 MIN_PROBE_TOKENS = 512
+PROBE_BATCH = 8  # probe sequences per batch (activation statistics, learned matching's steps)
 LEARN_STEPS, LEARN_LR = 200, 1e-3  # learned matching: Adam steps on the midpoint loss, and their size
 CHECK_PARAMS = 64_000_000  # parameters per equivalence-check chunk (besides embeddings and head)
 CHECK_VOCAB_ROWS = 4096  # vocabulary rows per check chunk; chunks take turns over the vocabulary
@@ -182,9 +183,27 @@ def context_length(config: dict, cap: int = 256) -> int:
     return min(int(n), cap)
 
 
-def probe_batches(ids: torch.Tensor, seq_len: int, batch_size: int = 8) -> list[torch.Tensor]:
+def probe_batches(ids: torch.Tensor, seq_len: int, batch_size: int = PROBE_BATCH) -> list[torch.Tensor]:
     rows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len) if len(ids) >= seq_len else ids[None]
     return list(rows.split(batch_size))
+
+
+def sampled_probes(cks: tuple[Checkpoint, ...], max_tokens: int, seed: int,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Probe sequences of the context length (at most 256), about ``max_tokens`` tokens in all, sampled
+    from the models in equal shares (:mod:`.sampling`), each built in turn (float32, on ``device``)."""
+    from modelcypher.align.equivalence import build_model
+    from modelcypher.align.sampling import self_probes
+
+    length = context_length(cks[0].config)
+
+    def models():
+        for ck in cks:
+            bos = ck.config.get("bos_token_id")
+            model = build_model(ck.config, {n: ck.get(n) for n in ck.names}).to(device)
+            yield model, bos if isinstance(bos, int) else None
+
+    return self_probes(models(), len(cks), max(1, max_tokens // length), length, seed)
 
 
 def probe_units(spec: SymmetrySpec) -> int:
@@ -228,18 +247,25 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str
         raise UserError(f"learned matching refines an orthogonal residual, which {spec.family} "
                         f"{'does not admit' if not spec.residual_orthogonal_ok else 'was not given'} "
                         f"(--residual {residual}): use --method weight")
-    ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
-    batches = probe_batches(ids, context_length(ck_a.config))
     if method == "learned":
         from modelcypher.align.learned_matching import match_learned
 
+        if data is None and text is None:
+            rows = sampled_probes((ck_a, ck_b), max_probe_tokens, seed, device)
+            batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "sampled from the two models"
+        else:
+            ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
+            batches, tokens, probes = probe_batches(ids, context_length(ck_a.config)), len(ids), "text"
         init, facts = match(ck_b, ck_a, spec, method="weight", data=None, residual=residual,
                             max_sweeps=max_sweeps, seed=seed, device=device, vo=True, qk=True,
                             restarts=restarts)
         sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
         found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=steps, lr=lr, seed=seed,
                                       device=device)
-        return found, {**facts, "tokens": len(ids), "steps": steps, "midpoint_loss": [losses[0], losses[-1]]}
+        return found, {**facts, "tokens": tokens, "probes": probes, "steps": steps,
+                       "midpoint_loss": [losses[0], losses[-1]]}
+    ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
+    batches = probe_batches(ids, context_length(ck_a.config))
     models = [build_model(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_b, ck_a)]
     model_spec = spec_for(ck_b.config, models[0].state_dict().keys())  # probes name modules
     found = match_activations(*models, model_spec, batches, device, residual=residual)

@@ -120,7 +120,8 @@ def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *
     """Loss of held-out ``text`` (tokenized by A's tokenizer) between two checkpoints of one family.
 
     ``align``: also the curve after aligning B onto A by ``"weight"``, ``"activation"`` or ``"learned"``
-    matching (probes: ``probe_text``, else ``text`` itself; learned matching needs ``probe_text``); with
+    matching (probes: ``probe_text``, else for activation matching ``text`` itself and for learned matching
+    text sampled from the two models, never the held-out text it is measured on); with
     an orthogonal residual A is measured with its
     norms folded, the same function in the parameterization the aligned B is written in. ``vo``, ``qk``:
     weight matching also matches each head's V-O and Q-K bases; ``restarts``: its descents, best kept.
@@ -152,7 +153,7 @@ def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *
     if align:
         found, facts = match(ck_b, ck_a, spec_of(ck_a), method=align, data=None, residual=residual,
                              max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, qk=qk, restarts=restarts,
-                             text=probe_text if probe_text is not None else text)
+                             text=probe_text if probe_text is not None or align == "learned" else text)
         aligned_b, config_b = apply_verified(raw_b, ck_b.config, found)
         if facts["residual"] == "orthogonal":
             raw_a, config_a = fold_norms(raw_a, ck_a.config)
@@ -204,9 +205,6 @@ def cli_barrier(args: argparse.Namespace) -> int:
     lambdas(args.points)  # a bad --points fails before any work
     text = read_text(args.data)
     align = None if args.align == "none" else args.align
-    if align == "learned" and not args.probe:
-        raise UserError("--align learned trains the rotations on text: pass --probe with training text "
-                        "(never the held-out --data, which would measure the barrier on what it was fitted to)")
     result = barrier_curve(args.model_a, args.model_b, text, points=args.points, max_tokens=args.max_tokens,
                            device=args.device, align=align, residual=args.residual,
                            probe_text=read_text(args.probe) if args.probe else None, vo=args.vo, qk=args.qk,

@@ -80,7 +80,7 @@ class AlignSection(Strict):
     """Align every model onto the base (or the first model) before the merge method runs."""
 
     method: Literal["weight", "activation", "learned"] = "weight"
-    data: str | None = None  # probe text, for activation and learned matching
+    data: str | None = None  # probe text: activation matching needs it; learned matching samples its own without
     residual: Literal["auto", "orthogonal", "permutation", "none"] = "auto"
     max_sweeps: int = Field(default=20, ge=1)
     seed: int = 0
@@ -92,7 +92,7 @@ class AlignSection(Strict):
 
     @model_validator(mode="after")
     def _data(self) -> AlignSection:
-        if self.method in ("activation", "learned") and not self.data:
+        if self.method == "activation" and not self.data:
             raise ValueError(f"align: method {self.method} needs data (a probe text file)")
         return self
 
