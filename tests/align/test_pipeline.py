@@ -246,14 +246,14 @@ def test_learned_matching_from_the_command_line_writes_an_equivalent_model(tmp_p
 def test_learned_matching_without_data_samples_its_probes_from_the_models(tmp_path, capsys):
     a, b = zoo_gpt2(tmp_path / "a", seed=0), zoo_gpt2(tmp_path / "b", seed=1)
     report = pipeline.align_checkpoint(b, a, tmp_path / "out", method="learned", steps=3, lr=1e-2)
-    assert report["probes"] == "sampled from the two models" and report["tokens"] > 0
+    assert report["probes"] == "text sampled from the two models" and report["tokens"] > 0
     torch.testing.assert_close(logits(tmp_path / "out"), logits(b), atol=1e-4, rtol=1e-4)
     again = pipeline.align_checkpoint(b, a, tmp_path / "again", method="learned", steps=3, lr=1e-2)
     assert again["midpoint_loss"] == report["midpoint_loss"]  # seeded probes, seeded steps
     (tmp_path / "held_out.txt").write_text(TEXT)
     rc, out, err = cli(capsys, "barrier", a, b, "--data", tmp_path / "held_out.txt", "--align", "learned")
     assert rc == 0, err
-    assert json.loads(out)["aligned"]["probes"] == "sampled from the two models"  # never the held-out text
+    assert json.loads(out)["aligned"]["probes"] == "text sampled from the two models"  # never the held-out text
 
 
 def test_learned_matching_bad_input_is_one_line(tmp_path, capsys, monkeypatch):

@@ -252,7 +252,7 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str
 
         if data is None and text is None:
             rows = sampled_probes((ck_a, ck_b), max_probe_tokens, seed, device)
-            batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "sampled from the two models"
+            batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "text sampled from the two models"
         else:
             ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
             batches, tokens, probes = probe_batches(ids, context_length(ck_a.config)), len(ids), "text"
@@ -557,7 +557,8 @@ def cli_align(args: argparse.Namespace) -> int:
         how += f", objective {h[0]:.6g} -> {h[-1]:.6g} in {report['sweeps']} sweeps"
         if "midpoint_loss" in report:
             m = report["midpoint_loss"]
-            how += f", then midpoint loss {m[0]:.4f} -> {m[1]:.4f} in {report['steps']} steps"
+            how += (f", then midpoint loss {m[0]:.4f} -> {m[1]:.4f} in {report['steps']} steps on "
+                    f"{report['tokens']} tokens of {report['probes']}")
     else:
         how += f", {report['tokens']} probe tokens"
     print(f"aligned {report['model_b']} onto {report['model_a']} ({how}); max logit gap "
