@@ -42,10 +42,10 @@ What it does
    chosen on validation (below, "The anchor's weight").
 3. Merges the six fine-tunes of a variant with every method through the public
    :func:`modelcypher.merge` API (task arithmetic, TIES, DARE-TIES, TSV-M, WUDI, Iso-C, Fisher,
-   RegMean, null-space), the instructed base as ``base_model``. The data-driven ones (Fisher, RegMean,
-   null-space) get each model's own training text (the first :data:`DATA_EXAMPLES` training lines of
-   its task) as the per-model ``data`` parameter; the runner computes the diagonal Fishers / input
-   Grams from it and caches them.
+   RegMean, null-space, distilled coefficients), the instructed base as ``base_model``. The data-driven
+   ones (Fisher, RegMean, null-space, distill) get each model's own training text (the first
+   :data:`DATA_EXAMPLES` training lines of its task) as the per-model ``data`` parameter; the runner
+   computes the diagonal Fishers / input Grams / distilled coefficients from it and caches them.
 4. Scores each model by greedy decoding after ``]`` up to the newline, exact match
    (:func:`modelcypher.zoo.tasks.accuracy`). For every method a small grid (:data:`GRIDS`) is searched
    on the validation split; the setting with the best validation average is evaluated once on the
@@ -487,8 +487,9 @@ GRIDS: dict[str, list[dict]] = {
     "fisher": [{"normalize": nz, "lambda": lam} for nz in (False, True) for lam in AVERAGE_LAMBDAS],
     "regmean": [{"alpha": a, "lambda": lam} for a in (0.0, 0.2, 0.5, 0.9, 1.0) for lam in AVERAGE_LAMBDAS],
     "null_space": [{"lambda": lam, "rank_threshold": r} for r in (1e-4, 1e-2) for lam in (0.3, 0.5, 1.0, 1.3)],
+    "distill": [{"lr": lr, "sequences": "lines"} for lr in (0.003, 0.01)],
 }
-DATA_METHODS = ("fisher", "regmean", "null_space")
+DATA_METHODS = ("fisher", "regmean", "null_space", "distill")
 
 
 def merge_config(method: str, point: dict, base: Path, fts: dict[str, Path], data_files: dict[str, Path]) -> dict:
@@ -596,7 +597,8 @@ def run_variant(variant: str, cfg: FineTune, base_path: Path, data: dict, tok, m
 
 # ------------------------------------------------------------------------------------------ report
 METHOD_NAMES = {"task_arithmetic": "Task arithmetic", "ties": "TIES", "dare_ties": "DARE-TIES", "tsv": "TSV-M",
-                "iso_c": "Iso-C", "wudi": "WUDI", "fisher": "Fisher", "regmean": "RegMean", "null_space": "Null-space"}
+                "iso_c": "Iso-C", "wudi": "WUDI", "fisher": "Fisher", "regmean": "RegMean", "null_space": "Null-space",
+                "distill": "Distilled coefficients"}
 
 
 def table(res: dict, variant: str) -> str:
@@ -638,7 +640,11 @@ def write_report(results: dict, path_json: Path, path_md: Path) -> str:
     md += ["## Setup", "",
            f"- base: {results['base']['summary']}",
            *[f"- {v} fine-tune: {s}" for v, s in results["finetune_summary"].items()],
-           f"- wall time: {results['wall_seconds'] / 60:.1f} min ({results['machine']})", ""]
+           f"- wall time: {results['wall_seconds'] / 60:.1f} min ({results['machine']})"]
+    for variant, added in results.get("added_later", {}).items():  # rows measured after the main run
+        md += [f"- {variant}: {', '.join(METHOD_NAMES.get(m, m) for m in added)} measured by a later run on the same "
+               f"cached checkpoints ({', '.join(f'{sec / 60:.1f} min' for sec in added.values())})"]
+    md += [""]
     text = "\n".join(md)
     path_md.write_text(text)
     return text

@@ -102,3 +102,30 @@ def test_lambda_through_the_cli_needs_a_base_and_scales_from_it(char_models, tmp
     r = run_cli("merge", write_config(tmp_path / "n.yaml", cfg), "-o", tmp_path / "none")
     assert r.returncode == 2 and "needs a base_model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "none").exists()
+
+
+def test_distill_fits_coefficients_once_and_merges_with_them(char_models, tmp_path):
+    root, paths = char_models
+    cfg = cfg_for("distill", root, paths, steps=5, sequences="lines")
+    r = run_cli("merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "fitting distill coefficients" in r.stdout
+    from safetensors.torch import load_file
+
+    cache = sorted((tmp_path / "out.stats").glob("distill-*.safetensors"))
+    assert [p.name.split("-")[1] for p in cache] == ["1", "2"]  # the two fine-tunes, not the base
+    coef = [load_file(p) for p in cache]
+    sb, s1, s2, so = state(paths[0]), state(paths[1]), state(paths[2]), state(tmp_path / "out")
+    n = "transformer.h.1.mlp.c_fc.weight"  # Conv1D [in, out]: a coefficient per output column
+    assert coef[0][n].shape == (1, sb[n].shape[1])
+    want = sb[n] + coef[0][n] * (s1[n] - sb[n]) + coef[1][n] * (s2[n] - sb[n])
+    torch.testing.assert_close(so[n], want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(coef[0][n], torch.ones_like(coef[0][n]))  # fitted, not the start
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    r = run_cli("merge", tmp_path / "m.yaml", "-o", tmp_path / "out", "--overwrite")
+    assert r.returncode == 0 and "fitting" not in r.stdout  # the cached fit, same provenance
+    cfg["parameters"]["sequences"] = "paragraphs"
+    r = run_cli("merge", write_config(tmp_path / "bad.yaml", cfg), "-o", tmp_path / "bad")
+    assert r.returncode == 2 and "sequences must be blocks or lines" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -2,6 +2,7 @@
 
 - ``fisher_diagonal``: for ``fisher`` (Fisher merging),
 - ``input_grams``: for ``regmean`` and ``null_space``,
+- ``distilled_coefficients``: for ``distill`` (all models at once),
 - ``linear_layouts``: which weights are ``nn.Linear`` ``[out, in]`` and which GPT-2 ``Conv1D`` ``[in, out]``.
 
 A batch is a ``LongTensor`` of token ids ``[batch, seq]`` (or ``[seq]``), or a mapping with
@@ -174,3 +175,69 @@ def input_grams(model: nn.Module, batches: Iterable, min_tokens: int | None = No
             h.remove()
         model.train(was_training)
     return {k: sums[k] / max(counts[k], 1) for k in sums}
+
+
+def unit_axis(name: str, shape: tuple[int, ...], layouts: Mapping[str, str]) -> int | None:
+    """The axis of a parameter's output units: rows of an ``nn.Linear`` weight, columns of a ``Conv1D``
+    (and of any other matrix, e.g. an embedding: its features), entries of a vector; None for other
+    shapes (one coefficient for the whole tensor)."""
+    if len(shape) == 1:
+        return 0
+    if len(shape) == 2:
+        return 0 if layouts.get(name) == "linear" else 1
+    return None
+
+
+def distilled_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
+                           task_vectors: list[Mapping[str, torch.Tensor]], batches: list[list],
+                           *, steps: int = 300, lr: float = 1e-2, init: float = 1.0, seed: int = 0,
+                           log=None) -> list[dict[str, torch.Tensor]]:
+    """Per model, a coefficient for each output unit of each parameter (:func:`unit_axis`), fitted so that
+    ``base + Σ_i c_i ⊙ τ_i`` predicts, on each model's own text, what that model predicts.
+
+    ``model``: a module of the family (its parameters are replaced, never changed); ``base``: its
+    parameters (state-dict names, float32); ``task_vectors[i]``: ``θ_i - base`` for the same names;
+    ``batches[i]``: model i's token batches. Each step draws one batch per model and descends by Adam
+    ``Σ_i KL(p_{θ_i} || p_merged)`` over the real tokens, the teacher ``θ_i = base + τ_i`` evaluated in
+    the same module. The coefficients start at ``init`` (task arithmetic with that lambda). Returns, per
+    model, ``{name: c}`` with ``c`` of the parameter's shape but 1 on every axis other than the units.
+    """
+    data = [_batches(model, b) for b in batches]
+    if any(not d for d in data):
+        raise UserError("distilled_coefficients needs at least one batch of text per model")
+    layouts = linear_layouts(model)
+    names = list(base)
+    device = next(iter(base.values())).device
+    coef = []
+    for _ in task_vectors:
+        per = {}
+        for n in names:
+            axis = unit_axis(n, tuple(base[n].shape), layouts)
+            shape = [s if a == axis else 1 for a, s in enumerate(base[n].shape)]
+            per[n] = torch.full(shape, float(init), device=device, requires_grad=True)
+        coef.append(per)
+    opt = torch.optim.Adam([c for per in coef for c in per.values()], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(steps):
+            merged = {n: base[n] + sum(c[n] * tv[n] for c, tv in zip(coef, task_vectors, strict=True)) for n in names}
+            loss = 0.0
+            for tv, d in zip(task_vectors, data, strict=True):
+                ids, mask = d[int(torch.randint(len(d), (), generator=g))]
+                with torch.no_grad():
+                    teacher = {n: base[n] + tv[n] for n in names}
+                    t_logp = torch.log_softmax(torch.func.functional_call(
+                        model, teacher, (ids,), {"attention_mask": mask.long()}).logits.float(), -1)[mask]
+                logp = torch.log_softmax(torch.func.functional_call(
+                    model, merged, (ids,), {"attention_mask": mask.long()}).logits.float(), -1)[mask]
+                loss = loss + (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if log and (step % max(1, steps // 5) == 0 or step == steps - 1):
+                log(f"  distillation step {step + 1}/{steps}: KL {float(loss) / len(task_vectors):.4f} per model")
+    finally:
+        model.train(was_training)
+    return [{n: c.detach().clone() for n, c in per.items()} for per in coef]

@@ -28,14 +28,33 @@ def _fingerprint(model_dir: Path) -> list:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def _token_batches(model_dir: Path, data: Path, block: int) -> tuple[list[torch.Tensor], int]:
+def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False) -> tuple[list, int]:
+    """Batches of ``BATCH`` rows: blocks of ``block`` tokens of the whole text, or (``lines``) one row per
+    non-empty line, each with the line break before it as in the file, cut at ``block`` tokens and padded
+    (then each row is ``{input_ids, attention_mask}``)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception:
         raise UserError(f"{model_dir}: no tokenizer files to read its data {data} with") from None
-    ids = tok(data.read_text(errors="replace"), add_special_tokens=False)["input_ids"][:MAX_TOKENS]
+    text = data.read_text(errors="replace")
+    if lines:
+        rows = [tok("\n" + ln, add_special_tokens=False)["input_ids"][:block] for ln in text.splitlines() if ln.strip()]
+        rows, total, out = rows[: MAX_TOKENS // 8], 0, []
+        for i in range(0, len(rows), BATCH):
+            part = rows[i : i + BATCH]
+            width = max(len(r) for r in part)
+            ids = torch.zeros(len(part), width, dtype=torch.long)
+            mask = torch.zeros(len(part), width, dtype=torch.bool)
+            for j, r in enumerate(part):
+                ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), True
+            out.append({"input_ids": ids, "attention_mask": mask})
+            total += int(mask.sum())
+        if not out:
+            raise UserError(f"{data}: no lines of text; give some")
+        return out, total
+    ids = tok(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS]
     n = len(ids) // block
     if n == 0:
         raise UserError(f"{data}: {len(ids)} tokens, fewer than one block of {block}; give more text")
@@ -77,17 +96,87 @@ class Stats:
         return read_tensor(infos[name]).to(device)
 
 
-def collect(plan, out: Path, device: torch.device, log=print) -> Stats:
-    """Compute (or reuse) every statistic the plan's method needs for every model with data."""
+JOINT = {"distill"}  # statistics fitted for all models at once (one file per model, one provenance)
+
+
+def _save(tensors: dict, path: Path, prov: dict) -> None:
     from safetensors.torch import save_file
 
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"provenance": json.dumps(prov)})
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(prov, indent=2))
+
+
+def _base_index(plan) -> int:
+    base = next((t.base for t in plan.tasks if t.base), None)
+    if base is None:
+        raise UserError(f"merge_method {plan.method.name} needs a base_model")
+    return base[0]
+
+
+def _distill(plan, base_i: int, device: torch.device, params: dict, log) -> tuple[list[dict], int]:
+    """``distilled_coefficients`` of the plan's models (not the base) on their own text, in the base's module."""
+    from transformers import AutoModelForCausalLM
+
+    from modelcypher.measure.stats import distilled_coefficients
+
+    if params["sequences"] not in ("blocks", "lines"):
+        raise UserError(f"merge_method {plan.method.name}: sequences must be blocks or lines, "
+                        f"not {params['sequences']!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(plan.models[base_i].path, dtype=torch.float32,
+                                                     local_files_only=True).to(device)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{plan.models[base_i].path}: distill needs a causal language model "
+                        f"({str(e).splitlines()[0]})") from None
+    cfg = model.config
+    block = min(int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 256)), 256)
+    base = {n: p.detach().float() for n, p in model.named_parameters()}
+    others = [mi for mi in sorted(plan.data) if mi != base_i]
+    task_vectors, batches, tokens = [], [], 0
+    for mi in others:
+        ft = AutoModelForCausalLM.from_pretrained(plan.models[mi].path, dtype=torch.float32, local_files_only=True)
+        theta = dict(ft.named_parameters())
+        if theta.keys() != base.keys():
+            raise UserError(f"distill: {plan.names[mi]} has other parameters than the base "
+                            f"({sorted(theta.keys() ^ base.keys())[:3]})")
+        task_vectors.append({n: theta[n].detach().float().to(device) - base[n] for n in base})
+        del ft, theta
+        b, n = _token_batches(plan.models[mi].path, plan.data[mi], block, params["sequences"] == "lines")
+        batches.append(b)
+        tokens += n
+    coef = distilled_coefficients(model, base, task_vectors, batches, log=log,
+                                  **{k: v for k, v in params.items() if k != "sequences"})
+    return [{n: c.cpu() for n, c in per.items()} for per in coef], tokens
+
+
+def collect(plan, out: Path, device: torch.device, log=print) -> Stats:
+    """Compute (or reuse) every statistic the plan's method needs for every model with data."""
     cache = out.parent / f"{out.name}.stats"
     cache.mkdir(parents=True, exist_ok=True)
     stats = Stats()
+    for stat in set(plan.method.stats) & JOINT:
+        base_i = _base_index(plan)
+        params = {k: plan.config.parameters.get(k, v) for k, v in plan.method.global_params.items()}
+        prov = {"statistic": stat, "params": params, "modelcypher": __version__, "max_tokens": MAX_TOKENS,
+                "base": [str(plan.models[base_i].path.resolve()), _fingerprint(plan.models[base_i].path)],
+                "models": [(str(plan.models[mi].path.resolve()), _fingerprint(plan.models[mi].path),
+                            str(d.resolve()), hashlib.sha256(d.read_bytes()).hexdigest())
+                           for mi, d in sorted(plan.data.items()) if mi != base_i]}
+        key = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:16]
+        paths = {mi: cache / f"{stat}-{mi}-{key}.safetensors" for mi in sorted(plan.data) if mi != base_i}
+        if not all(p.is_file() for p in paths.values()):
+            log(f"fitting {stat} coefficients on the models' own text ...")
+            coef, tokens = _distill(plan, base_i, device, params, log)
+            for (mi, path), c in zip(paths.items(), coef, strict=True):
+                _save(c, path, {**prov, "model_index": mi, "tokens": tokens})
+        for mi, path in paths.items():
+            stats.add(stat, mi, path)
     for mi, data in sorted(plan.data.items()):
         model_dir = plan.models[mi].path
         data_sha = hashlib.sha256(data.read_bytes()).hexdigest()
-        for stat in plan.method.stats:
+        for stat in [s for s in plan.method.stats if s not in JOINT]:
             prov = {"statistic": stat, "model": str(model_dir.resolve()), "model_files": _fingerprint(model_dir),
                     "data": str(data.resolve()), "data_sha256": data_sha, "max_tokens": MAX_TOKENS,
                     "modelcypher": __version__}
@@ -97,10 +186,6 @@ def collect(plan, out: Path, device: torch.device, log=print) -> Stats:
             if not path.is_file():
                 log(f"computing {stat} of {plan.names[mi]} on {data.name} ...")
                 tensors, tokens, block = _compute(stat, model_dir, data, device)
-                meta = {"provenance": json.dumps({**prov, "tokens": tokens, "block": block})}
-                tmp = path.with_suffix(".tmp")
-                save_file(tensors, str(tmp), metadata=meta)
-                os.replace(tmp, path)
-                path.with_suffix(".json").write_text(json.dumps({**prov, "tokens": tokens, "block": block}, indent=2))
+                _save(tensors, path, {**prov, "tokens": tokens, "block": block})
             stats.add(stat, mi, path)
     return stats
