@@ -40,8 +40,13 @@ def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False)
         raise UserError(f"{model_dir}: no tokenizer files to read its data {data} with") from None
     text = data.read_text(errors="replace")
     if lines:
-        rows = [tok("\n" + ln, add_special_tokens=False)["input_ids"][:block] for ln in text.splitlines() if ln.strip()]
-        rows, total, out = rows[: MAX_TOKENS // 8], 0, []
+        rows, total, out = [], 0, []
+        for ln in text.splitlines():
+            if total >= MAX_TOKENS:
+                break
+            if ln.strip():
+                rows.append(tok("\n" + ln, add_special_tokens=False)["input_ids"][:block])
+                total += len(rows[-1])
         for i in range(0, len(rows), BATCH):
             part = rows[i : i + BATCH]
             width = max(len(r) for r in part)
@@ -50,7 +55,6 @@ def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False)
             for j, r in enumerate(part):
                 ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), True
             out.append({"input_ids": ids, "attention_mask": mask})
-            total += int(mask.sum())
         if not out:
             raise UserError(f"{data}: no lines of text; give some")
         return out, total
