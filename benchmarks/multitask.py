@@ -1,6 +1,6 @@
 """Multi-task merging benchmark: six character-level tasks, every merge method, exact-match accuracy.
 
-    python benchmarks/multitask.py                    # everything (about 20 minutes on 2 CPU cores)
+    python benchmarks/multitask.py                    # everything (about 30 minutes on 2 CPU cores)
     python benchmarks/multitask.py --variants full --methods ties,tsv   # a subset
     python benchmarks/multitask.py --device cuda      # train, merge and evaluate on a GPU
     python benchmarks/multitask.py --scale 4x128-anchor1 --instruct-steps 800 --variants full \
