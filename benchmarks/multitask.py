@@ -640,11 +640,7 @@ def write_report(results: dict, path_json: Path, path_md: Path) -> str:
     md += ["## Setup", "",
            f"- base: {results['base']['summary']}",
            *[f"- {v} fine-tune: {s}" for v, s in results["finetune_summary"].items()],
-           f"- wall time: {results['wall_seconds'] / 60:.1f} min ({results['machine']})"]
-    for variant, added in results.get("added_later", {}).items():  # rows measured after the main run
-        md += [f"- {variant}: {', '.join(METHOD_NAMES.get(m, m) for m in added)} measured by a later run on the same "
-               f"cached checkpoints ({', '.join(f'{sec / 60:.1f} min' for sec in added.values())})"]
-    md += [""]
+           f"- wall time: {results['wall_seconds'] / 60:.1f} min ({results['machine']})", ""]
     text = "\n".join(md)
     path_md.write_text(text)
     return text
