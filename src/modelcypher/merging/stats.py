@@ -66,18 +66,24 @@ def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False)
     return list(rows.split(BATCH)), n * block
 
 
-def _compute(stat: str, model_dir: Path, data: Path, device: torch.device) -> tuple[dict, int, int]:
+def _causal_lm(model_dir: Path, device: torch.device, who: str = "statistics need") -> tuple[torch.nn.Module, int]:
+    """The float32 causal LM at ``model_dir`` on ``device`` (eval mode), and its text block length: its
+    context, at most 256 tokens."""
     from transformers import AutoModelForCausalLM
-
-    from modelcypher.measure.stats import fisher_diagonal, input_grams
 
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     except (ValueError, OSError) as e:
-        raise UserError(f"{model_dir}: statistics need a causal language model ({str(e).splitlines()[0]})") from None
-    model = model.to(device).eval()
+        raise UserError(f"{model_dir}: {who} a causal language model ({str(e).splitlines()[0]})") from None
     cfg = model.config
     block = min(int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 256)), 256)
+    return model.to(device).eval(), block
+
+
+def _compute(stat: str, model_dir: Path, data: Path, device: torch.device) -> tuple[dict, int, int]:
+    from modelcypher.measure.stats import fisher_diagonal, input_grams
+
+    model, block = _causal_lm(model_dir, device)
     batches, tokens = _token_batches(model_dir, data, block)
     fn = {"fisher": fisher_diagonal, "gram": input_grams}[stat]
     out = fn(model, batches)
@@ -121,31 +127,22 @@ def _base_index(plan) -> int:
 
 def _distill(plan, base_i: int, device: torch.device, params: dict, log) -> tuple[list[dict], int]:
     """``distilled_coefficients`` of the plan's models (not the base) on their own text, in the base's module."""
-    from transformers import AutoModelForCausalLM
-
     from modelcypher.measure.stats import distilled_coefficients
 
     if params["sequences"] not in ("blocks", "lines"):
         raise UserError(f"merge_method {plan.method.name}: sequences must be blocks or lines, "
                         f"not {params['sequences']!r}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(plan.models[base_i].path, dtype=torch.float32,
-                                                     local_files_only=True).to(device)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{plan.models[base_i].path}: distill needs a causal language model "
-                        f"({str(e).splitlines()[0]})") from None
-    cfg = model.config
-    block = min(int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 256)), 256)
+    model, block = _causal_lm(plan.models[base_i].path, device, "distill needs")
     base = {n: p.detach().float() for n, p in model.named_parameters()}
     others = [mi for mi in sorted(plan.data) if mi != base_i]
     task_vectors, batches, tokens = [], [], 0
     for mi in others:
-        ft = AutoModelForCausalLM.from_pretrained(plan.models[mi].path, dtype=torch.float32, local_files_only=True)
+        ft, _ = _causal_lm(plan.models[mi].path, device, "distill needs")
         theta = dict(ft.named_parameters())
         if theta.keys() != base.keys():
             raise UserError(f"distill: {plan.names[mi]} has other parameters than the base "
                             f"({sorted(theta.keys() ^ base.keys())[:3]})")
-        task_vectors.append({n: theta[n].detach().float().to(device) - base[n] for n in base})
+        task_vectors.append({n: theta[n].detach().float() - base[n] for n in base})
         del ft, theta
         b, n = _token_batches(plan.models[mi].path, plan.data[mi], block, params["sequences"] == "lines")
         batches.append(b)
