@@ -1,6 +1,5 @@
 """Every public module in this package registers one merge method; importing the package registers all.
-Modules named ``_*`` hold shared pieces and are imported by the methods that use them (the compiled
-loops of ``_numba_loops`` only when first needed: importing numba takes a quarter of a second)."""
+Modules named ``_*`` hold shared pieces and are imported by the methods that use them."""
 
 import importlib
 import pkgutil
