@@ -151,10 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _import_heavy() -> None:
+    """Import torch and the package's core with Python's cyclic garbage collector paused, then freeze
+    what they made out of its sight. Those imports make about a million long-lived objects, and every
+    full collection, during the imports and after, walks them all: a sixth of a 200M-parameter merge's
+    time on 2 cores. Later collections see only what the work itself makes."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import modelcypher.api  # noqa: F401  (torch, safetensors, pydantic)
+        import modelcypher.merging.methods  # noqa: F401
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from modelcypher.errors import UserError
 
+    _import_heavy()
     try:
         return args.func(args)
     except UserError as e:

@@ -116,6 +116,56 @@ def test_top_k_cuts_match_a_stable_sort(k):
         assert torch.equal(torch.cat(kept).reshape(-1), want), rows
 
 
+def _kept_by_cut(t, k, rows, high=None):
+    """The entries the streamed cut keeps (flat bools), over blocks of ``rows`` rows."""
+    from modelcypher.merging.methods import _sparsify as sp
+
+    blocks = [sp.magnitude_bits(t[a:a + rows]) for a in range(0, t.shape[0], rows)]
+    (cut,) = sp.top_k_cuts(lambda: ({0: b} for b in blocks), [k], t.numel(), high=high or sp.high_counts)
+    kept, seen = [], 0
+    for b in blocks:
+        inside, seen = sp.cut_mask_(b.clone(), cut, seen)
+        kept.append(inside == -1)
+    return torch.cat(kept).reshape(-1)
+
+
+def _stable_top_k(t, k):
+    order = torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices
+    want = torch.zeros(t.numel(), dtype=torch.bool)
+    want[order[:k]] = True
+    return want
+
+
+@pytest.mark.parametrize("k", [1, 300, 2048, 4000])
+def test_sampled_window_finds_the_cut_in_two_passes(k, monkeypatch):
+    """With a sample smaller than the tensor, the window around the sampled k-th holds the true k-th
+    (no histogram pass), and the cut is exact, ties broken by flat order."""
+    from modelcypher.merging.methods import _sparsify as sp
+
+    monkeypatch.setattr(sp, "SAMPLE", 256)
+    g = torch.Generator().manual_seed(k)
+    t = torch.cat([torch.randn(64, 48, generator=g), _quantized(g, (32, 48), levels=9)])
+    histograms = []
+    kept = _kept_by_cut(t, k, rows=10, high=lambda b: histograms.append(1) or sp.high_counts(b))
+    assert sp.sample_stride(t.numel()) > 1 and not histograms
+    assert torch.equal(kept, _stable_top_k(t, k))
+
+
+def test_a_window_that_misses_falls_back_to_histograms(monkeypatch):
+    """A sample that misrepresents the tensor (every sampled entry large, all others small) places the
+    window wrong; the histogram passes still give the exact cut."""
+    from modelcypher.merging.methods import _sparsify as sp
+
+    monkeypatch.setattr(sp, "SAMPLE", 64)
+    t = torch.full((37, 11), 1e-3) * torch.arange(1, 408).reshape(37, 11) / 407
+    stride = sp.sample_stride(t.numel())
+    assert stride == 7
+    t.view(-1)[::stride] = torch.arange(1, 60, dtype=torch.float32)
+    histograms = []
+    kept = _kept_by_cut(t, 200, rows=37, high=lambda b: histograms.append(1) or sp.high_counts(b))
+    assert histograms and torch.equal(kept, _stable_top_k(t, 200))
+
+
 def _where_consensus(deltas, weights, normalize):
     """TIES elect + disjoint merge written with boolean masks, as a reference."""
     cs = [d * w for d, w in zip(deltas, weights, strict=True)]

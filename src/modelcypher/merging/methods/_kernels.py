@@ -36,8 +36,9 @@ _p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c
 _SIGNATURES = {
     "high_counts": (None, [_p, _i32, _p, _i32, _i64, _p]),
     "low_counts": (None, [_p, _i32, _p, _i32, _i64, ctypes.c_uint32, _p]),
-    "trim_quotas": (None, [_i64, _p, _p, _p, _i32, _i64, _p, _p, _p, _p, _p]),
-    "ties_merge": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _i64, _p, _p, _p, _i32, _f32, _p]),
+    "sample_magnitudes": (None, [_p, _i32, _p, _i32, _i64, _i64, _p]),
+    "window": (_i64, [_p, _i32, _p, _i32, _i64, ctypes.c_uint32, ctypes.c_uint32, _p, _p]),
+    "ties_merge": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _i64, _p, _p, _p, _p, _p, _i32, _f32, _p]),
     "dare_merge": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _i64, _p, _p, _p, _p, _i32, _f32, _p]),
     "consensus": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _f32, _p, _i32, _i64, _p]),
 }
@@ -115,6 +116,22 @@ def low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
     return hist
 
 
+def sample_magnitudes(x: Tensor, b: Tensor, stride: int) -> Tensor:
+    """:func:`._sparsify.sample_bits` of the magnitude bits of ``x - b``."""
+    fx, fb = _flat(x), _flat(b)
+    out = torch.empty((fb.size + stride - 1) // stride, dtype=torch.int32)
+    library().sample_magnitudes(*_arg(fx), *_arg(fb), fb.size, stride, out.data_ptr())
+    return out
+
+
+def window(x: Tensor, b: Tensor, lo: int, hi: int) -> tuple[int, Tensor]:
+    """:func:`._sparsify.window_bits` of the magnitude bits of ``x - b``."""
+    fx, fb = _flat(x), _flat(b)
+    above, out = np.zeros(1, np.int64), torch.empty(fb.size, dtype=torch.int32)
+    k = library().window(*_arg(fx), *_arg(fb), fb.size, lo, hi, _ptr(above), out.data_ptr())
+    return int(above[0]), out[:k].clone()
+
+
 def _check(status: int) -> None:
     if status:
         raise MemoryError("out of memory in a merge kernel")
@@ -136,18 +153,14 @@ def ties_merge(xs: list[Tensor], b: Tensor, cuts, seen: list[int], weights, norm
                lambda_: float) -> Tensor:
     """TIES on one block in one loop: each ``x_i - b`` trimmed to ``cuts[i]`` (``seen[i]``: entries
     equal to the cut met so far, updated), times ``weights[i]``, then :func:`consensus` with the base."""
-    lib, flat, fb = library(), [_flat(x) for x in xs], _flat(b)
-    m, (ptrs, flags) = len(flat), _many(flat)
+    flat, fb = [_flat(x) for x in xs], _flat(b)
     bits = np.array([c.bits for c in cuts], np.int64)
     ties, equal = np.array([c.ties for c in cuts], np.int64), np.array([c.equal for c in cuts], np.int64)
-    counted, ends = np.array(seen, np.int64), np.empty(m, np.int64)
-    lib.trim_quotas(m, ptrs, flags, *_arg(fb), fb.size, _ptr(bits), _ptr(ties), _ptr(equal), _ptr(counted),
-                    _ptr(ends))
-    seen[:] = counted.tolist()
+    counted, w = np.array(seen, np.int64), np.asarray(weights, np.float32)
     out = np.empty(fb.size, np.float32)
-    w = np.asarray(weights, np.float32)
-    _check(lib.ties_merge(m, ptrs, flags, *_arg(fb), fb.size, _ptr(bits), _ptr(ends), _ptr(w), int(normalize),
-                          lambda_, _ptr(out)))
+    _check(library().ties_merge(len(flat), *_many(flat), *_arg(fb), fb.size, _ptr(bits), _ptr(ties), _ptr(equal),
+                                _ptr(counted), _ptr(w), int(normalize), lambda_, _ptr(out)))
+    seen[:] = counted.tolist()
     return torch.from_numpy(out).reshape(b.shape)
 
 

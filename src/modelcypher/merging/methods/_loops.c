@@ -86,7 +86,6 @@ INLINE void difference(const void *x, int xb, const void *b, int bb, int64_t s, 
 }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Histogram of the high halves of |x - b|'s bits (HIGH_BUCKETS counters). */
 WIDE void high_counts(const void *x, int xb, const void *b, int bb, int64_t n, int64_t *hist) {
@@ -128,41 +127,54 @@ WIDE void low_counts(const void *x, int xb, const void *b, int bb, int64_t n, ui
     }
 }
 
-/* Of a block's magnitudes |c|, entries before the returned p keep those equal to the cut, those after
-   do not (the first ties - *seen equal entries in flat order); *seen counts the equal ones met. */
-INLINE int64_t quota_end(const float *c, int64_t n, int64_t cut, int64_t ties, int64_t equal, int64_t *seen) {
-    if (0 < ties && ties == equal) return n;
-    if (!(0 < ties && ties < equal && *seen < ties)) return 0;
-    int64_t count = 0;
-    for (int64_t j = 0; j < n; j++) {
-        count += (int64_t)(bits_of(c[j]) & 0x7FFFFFFFu) == cut;
-        if (count == ties - *seen) {
-            *seen += count;
-            return j + 1;
-        }
+/* The magnitude bits of x - b at entries 0, stride, 2 stride, ... below n, into out. */
+WIDE void sample_magnitudes(const void *x, int xb, const void *b, int bb, int64_t n, int64_t stride, uint32_t *out) {
+    float c;
+    for (int64_t j = 0, k = 0; j < n; j += stride, k++) {
+        difference(x, xb, b, bb, j, 1, &c);
+        out[k] = bits_of(c) & 0x7FFFFFFFu;
     }
-    *seen += count;
-    return n;
 }
 
-/* quota_end of each model's block (ends[i]; seen[i] updated), scanning only where a quota runs. */
-WIDE void trim_quotas(int64_t models, const void *const *xs, const int32_t *xb, const void *b, int bb, int64_t n,
-                 const int64_t *cuts, const int64_t *ties, const int64_t *equal, int64_t *seen, int64_t *ends) {
+/* Of the magnitude bits of x - b: how many exceed hi (added to *above), and those in [lo, hi], gathered
+   into out (room for n) in flat order; returns how many. */
+WIDE int64_t window(const void *x, int xb, const void *b, int bb, int64_t n, uint32_t lo, uint32_t hi,
+                    int64_t *above, uint32_t *out) {
     float c[CHUNK];
-    for (int64_t i = 0; i < models; i++) {
-        if (!(0 < ties[i] && ties[i] < equal[i] && seen[i] < ties[i])) {
-            ends[i] = (0 < ties[i] && ties[i] == equal[i]) ? n : 0;
-            continue;
+    int64_t k = 0, over = 0;
+    uint32_t width = hi - lo;
+    for (int64_t s = 0; s < n; s += CHUNK) {
+        int64_t m = min64(n - s, CHUNK);
+        difference(x, xb, b, bb, s, m, c);
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t v = bits_of(c[j]) & 0x7FFFFFFFu;
+            over += v > hi;
+            out[k] = v;
+            k += v - lo <= width; /* lo <= v <= hi, in one unsigned comparison */
         }
-        ends[i] = n;
-        for (int64_t s = 0; s < n; s += CHUNK) {
-            int64_t m = min64(n - s, CHUNK);
-            difference(xs[i], xb[i], b, bb, s, m, c);
-            int64_t p = quota_end(c, m, cuts[i], ties[i], equal[i], &seen[i]);
-            if (p < m) {  /* the quota ran out inside this chunk */
-                ends[i] = s + p;
-                break;
-            }
+    }
+    *above += over;
+    return k;
+}
+
+/* Where the quota of entries equal to the cut runs out in t[0:m] (magnitude bits compared): m when it
+   lasts through; *seen counts the equal entries met while it runs (at most ties). The count is one
+   vectorized pass; only the chunk where the quota ends is scanned entry by entry. */
+INLINE int64_t quota_end(const float *t, int64_t m, int64_t cut, int64_t ties, int64_t equal, int64_t *seen) {
+    if (0 < ties && ties == equal) return m;   /* every equal entry is in */
+    if (!(0 < ties && ties < equal && *seen < ties)) return 0;  /* none (more) */
+    int64_t count = 0;
+    for (int64_t j = 0; j < m; j++) count += (int64_t)(bits_of(t[j]) & 0x7FFFFFFFu) == cut;
+    if (*seen + count <= ties) {
+        *seen += count;
+        return m;
+    }
+    count = 0;
+    for (int64_t j = 0;; j++) {
+        count += (int64_t)(bits_of(t[j]) & 0x7FFFFFFFu) == cut;
+        if (*seen + count == ties) {
+            *seen = ties;
+            return j + 1;
         }
     }
 }
@@ -222,10 +234,12 @@ INLINE void elect_chunk(int64_t models, const float *tau, const float *w, int no
         for (int64_t k = 0; k < m; k++) out[k] = out[k] * lam + bw[k];
 }
 
-/* TIES: each x_i - b trimmed (below cuts[i] out; equal to it kept among the first ends[i] entries,
-   later ones out), times w[i], then elect, disjoint mean and base + lam * merged. Returns -1 when out of memory. */
+/* TIES: each x_i - b trimmed to its cut (magnitude bits below cuts[i] out, above in, equal in for the
+   first ties[i] of the equal[i] in flat order; seen[i] of them came in earlier blocks, updated), times
+   w[i], then elect, disjoint mean and base + lam * merged. Returns -1 when out of memory. */
 WIDE int ties_merge(int64_t models, const void *const *xs, const int32_t *xb, const void *b, int bb, int64_t n,
-                const int64_t *cuts, const int64_t *ends, const float *w, int normalize, float lam, float *out) {
+                    const int64_t *cuts, const int64_t *ties, const int64_t *equal, int64_t *seen, const float *w,
+                    int normalize, float lam, float *out) {
     float *tau = malloc((size_t)models * CHUNK * sizeof(float));
     if (!tau) return -1;
     float bw[CHUNK];
@@ -235,7 +249,7 @@ WIDE int ties_merge(int64_t models, const void *const *xs, const int32_t *xb, co
         for (int64_t i = 0; i < models; i++) {
             float *t = tau + i * CHUNK;
             difference(xs[i], xb[i], b, bb, s, m, t);
-            int64_t p = min64(max64(ends[i] - s, 0), m);
+            int64_t p = quota_end(t, m, cuts[i], ties[i], equal[i], &seen[i]);
             trim_scale(t, p, cuts[i], w[i]);
             trim_scale(t + p, m - p, cuts[i] + 1, w[i]);
         }

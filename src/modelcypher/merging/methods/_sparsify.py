@@ -144,17 +144,90 @@ def cut_at_kth(low: Tensor, bucket: int, above: int, k: int) -> Cut:
     return Cut((bucket << 16) | (LOW_BUCKETS - 1 - j), k - strictly_above, int(low[LOW_BUCKETS - 1 - j]))
 
 
+# Magnitudes sampled per tensor to place the window around its k-th largest, and the window's half
+# width in standard deviations of the sample's rank: the k-th falls outside (and the histograms are
+# needed) about once in a billion tensors; a window then holds about 6 sigma / SAMPLE of each side.
+SAMPLE = 1 << 16
+WINDOW_SIGMAS = 6.0
+
+
+def sample_stride(n: int) -> int:
+    """Every how many entries of ``n`` to sample ``SAMPLE`` or so: a prime, so that the sampled entries
+    of a matrix run through all its columns."""
+    stride = max(1, n // SAMPLE)
+    while stride > 2 and any(stride % p == 0 for p in range(2, math.isqrt(stride) + 1)):
+        stride += 1
+    return stride
+
+
+def sample_bits(bits: Tensor, stride: int) -> Tensor:
+    """Magnitude bits at flat positions 0, stride, 2 stride, ... (int32)."""
+    return bits.reshape(-1)[::stride]
+
+
+def window_bits(bits: Tensor, lo: int, hi: int) -> tuple[int, Tensor]:
+    """How many magnitude bits exceed ``hi``, and those in ``[lo, hi]`` (flat order)."""
+    flat = bits.reshape(-1)
+    return int((flat > hi).sum()), flat[(flat >= lo) & (flat <= hi)]
+
+
+def window_of(sample: Tensor, k: int, n: int) -> tuple[int, int]:
+    """Bits ``(lo, hi)`` that hold the ``k``-th largest of ``n`` magnitudes with near certainty, from a
+    uniform sample of them: the sample's ranks ``k s / n`` plus and minus ``WINDOW_SIGMAS`` of its
+    binomial standard deviation."""
+    s, q = sample.numel(), k / n
+    r, margin = q * s, WINDOW_SIGMAS * math.sqrt(s * q * (1 - q)) + 2
+    # the sample's (r -/+ margin)-th largest, 0-based: kthvalue counts from the smallest, from 1
+    hi = int(sample.kthvalue(s - int(r - margin)).values) if r - margin >= 0 else 0x7FFFFFFF
+    lo = int(sample.kthvalue(s - int(r + margin)).values) if r + margin < s else 0
+    return lo, hi
+
+
+def cut_in_window(inside: Tensor, above: int, k: int) -> Cut | None:
+    """The :class:`Cut` keeping the ``k`` largest, from the count above a window and the window's
+    entries (magnitude bits); None when the ``k``-th largest lies outside the window."""
+    r = k - above  # rank of the k-th largest among the window's entries
+    if not 0 < r <= inside.numel():
+        return None
+    v = int(inside.kthvalue(inside.numel() - r + 1).values)
+    strictly_above = above + int((inside > v).sum())
+    return Cut(v, k - strictly_above, int((inside == v).sum()))
+
+
 def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Any]]], ks: Sequence[int], n: int,
+               sample: Callable = sample_bits, window: Callable = window_bits,
                high: Callable = high_counts, low: Callable = low_counts) -> list[Cut]:
     """The top-``k_i`` cut of each of several tensors of ``n`` entries, seen as magnitude bits in blocks.
 
     ``passes()`` starts a pass over the blocks, yielding per block ``{i: tensor i's block of magnitude
-    bits}`` for every ``i`` with ``0 < k_i < n`` (the others need no data). Two passes at most, and
-    memory for one block and the histograms only. ``high(block)`` and ``low(block, bucket)`` make a
-    block's histograms; other block forms come with their own (e.g. the fused ones of ``._kernels``).
+    bits}`` for every ``i`` with ``0 < k_i < n`` (the others need no data). Two passes: the first
+    samples each tensor (every ``sample_stride(n)``-th entry of each block), the second counts the
+    entries above a window of magnitudes the sample places around the ``k``-th largest and gathers
+    those inside, among which the cut is exact. Where the ``k``-th lies outside the window after all,
+    two more passes make histograms of the bits' high halves, then of the low halves in the ``k``-th's
+    bucket (a radix select). Memory: a block, the samples and the windows (a few percent of ``n``).
+    ``sample(block, stride)``, ``window(block, lo, hi)``, ``high(block)`` and ``low(block, bucket)``
+    read a block; other block forms come with their own (e.g. the fused ones of ``._kernels``).
     """
     cuts: list[Cut | None] = [KEEP_NONE if k <= 0 else KEEP_ALL if k >= n else None for k in ks]
     todo = [i for i, c in enumerate(cuts) if c is None]
+    if not todo:
+        return cuts
+    stride = sample_stride(n)
+    samples: dict[int, list] = {i: [] for i in todo}
+    for block in passes():
+        for i in todo:
+            samples[i].append(sample(block[i], stride))
+    windows = {i: window_of(torch.cat(samples[i]), ks[i], n) for i in todo}
+    above, inside = {i: 0 for i in todo}, {i: [] for i in todo}
+    for block in passes():
+        for i in todo:
+            a, v = window(block[i], *windows[i])
+            above[i] += a
+            inside[i].append(v)
+    for i in todo:
+        cuts[i] = cut_in_window(torch.cat(inside[i]), above[i], ks[i])
+    todo = [i for i in todo if cuts[i] is None]
     if not todo:
         return cuts
     hist = {i: 0 for i in todo}
@@ -201,6 +274,20 @@ def cut_mask_(bits: Tensor, cut: Cut, ties_seen: int = 0) -> tuple[Tensor, int]:
     if first is not None:
         mask.view(-1)[first] = -1
     return mask, ties_seen
+
+
+def tau_sample(x: Tensor, b: Tensor, stride: int) -> Tensor:
+    """:func:`sample_bits` of the magnitude bits of ``tau = x - b`` (float32 or bfloat16 blocks)."""
+    if _kernels.usable(x, b):
+        return _kernels.sample_magnitudes(x, b, stride)
+    return magnitude_bits_(f32(x.reshape(-1)[::stride]) - f32(b.reshape(-1)[::stride]))
+
+
+def tau_window(x: Tensor, b: Tensor, lo: int, hi: int) -> tuple[int, Tensor]:
+    """:func:`window_bits` of the magnitude bits of ``tau = x - b`` (float32 or bfloat16 blocks)."""
+    if _kernels.usable(x, b):
+        return _kernels.window(x, b, lo, hi)
+    return window_bits(magnitude_bits_(f32(x) - f32(b)), lo, hi)
 
 
 def tau_high_counts(x: Tensor, b: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ from modelcypher.merging.methods._sparsify import (
     per_model,
     tau_high_counts,
     tau_low_counts,
+    tau_sample,
+    tau_window,
     top_k_cuts,
     trimmed_merge,
 )
@@ -37,8 +39,9 @@ def ties_blocks(
     ``(xs, base)`` in order, once per call (float32, or as stored: the arithmetic is float32's);
     ``weight`` and ``density`` hold one value per model. Yields the result block by block (float32).
 
-    The trim keeps a whole-tensor top-k, so its cut is found first, in two passes of histograms
-    (:func:`top_k_cuts`); elect and disjoint merge are elementwise, done in a third pass. Memory: a
+    The trim keeps a whole-tensor top-k, so its cut is found first, in two passes (:func:`top_k_cuts`:
+    a sample, then a count around the sampled window); elect and disjoint merge are elementwise, done
+    in a third pass. Memory: a
     few blocks, whatever the tensor's size; the result does not depend on how rows are blocked.
     """
     n = len(weight)
@@ -50,6 +53,8 @@ def ties_blocks(
         ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
         # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
         cuts = top_k_cuts(lambda: ({i: (xs[i], b) for i in ranked} for xs, b in passes()), ks, numel,
+                          sample=lambda xb, stride: tau_sample(*xb, stride),
+                          window=lambda xb, lo, hi: tau_window(*xb, lo, hi),
                           high=lambda xb: tau_high_counts(*xb), low=lambda xb, bucket: tau_low_counts(*xb, bucket))
         # c_i = w_i d_i; 3-4. elect, disjoint merge, then base + lambda * tau
         ties_seen = [0] * n
