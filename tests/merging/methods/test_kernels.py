@@ -122,6 +122,40 @@ def test_dare_ties_with_every_kind_of_density(dtype):
     assert _same_bits(fused, plain)
 
 
+@pytest.mark.parametrize("width", [0, 1, 4095, 4096, 70_000, 2**31 - 1])
+def test_select_rank_matches_a_sort(width):
+    """The radix select over magnitude bits in [lo, lo + width]: one level (a narrow range) or three
+    (the whole range), many duplicates, every rank from the top and the bottom."""
+    g = torch.Generator().manual_seed(width)
+    lo = 0 if width == 2**31 - 1 else 123_456
+    v = (lo + torch.randint(0, width + 1, (5000,), generator=g, dtype=torch.int64)).to(torch.int32)
+    v[:1000] = v[1000:2000]  # duplicates
+    desc = v.sort(descending=True).values
+    for r in (1, 2, 999, 2500, 4999, 5000):
+        got = _kernels.select_rank(v.clone(), r, lo, lo + width)
+        want = int(desc[r - 1])
+        assert got == (want, int((v > want).sum()), int((v == want).sum())), r
+
+
+@pytest.mark.parametrize("dtypes", DTYPES[:4], ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+def test_window_loops_agree_with_the_torch_formula(dtypes):
+    """Both loops of the counting pass (AVX-512 where the CPU has it, and the portable one) give what
+    window_bits gives: the count above, and the window's entries in flat order (lengths off the
+    16-entry steps, special values, equal magnitudes)."""
+    from modelcypher.merging.methods._sparsify import magnitude_bits, window_bits
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4099, generator=g).to(dtypes[1])
+    x = (base.float() + _special(g, (4099,))).to(dtypes[0])
+    bits = magnitude_bits(x.float() - base.float())
+    quarter = 0x3E800000  # the bits of 0.25, a magnitude many entries share
+    for lo, hi in [(0, 0x7FFFFFFF), (int(bits.median()), int(bits.sort().values[3300])), (quarter, quarter)]:
+        want = window_bits(bits, lo, hi)
+        for loop in ("window", "window_portable"):
+            above, inside = _kernels.window(x, base, lo, hi, loop=loop)
+            assert above == want[0] and torch.equal(inside, want[1]), (lo, hi, loop)
+
+
 def _load_in_a_process(env: dict, copy_to=None) -> str:
     """What :func:`_kernels.library` gives in a fresh process (with ``env``), from the installed package
     or from a copy of it in ``copy_to``."""

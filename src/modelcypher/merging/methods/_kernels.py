@@ -38,6 +38,8 @@ _SIGNATURES = {
     "low_counts": (None, [_p, _i32, _p, _i32, _i64, ctypes.c_uint32, _p]),
     "sample_magnitudes": (None, [_p, _i32, _p, _i32, _i64, _i64, _p]),
     "window": (_i64, [_p, _i32, _p, _i32, _i64, ctypes.c_uint32, ctypes.c_uint32, _p, _p]),
+    "window_portable": (_i64, [_p, _i32, _p, _i32, _i64, ctypes.c_uint32, ctypes.c_uint32, _p, _p]),
+    "select_rank": (ctypes.c_uint32, [_p, _i64, _i64, ctypes.c_uint32, ctypes.c_uint32, _p, _p]),
     "ties_merge": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _i64, _p, _p, _p, _p, _p, _i32, _f32, _p]),
     "dare_merge": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _i64, _p, _p, _p, _p, _i32, _f32, _p]),
     "consensus": (ctypes.c_int, [_i64, _p, _p, _p, _i32, _f32, _p, _i32, _i64, _p]),
@@ -124,12 +126,21 @@ def sample_magnitudes(x: Tensor, b: Tensor, stride: int) -> Tensor:
     return out
 
 
-def window(x: Tensor, b: Tensor, lo: int, hi: int) -> tuple[int, Tensor]:
-    """:func:`._sparsify.window_bits` of the magnitude bits of ``x - b``."""
+def window(x: Tensor, b: Tensor, lo: int, hi: int, loop: str = "window") -> tuple[int, Tensor]:
+    """:func:`._sparsify.window_bits` of the magnitude bits of ``x - b`` (``loop``: the C function; the
+    tests also run ``window_portable``, which CPUs without AVX-512 get)."""
     fx, fb = _flat(x), _flat(b)
-    above, out = np.zeros(1, np.int64), torch.empty(fb.size, dtype=torch.int32)
-    k = library().window(*_arg(fx), *_arg(fb), fb.size, lo, hi, _ptr(above), out.data_ptr())
+    above, out = np.zeros(1, np.int64), torch.empty(fb.size + 16, dtype=torch.int32)  # 16 to spare
+    k = getattr(library(), loop)(*_arg(fx), *_arg(fb), fb.size, lo, hi, _ptr(above), out.data_ptr())
     return int(above[0]), out[:k].clone()
+
+
+def select_rank(bits: Tensor, r: int, lo: int, hi: int) -> tuple[int, int, int]:
+    """The ``r``-th largest of magnitude bits (int32, all in ``[lo, hi]``; overwritten), how many are
+    greater, and how many equal."""
+    counts = np.zeros(2, np.int64)
+    v = library().select_rank(bits.data_ptr(), bits.numel(), r, lo, hi, _ptr(counts), _ptr(counts[1:]))
+    return int(v), int(counts[0]), int(counts[1])
 
 
 def _check(status: int) -> None:

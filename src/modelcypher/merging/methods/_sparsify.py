@@ -183,15 +183,19 @@ def window_of(sample: Tensor, k: int, n: int) -> tuple[int, int]:
     return lo, hi
 
 
-def cut_in_window(inside: Tensor, above: int, k: int) -> Cut | None:
-    """The :class:`Cut` keeping the ``k`` largest, from the count above a window and the window's
-    entries (magnitude bits); None when the ``k``-th largest lies outside the window."""
+def cut_in_window(inside: Tensor, lo: int, hi: int, above: int, k: int) -> Cut | None:
+    """The :class:`Cut` keeping the ``k`` largest, from the count above a window ``[lo, hi]`` and the
+    window's entries (magnitude bits, int32; may be overwritten); None when the ``k``-th largest lies
+    outside the window."""
     r = k - above  # rank of the k-th largest among the window's entries
     if not 0 < r <= inside.numel():
         return None
-    v = int(inside.kthvalue(inside.numel() - r + 1).values)
-    strictly_above = above + int((inside > v).sum())
-    return Cut(v, k - strictly_above, int((inside == v).sum()))
+    if inside.device.type == "cpu" and _kernels.usable():
+        v, greater, equal = _kernels.select_rank(inside, r, lo, hi)
+    else:
+        v = int(inside.kthvalue(inside.numel() - r + 1).values)
+        greater, equal = int((inside > v).sum()), int((inside == v).sum())
+    return Cut(v, k - above - greater, equal)
 
 
 def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Any]]], ks: Sequence[int], n: int,
@@ -226,7 +230,7 @@ def top_k_cuts(passes: Callable[[], Iterable[Mapping[int, Any]]], ks: Sequence[i
             above[i] += a
             inside[i].append(v)
     for i in todo:
-        cuts[i] = cut_in_window(torch.cat(inside[i]), above[i], ks[i])
+        cuts[i] = cut_in_window(torch.cat(inside[i]), *windows[i], above[i], ks[i])
     todo = [i for i in todo if cuts[i] is None]
     if not todo:
         return cuts
