@@ -94,11 +94,12 @@ def _arg(a: np.ndarray) -> tuple[int, int]:
 
 def _many(arrays) -> tuple[ctypes.Array, ctypes.Array]:
     """The addresses and bfloat16 flags of several flat arrays, as C arrays."""
-    return (_p * len(arrays))(*[a.ctypes.data for a in arrays]), (_i32 * len(arrays))(
-        *[int(a.dtype == np.uint16) for a in arrays])
+    ptrs, flags = zip(*map(_arg, arrays), strict=True)
+    return (_p * len(arrays))(*ptrs), (_i32 * len(arrays))(*flags)
 
 
 def _ptr(a: np.ndarray) -> int:
+    """The address of a numpy array's data (an output, or an array of counts)."""
     return a.ctypes.data
 
 
