@@ -3,9 +3,10 @@
 The torch formulas in :mod:`._sparsify` take one pass over memory per operation: a TIES block is some
 thirty of them, each cheap, together several times the cost of reading the models. Here the same
 arithmetic runs as compiled loops (``_loops.c``, built at install time; single-threaded, called
-through ctypes, which releases the GIL, so that the runner's worker threads overlap): the trim's two
-histograms, then one loop per block for the rest of TIES (trim, election, disjoint mean, base) or of
-DARE-TIES (drop, election, ...). Every loop gives the torch formulas' result to the bit (NaN,
+through ctypes, which releases the GIL, so that the runner's worker threads overlap): the trim's cut
+(a sample, then the count and gather around the sampled window, and a radix select among those; the
+histograms where the window misses), then one loop per block for the rest of TIES (trim, election,
+disjoint mean, base) or of DARE-TIES (drop, election, ...). Every loop gives the torch formulas' result to the bit (NaN,
 infinities and signed zeros included; no fused multiply-add), which the tests check both ways, so
 either may compute any block.
 

@@ -1,4 +1,5 @@
-/* The compiled loops behind _kernels.py: TIES's histograms and fused merges, in plain C. (Named
+/* The compiled loops behind _kernels.py: TIES's cut (sample, window, selection, and the histograms
+kept for a window that misses) and the fused merges, in plain C. (Named
 apart: an extension module called _kernels would shadow the Python module.)
 
 Built at install time as an optional extension (setup.py) and called through ctypes, which releases
@@ -136,6 +137,19 @@ WIDE void sample_magnitudes(const void *x, int xb, const void *b, int bb, int64_
     }
 }
 
+/* The window's step over c[j:m] one entry at a time: count those above hi, gather those in [lo, hi]
+   after out[0:k] (lo <= v <= hi in one unsigned comparison); returns the new k. */
+INLINE int64_t window_entries(const float *c, int64_t j, int64_t m, uint32_t lo, uint32_t hi, int64_t *over,
+                              uint32_t *out, int64_t k) {
+    for (; j < m; j++) {
+        uint32_t v = bits_of(c[j]) & 0x7FFFFFFFu;
+        *over += v > hi;
+        out[k] = v;
+        k += v - lo <= hi - lo;
+    }
+    return k;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define AVX512_WINDOW 1
@@ -159,12 +173,7 @@ __attribute__((target("avx512f"))) static int64_t window_avx512(const void *x, i
             _mm512_storeu_si512(out + k, _mm512_maskz_compress_epi32(in, v));
             k += __builtin_popcount(in);
         }
-        for (; j < m; j++) {
-            uint32_t v = bits_of(c[j]) & 0x7FFFFFFFu;
-            over += v > hi;
-            out[k] = v;
-            k += v - lo <= hi - lo;
-        }
+        k = window_entries(c, j, m, lo, hi, &over, out, k);
     }
     *above += over;
     return k;
@@ -177,16 +186,10 @@ WIDE int64_t window_portable(const void *x, int xb, const void *b, int bb, int64
                              int64_t *above, uint32_t *out) {
     float c[CHUNK];
     int64_t k = 0, over = 0;
-    uint32_t width = hi - lo;
     for (int64_t s = 0; s < n; s += CHUNK) {
         int64_t m = min64(n - s, CHUNK);
         difference(x, xb, b, bb, s, m, c);
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t v = bits_of(c[j]) & 0x7FFFFFFFu;
-            over += v > hi;
-            out[k] = v;
-            k += v - lo <= width; /* lo <= v <= hi, in one unsigned comparison */
-        }
+        k = window_entries(c, 0, m, lo, hi, &over, out, k);
     }
     *above += over;
     return k;
