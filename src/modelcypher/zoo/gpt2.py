@@ -73,15 +73,12 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-# Demo recipe, measured on a 2-core AMD EPYC (avx512_bf16) with torch 2.13 CPU, 4x128, context 128:
-#   throughput ~10-11k tokens/s fp32, ~16k tokens/s with bf16 autocast (more than 2x slower when the
-#   cores are shared).  Held-out (split_by_play val, first 65,536 chars) losses in nats/char:
-#     base (800 steps x 16 x 128 = 1.6M tokens, ~100 s unshared)      comedy 1.966  tragedy 1.965
-#     + 100 fine-tune steps on comedies  (~13 s unshared)              comedy 1.946  tragedy 1.993
-#     + 100 fine-tune steps on tragedies                               comedy 1.993  tragedy 1.929
-#   Each fine-tune beats the base on its own genre and loses to it on the other one.  Longer
-#   fine-tunes do not keep that: after 250 comedy steps both genres improve (comedy 1.845, tragedy
-#   1.921), because a base this small and this briefly trained still gains from any more text.
+# Demo recipe, 4x128, context 128, float32 (bf16 autocast: see TrainConfig.bf16): ~11k tokens/s on 2
+#   AMD EPYC cores, AVX2 or AVX-512 alike (more than 2x slower when the cores are shared). The base sees
+#   800 steps x 16 x 128 = 1.6M tokens, each fine-tune 100 steps on its genre; the README's table shows
+#   each fine-tune beating the base on its own genre and losing to it on the other one. Longer
+#   fine-tunes do not keep that: after 250 comedy steps both genres improve (bf16 run: comedy 1.845,
+#   tragedy 1.921), because a base this small and this briefly trained still gains from any more text.
 DEMO_BASE = TrainConfig(
     n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
     steps=800, lr=3e-3, warmup_steps=50, seed=0,
