@@ -42,7 +42,7 @@ SEEDS = (0, 1)
 # training characters: 8000 steps of 128x128; minutes on a GPU, ~10 hours on 2 CPU cores);
 # "long": what 2 quiet CPU cores train in ~25 minutes per model (~2.3 passes over the training text);
 # "quick": what 2 CPU cores train in ~11-15 minutes per model (about half an epoch, far from converged), in
-# float32: bf16 autocast is ~1.5x faster on CPUs with bf16 units but ~13x slower on AVX2-only ones.
+# float32 so that any CPU trains it (zoo.gpt2.TrainConfig.bf16 says why).
 GPT2_RECIPES = {
     "full": dict(n_layer=6, n_head=4, n_embd=256, n_inner=1024, block_size=128, batch_size=128,
                  steps=8000, lr=2e-3, warmup_steps=200, min_lr_ratio=0.1, dropout=0.1, bf16=True),
