@@ -43,16 +43,15 @@ def kind_of(name: str) -> str | None:
     return next((k for k in KINDS if k in name), "biases")
 
 
-def redescend(views, spec, start: dict, max_sweeps: int = 20) -> tuple[dict, list[float]]:
+def redescend(views, spec, start: dict, max_sweeps: int = 20) -> dict:
     """Weight matching's second-stage descent (every group; heads with their bases) from ``start``."""
     from modelcypher.align import weight_matching as wm
 
     matcher = wm.Matcher(views[1], views[0], spec, dict(start))
     joint = wm.heads_with_bases(spec, {"vo", "qk"})
     coords = [(i,) for i, g in enumerate(spec.groups) if g.kind in ("perm", "residual")] + joint
-    history = [matcher.objective()]
-    wm.descend(matcher, coords, "orthogonal", max_sweeps, random.Random(0), history)
-    return dict(matcher.transforms), history
+    wm.descend(matcher, coords, "orthogonal", max_sweeps, random.Random(0), [matcher.objective()])
+    return dict(matcher.transforms)
 
 
 def main() -> None:
@@ -92,9 +91,10 @@ def main() -> None:
         objective = matcher.objective()
         by_kind: dict[str, list[float]] = {}
         for name, term in matcher.terms.items():
-            if kind_of(name) is None:
+            kind = kind_of(name)
+            if kind is None:
                 continue
-            acc = by_kind.setdefault(kind_of(name), [0.0, 0.0])
+            acc = by_kind.setdefault(kind, [0.0, 0.0])
             acc[0] += term
             acc[1] += norms[name]
         cosines = {k: term / norm for k, (term, norm) in by_kind.items() if norm > 0}
@@ -112,7 +112,7 @@ def main() -> None:
     found = {
         "weight matching": wm.transforms,
         "learned matching": learned.transforms,
-        "weight matching restarted from the learned alignment": redescend(views, spec, learned.transforms)[0],
+        "weight matching restarted from the learned alignment": redescend(views, spec, learned.transforms),
         "learned residual, weight matching's in-head bases": {**wm.transforms, res: learned.transforms[res]},
         "weight matching's residual, learned in-head bases": {**learned.transforms, res: wm.transforms[res]},
     }
