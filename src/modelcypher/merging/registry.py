@@ -29,7 +29,8 @@ Methods never modify their inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,8 +63,8 @@ def register(
     *,
     base: Literal["required", "optional", "none"],
     paper: str,
-    model_params: Mapping[str, Any] | None = None,
-    global_params: Mapping[str, Any] | None = None,
+    model_params: Iterable[str] | Mapping[str, Any] = (),
+    global_params: Iterable[str] | Mapping[str, Any] = (),
     random: bool = False,
     stats: tuple[str, ...] = (),
     min_models: int = 1,
@@ -77,12 +78,27 @@ def register(
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
-            name, fn, base, paper, dict(model_params or {}), dict(global_params or {}),
+            name, fn, base, paper, defaults(fn, model_params), defaults(fn, global_params),
             random, stats, min_models, max_models, reports, rowwise, stream, raw,
         )
         return fn
 
     return deco
+
+
+def defaults(fn: Callable[..., Any], names: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Each named parameter's default, read from ``fn``'s signature (the one place it is stated);
+    a keyword without a default is ``REQUIRED``. The config's ``lambda`` is the keyword ``lambda_``."""
+    if isinstance(names, Mapping):  # defaults stated at registration (older methods)
+        return dict(names)
+    params = inspect.signature(fn).parameters
+    out = {}
+    for n in names:
+        p = params.get("lambda_" if n == "lambda" else n)
+        if p is None:
+            raise ValueError(f"{fn.__name__} has no parameter {n!r}")
+        out[n] = REQUIRED if p.default is inspect.Parameter.empty else p.default
+    return out
 
 
 def get_method(name: str) -> Method:

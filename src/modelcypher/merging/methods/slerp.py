@@ -10,7 +10,7 @@ from torch import Tensor
 
 from modelcypher.errors import UserError
 from modelcypher.merging.methods._sparsify import f32
-from modelcypher.merging.registry import REQUIRED, register
+from modelcypher.merging.registry import register
 
 #: Below this norm a tensor has no usable direction and slerp falls back to lerp.
 NORM_EPS = 1e-12
@@ -51,7 +51,7 @@ def coefficients(n00: float, n11: float, dd: float, t: float, dot_threshold: flo
     "slerp",
     base="required",
     paper="Animating Rotation with Quaternion Curves; Ken Shoemake; SIGGRAPH 1985 (no arXiv id)",
-    global_params={"t": REQUIRED, "DOT_THRESHOLD": 1.0 - 1e-6},
+    global_params=("t", "DOT_THRESHOLD"),
     min_models=1,
     max_models=1,
     stream=slerp_blocks,
