@@ -111,7 +111,7 @@ def build_pair(layers: int, noise: float, seed: int = 0) -> tuple[Path, Path]:
 
     from modelcypher.align.pipeline import CheckpointView
     from modelcypher.align.transform import group_ops, random_alignment, slots_by_tensor, transform_tensor
-    from modelcypher.arch.symmetry import spec_for
+    from modelcypher.arch.families import spec_for
     from modelcypher.checkpoint import Checkpoint
 
     cfg = config(layers)
@@ -147,7 +147,7 @@ def build_pair(layers: int, noise: float, seed: int = 0) -> tuple[Path, Path]:
 def distance(aligned: Path, a: Path) -> dict:
     """Relative distance of the aligned B from A (norms folded), and of the raw B, over all tensors."""
     from modelcypher.align.pipeline import CheckpointView
-    from modelcypher.arch.symmetry import spec_for
+    from modelcypher.arch.families import spec_for
     from modelcypher.checkpoint import Checkpoint
 
     ck_a = Checkpoint(a)

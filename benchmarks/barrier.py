@@ -116,14 +116,15 @@ def aligned_states(method: str, residual: str, ck_a, ck_b, train_text: str | Non
     """(A, B aligned onto A) as state dicts in one parameterization, and facts about the matching."""
     from modelcypher.align import apply_verified, fold_norms
     from modelcypher.align.pipeline import match, spec_of
+    from modelcypher.options import AlignOptions
 
     raw_a = {n: ck_a.get(n) for n in ck_a.names}
     raw_b = {n: ck_b.get(n) for n in ck_b.names}
     t0 = time.perf_counter()
-    found, facts = match(ck_b, ck_a, spec_of(ck_a), method=method, data=None, residual=residual, max_sweeps=20,
-                         seed=0, device=device, vo="vo" in bases, qk="qk" in bases, restarts=RESTARTS, text=train_text,
-                         max_probe_tokens=LEARN["tokens"] if method == "learned" else PROBE_TOKENS,
-                         steps=LEARN["steps"], lr=LEARN["lr"])
+    opts = AlignOptions(method=method, residual=residual, max_sweeps=20, seed=0, vo="vo" in bases,
+                        qk="qk" in bases, restarts=RESTARTS, steps=LEARN["steps"], lr=LEARN["lr"],
+                        probe_tokens=LEARN["tokens"] if method == "learned" else PROBE_TOKENS)
+    found, facts = match(ck_b, ck_a, spec_of(ck_a), opts, torch.device(device), train_text)
     facts["seconds"] = time.perf_counter() - t0
     aligned_b, config_b = apply_verified(raw_b, ck_b.config, found)
     if facts["residual"] == "orthogonal":
@@ -158,14 +159,15 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
                keep: dict | None = None) -> dict:
     """The GPT-2 rows; those in ``keep`` (name -> row of an earlier run on the same models) are reused."""
     from modelcypher.checkpoint import Checkpoint
-    from modelcypher.measure.barrier import barrier_states, lm_loss_fn, lm_states
+    from modelcypher.hf import causal_lm
+    from modelcypher.measure.barrier import barrier_states, lm_loss_fn
     from modelcypher.zoo.chartok import encode_ids
 
     ck_a, ck_b = (Checkpoint(d) for d in dirs)
     tok = char_tokenizer()
     ids = encode_ids(splits[2], tok)[:EVAL_TOKENS]  # the test split
     probe = splits[0]  # training text: the alignment never sees held-out text
-    template, _ = lm_states(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})
+    template, _ = causal_lm(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})
     loss = lm_loss_fn(template, ids, torch.device(device), batch_size=32)
     rows = {}
     for name, method, residual, bases, text, _ in ROWS:
@@ -178,7 +180,7 @@ def gpt2_table(dirs: list[Path], splits: tuple[str, str, str], device: str = "cp
             facts = {}
         else:
             *pair, facts = aligned_states(method, residual, ck_a, ck_b, probe if text else None, bases, device)
-        sd_a, sd_b = (lm_states(cfg, sd)[1] for cfg, sd in pair)
+        sd_a, sd_b = (causal_lm(cfg, sd)[1] for cfg, sd in pair)
         rows[name] = {**barrier_states(sd_a, sd_b, loss, 11), **facts, "wall_seconds": time.perf_counter() - t0}
         print(f"gpt2  {name:66s} barrier {rows[name]['barrier']:.4f}", flush=True)
     train = [json.loads((d / "train.json").read_text()) for d in dirs]
@@ -193,7 +195,7 @@ def mlp_table(dirs: list[Path]) -> dict:
     from modelcypher.align.activation_matching import match_activations
     from modelcypher.align.transform import apply
     from modelcypher.align.weight_matching import match_weights
-    from modelcypher.arch.symmetry import spec_for
+    from modelcypher.arch.families import spec_for
     from modelcypher.measure.barrier import barrier_states
     from modelcypher.zoo.mlp import evaluate, load_digits_split, load_mlp, mlp_from_config
 

@@ -63,11 +63,12 @@ def main() -> None:
 
     from modelcypher.align import apply_verified, fold_norms
     from modelcypher.align.learned_matching import match_learned
-    from modelcypher.align.pipeline import CheckpointView, context_length, probe_batches, spec_of
+    from modelcypher.align.pipeline import PROBE_CONTEXT, CheckpointView, probe_batches, spec_of
     from modelcypher.align.transform import Alignment
     from modelcypher.align.weight_matching import Matcher, match_weights
     from modelcypher.checkpoint import Checkpoint
-    from modelcypher.measure.barrier import barrier_states, lm_loss_fn, lm_states
+    from modelcypher.hf import causal_lm, context_length
+    from modelcypher.measure.barrier import barrier_states, lm_loss_fn
     from modelcypher.zoo.chartok import encode_ids
 
     t0 = time.perf_counter()
@@ -77,16 +78,16 @@ def main() -> None:
     spec = spec_of(ck_a)
     tok = bench.char_tokenizer()
     raw_a, raw_b = ({n: ck.get(n) for n in ck.names} for ck in (ck_a, ck_b))
-    template, _ = lm_states(ck_a.config, raw_a)
+    template, _ = causal_lm(ck_a.config, raw_a)
     loss = lm_loss_fn(template, encode_ids(splits[2], tok)[: bench.EVAL_TOKENS], torch.device("cpu"), 32)
     folded_a, config_a = fold_norms(raw_a, ck_a.config)
-    state_a = lm_states(config_a, folded_a)[1]
+    state_a = causal_lm(config_a, folded_a)[1]
     views = [CheckpointView(ck, spec, folded=True) for ck in (ck_b, ck_a)]
     norms = {n: float(views[0][n].double().norm() * views[1][n].double().norm()) for n in views[1]}
 
     def measure(transforms: dict) -> dict:
         aligned_b, config_b = apply_verified(raw_b, ck_b.config, Alignment(dict(transforms)))
-        curve = barrier_states(state_a, lm_states(config_b, aligned_b)[1], loss, 11)
+        curve = barrier_states(state_a, causal_lm(config_b, aligned_b)[1], loss, 11)
         matcher = Matcher(views[1], views[0], spec, dict(transforms))
         objective = matcher.objective()
         by_kind: dict[str, list[float]] = {}
@@ -101,12 +102,13 @@ def main() -> None:
         return {"barrier": curve["barrier"], "excess": curve["excess"], "objective": objective,
                 "cosine": cosines, "terms": dict(matcher.terms)}
 
-    vanilla = barrier_states(lm_states(ck_a.config, raw_a)[1], lm_states(ck_b.config, raw_b)[1], loss, 11)
+    vanilla = barrier_states(causal_lm(ck_a.config, raw_a)[1], causal_lm(ck_b.config, raw_b)[1], loss, 11)
     print(f"vanilla barrier {vanilla['barrier']:.4f}", flush=True)
     wm = match_weights(*views, spec, residual="orthogonal", vo=True, qk=True, max_sweeps=20, seed=0,
                        restarts=bench.RESTARTS, prepared=True)
     ids = encode_ids(splits[0], tok)[: bench.LEARN["tokens"]]
-    learned, _ = match_learned(raw_b, raw_a, ck_b.config, wm, probe_batches(ids, context_length(ck_a.config)),
+    batches = probe_batches(ids, context_length(ck_a.config, PROBE_CONTEXT))
+    learned, _ = match_learned(raw_b, raw_a, ck_b.config, wm, batches,
                                steps=args.learn_steps, lr=bench.LEARN["lr"], seed=0)
     res = spec.residual.name
     found = {

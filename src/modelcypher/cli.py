@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -56,21 +57,103 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
-    from modelcypher.align.pipeline import cli_align
+    from modelcypher.align.pipeline import align_checkpoint
 
-    return cli_align(args)
+    report = align_checkpoint(args.model_b, args.model_a, args.output, _align_options(args), device=args.device,
+                              overwrite=args.overwrite)
+    how = f"{report['method']} matching, residual {report['residual']}"
+    if "objective" in report:
+        h = report["objective"]
+        how += f", objective {h[0]:.6g} -> {h[-1]:.6g} in {report['sweeps']} sweeps"
+        if "midpoint_loss" in report:
+            m = report["midpoint_loss"]
+            how += (f", then midpoint loss {m[0]:.4f} -> {m[1]:.4f} in {report['steps']} steps on "
+                    f"{report['tokens']} tokens of {report['probes']}")
+    else:
+        how += f", {report['tokens']} probe tokens"
+    print(f"aligned {report['model_b']} onto {report['model_a']} ({how}); max logit gap "
+          f"{report['max_logit_gap']:.2g}; wrote {report['output']} in {report['seconds']['total']:.1f}s")
+    return 0
 
 
 def _barrier(args: argparse.Namespace) -> int:
-    from modelcypher.measure.barrier import cli_barrier
+    import json
 
-    return cli_barrier(args)
+    from modelcypher.hf import read_text
+    from modelcypher.measure.barrier import barrier_curve, lambdas, plot_barrier
+
+    lambdas(args.points)  # a bad --points fails before any work
+    text = read_text(args.data)
+    opts = _align_options(args) if args.method != "none" else None
+    result = barrier_curve(args.model_a, args.model_b, text, points=args.points, max_tokens=args.max_tokens,
+                           device=args.device, options=opts, probe_text=read_text(args.data_probe)
+                           if args.data_probe else None)
+    result["data"] = str(args.data)
+    blob = json.dumps(result, indent=2) + "\n"
+    if args.json:
+        Path(args.json).write_text(blob)
+    else:
+        sys.stdout.write(blob)
+    if args.plot:
+        plot_barrier(result, args.plot)
+    if args.json:
+        line = f"raw barrier {result['raw']['barrier']:.4f}"
+        if opts is not None:
+            line += f", aligned ({opts.method}) barrier {result['aligned']['barrier']:.4f}"
+        print(f"{line} over {result['tokens']} tokens; wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from modelcypher.measure.diagnose import cli_diagnose
+    import json
 
-    return cli_diagnose(args)
+    from modelcypher.measure.diagnose import diagnose_config, finite, plot_heatmaps, render_table
+
+    report = diagnose_config(args.config, top_k=args.top_k, device=args.device)
+    for w in report["warnings"]:
+        print(f"modelcypher: warning: {w}", file=sys.stderr)
+    print(render_table(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+        print(f"wrote {path}")
+    if args.plot:
+        paths = plot_heatmaps(report, args.plot)
+        print(f"wrote {len(paths)} heatmaps into {args.plot}")
+    return 0
+
+
+# The alignment flags come from the fields of AlignOptions (modelcypher.options), one flag per field, so
+# each default and help text is stated once; a verb may spell a flag its own way (barrier --align, --probe).
+def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None = None,
+                     no_method: str | None = None) -> None:
+    """``no_method``: a first choice of ``method`` meaning "do not align", and the verb's default."""
+    from typing import Literal, get_args, get_origin
+
+    from modelcypher.options import AlignOptions
+
+    spelled = spelled or {}
+    for name, f in AlignOptions.model_fields.items():
+        flag = spelled.get(name, "--" + name.replace("_", "-"))
+        dest = "data_probe" if name == "data" else name
+        default = no_method if name == "method" and no_method else f.default
+        help_ = f.description + (f" (default {default})" if default not in (None, False) else "")
+        if f.annotation is bool:
+            p.add_argument(flag, dest=dest, action="store_true", help=help_)
+        elif get_origin(f.annotation) is Literal:
+            choices = ((no_method,) if name == "method" and no_method else ()) + get_args(f.annotation)
+            p.add_argument(flag, dest=dest, default=default, choices=choices, help=help_)
+        else:
+            kind = f.annotation if f.annotation in (int, float) else str
+            p.add_argument(flag, dest=dest, default=default, type=kind, metavar=name.upper(), help=help_)
+
+
+def _align_options(args: argparse.Namespace):
+    from modelcypher.options import AlignOptions
+
+    values = {n: getattr(args, "data_probe" if n == "data" else n) for n in AlignOptions.model_fields}
+    return AlignOptions.of(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,22 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model_b", help="the model to transform")
     a.add_argument("--to", required=True, dest="model_a", help="the model to align onto")
     a.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
-    a.add_argument("--method", choices=["weight", "activation", "learned"], default="weight",
-                   help="learned: weight matching, then the rotations refined on the midpoint's loss on --data "
-                   "(without --data, on text sampled from the two models)")
-    a.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto",
-                   help="the residual-stream transform (auto: orthogonal where exact, else permutation)")
-    a.add_argument("--data", help="probe text for --method activation (required) or learned (optional): training "
-                   "text, not held out")
-    a.add_argument("--vo", action="store_true", help="also match each head's V-O basis (weight matching)")
-    a.add_argument("--qk", action="store_true", help="also match each head's Q-K basis (weight matching; "
-                   "under RoPE a rotation of each rotary pair)")
-    a.add_argument("--max-sweeps", type=int, default=20)
-    a.add_argument("--restarts", type=int, default=1,
-                   help="weight matching: descents from this many visiting orders; the best objective wins")
-    a.add_argument("--steps", type=int, default=200, help="learned matching: Adam steps (default 200)")
-    a.add_argument("--lr", type=float, default=1e-3, help="learned matching: step size (default 1e-3)")
-    a.add_argument("--seed", type=int, default=0)
+    _add_align_flags(a)
     a.add_argument("--device", default="auto")
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(func=_align)
@@ -119,15 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model_a")
     b.add_argument("model_b")
     b.add_argument("--data", required=True, help="held-out text")
-    b.add_argument("--align", choices=["none", "weight", "activation", "learned"], default="none",
-                   help="also measure the pair after aligning B onto A")
-    b.add_argument("--residual", choices=["auto", "orthogonal", "permutation", "none"], default="auto")
-    b.add_argument("--vo", action="store_true", help="--align weight: also match each head's V-O basis")
-    b.add_argument("--qk", action="store_true", help="--align weight: also match each head's Q-K basis")
-    b.add_argument("--restarts", type=int, default=1, help="--align weight: descents from this many visiting "
-                   "orders; the best objective wins")
-    b.add_argument("--probe", help="probe text for --align activation (default: the held-out text) or learned "
-                   "(training text; default: text sampled from the two models, never the held-out text)")
+    _add_align_flags(b, {"method": "--align", "data": "--probe"}, no_method="none")
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
     b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
     b.add_argument("--plot", help="write a PNG plot here")
@@ -154,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _import_heavy() -> None:
     """Import torch and the package's core with Python's cyclic garbage collector paused, then freeze
     what they made out of its sight. Those imports make about a million long-lived objects, and every
-    full collection, during the imports and after, walks them all: a sixth of a 200M-parameter merge's
-    time on 2 cores. Later collections see only what the work itself makes."""
+    full collection, during the imports and after, walks them all. Later collections see only what the
+    work itself makes."""
     import gc
 
     was_enabled = gc.isenabled()

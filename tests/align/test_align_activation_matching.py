@@ -9,7 +9,7 @@ from tiny_models import VOCAB, tiny_model
 from modelcypher.align.activation_matching import match_activations
 from modelcypher.align.equivalence import build_model
 from modelcypher.align.transform import apply, fold_norms, random_alignment
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.errors import UserError
 
 

@@ -18,7 +18,8 @@ from modelcypher.align.transform import (
     scaled,
 )
 from modelcypher.align.weight_matching import match_weights
-from modelcypher.arch.symmetry import Slot, spec_for
+from modelcypher.arch.families import spec_for
+from modelcypher.arch.symmetry import Slot
 from modelcypher.errors import UserError
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert"]

@@ -8,7 +8,7 @@ from tiny_models import tiny_mlp, tiny_model
 
 from modelcypher.align.equivalence import NotEquivalentError, apply_verified, check_equivalent
 from modelcypher.align.transform import Alignment, apply, random_alignment
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.errors import UserError
 
 

@@ -7,7 +7,7 @@ from tiny_models import tiny_mlp, tiny_model
 
 from modelcypher.align.equivalence import check_equivalent
 from modelcypher.align.transform import apply, random_alignment
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.errors import UserError
 
 

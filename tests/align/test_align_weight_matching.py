@@ -16,7 +16,7 @@ from modelcypher.align.transform import (
     transform_tensor,
 )
 from modelcypher.align.weight_matching import Matcher, inner, match_weights, prepare, unit_rows
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.errors import UserError
 
 FAMILIES = ["llama", "qwen2", "gpt2", "bert", "mlp"]

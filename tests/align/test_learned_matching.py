@@ -9,9 +9,10 @@ from tiny_models import VOCAB, tiny_model
 from modelcypher.align import apply_verified, fold_norms, match_weights
 from modelcypher.align.learned_matching import match_learned
 from modelcypher.align.transform import rope_commuting
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.errors import UserError
-from modelcypher.measure.barrier import interpolate, lm_loss_fn, lm_states
+from modelcypher.hf import causal_lm as lm_states
+from modelcypher.measure.barrier import interpolate, lm_loss_fn
 
 
 def training_batches(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -16,7 +16,7 @@ from cli_util import run_cli, write_config
 from modelcypher.align import pipeline
 from modelcypher.align.equivalence import NotEquivalentError
 from modelcypher.align.transform import Alignment, apply, fold_norms, random_alignment
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.checkpoint import Checkpoint
 
 TEXT = "".join(f"{w} " for w in "to be or not to be that is the question whether tis nobler".split()) * 40
@@ -280,3 +280,23 @@ def test_merge_with_learned_alignment_runs_with_or_without_data(tmp_path, capsys
     rc, _, err = cli(capsys, "merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "m")
     assert rc == 0, err
     assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False  # folded
+
+
+def test_an_aligned_data_driven_merge_reuses_its_statistics(tmp_path):
+    """Statistics are cached by the user's models and the alignment's settings, not by the aligned copies'
+    temporary paths: the second identical merge computes nothing, and other settings compute anew."""
+    a = zoo_gpt2(tmp_path / "a")
+    b = permuted_copy(a, tmp_path / "b")
+    (tmp_path / "text.txt").write_text(TEXT)
+    cfg = {"merge_method": "fisher", "models": [{"model": str(a)}, {"model": str(b)}],
+           "parameters": {"data": str(tmp_path / "text.txt")}, "align": {"method": "weight", "residual": "permutation"}}
+    path = write_config(tmp_path / "m.yaml", cfg)
+    first = run_cli("merge", path, "-o", tmp_path / "out")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("computing fisher") == 2
+    again = run_cli("merge", path, "-o", tmp_path / "out", "--overwrite")
+    assert again.returncode == 0 and "computing" not in again.stdout, again.stdout + again.stderr
+    assert len(list((tmp_path / "out.stats").glob("fisher-*.safetensors"))) == 2
+    cfg["align"]["seed"] = 1  # another alignment: new statistics for the aligned model, not the reference
+    other = run_cli("merge", write_config(tmp_path / "m.yaml", cfg), "-o", tmp_path / "out", "--overwrite")
+    assert other.returncode == 0 and other.stdout.count("computing fisher") == 1, other.stdout + other.stderr

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from cli_util import run_cli
 from modelcypher.align.transform import apply, random_alignment
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.checkpoint import Checkpoint
 from modelcypher.errors import UserError
 from modelcypher.measure.barrier import barrier_curve, barrier_states, interpolate

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from modelcypher.align.rope import rope_pairs
 from modelcypher.align.solvers import ones_complement_basis
 from modelcypher.align.transform import (
     Alignment,
@@ -33,8 +34,9 @@ from modelcypher.align.transform import (
     materialize_tied,
     transform_state,
 )
-from modelcypher.arch.symmetry import spec_for
+from modelcypher.arch.families import spec_for
 from modelcypher.errors import UserError
+from modelcypher.hf import causal_lm, untied_model
 
 
 def skew(s: torch.Tensor) -> torch.Tensor:
@@ -43,8 +45,6 @@ def skew(s: torch.Tensor) -> torch.Tensor:
 
 def rope_mask(head_dim: int) -> torch.Tensor:
     """Generator entries ``(i, i + head_dim/2)``: their skew part generates rotations of the rotary pairs."""
-    from modelcypher.align.transform import rope_pairs
-
     mask = torch.zeros(head_dim, head_dim, dtype=torch.float64)
     i, j = rope_pairs(head_dim)
     mask[i, j] = 1.0
@@ -103,8 +103,6 @@ def match_learned(
     ``batches``: ``[batch, seq]`` token ids of training text (held-out text stays for the barrier).
     Returns the refined alignment and the loss per step.
     """
-    from modelcypher.measure.barrier import lm_states, untied_model
-
     spec = spec_for(config, sd_b.keys())
     q = init.transforms.get(spec.residual.name) if spec.residual is not None else None
     if q is None or is_perm(q):
@@ -123,7 +121,7 @@ def match_learned(
     rot = Rotations(start, spec.residual.name, spec.norm == "layernorm", bases)
 
     a_folded, config_a = fold_norms(sd_a, config)
-    model, a_full = lm_states(config_a, a_folded)
+    model, a_full = causal_lm(config_a, a_folded)
     holder = untied_model(model).to(device)
     for p in holder.parameters():
         p.requires_grad_(False)

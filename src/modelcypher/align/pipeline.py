@@ -12,7 +12,8 @@ layers must be equivalent too). Activation matching runs both models, so it hold
 
 from __future__ import annotations
 
-import argparse
+import json
+import math
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,10 @@ from pathlib import Path
 
 import torch
 
+from modelcypher.align.activation_matching import match_activations
+from modelcypher.align.equivalence import check_equivalent
+from modelcypher.align.learned_matching import match_learned
+from modelcypher.align.sampling import self_probes
 from modelcypher.align.transform import (
     Alignment,
     fold,
@@ -32,24 +37,25 @@ from modelcypher.align.transform import (
     validate,
     working_dtype,
 )
-from modelcypher.arch.families import family_of, layer_index, num_layers, with_layer
-from modelcypher.arch.symmetry import NormFold, SymmetrySpec, spec_for
+from modelcypher.align.weight_matching import match_weights, resolve_residual
+from modelcypher.arch.families import family_of, layer_index, num_layers, relayer_config, spec_for, with_layer
+from modelcypher.arch.symmetry import NormFold, SymmetrySpec
 from modelcypher.checkpoint import Checkpoint
 from modelcypher.checkpoint.reader import GENERATION_FILES, TOKENIZER_FILES
 from modelcypher.checkpoint.writer import ShardedWriter, atomic_dir
 from modelcypher.errors import UserError
+from modelcypher.hf import build_model, context_length, read_text, resolve_device, token_ids
+from modelcypher.options import AlignOptions
 
 MIN_PROBE_TOKENS = 512
+PROBE_CONTEXT = 256  # probe sequences are the model's context, at most this long
 PROBE_BATCH = 8  # probe sequences per batch (activation statistics, learned matching's steps)
-LEARN_STEPS, LEARN_LR = 200, 1e-3  # learned matching: Adam steps on the midpoint loss, and their size
 CHECK_PARAMS = 64_000_000  # parameters per equivalence-check chunk (besides embeddings and head)
 CHECK_VOCAB_ROWS = 4096  # vocabulary rows per check chunk; chunks take turns over the vocabulary
 # Logit tolerance (atol, rtol relative to the largest logit) of the equivalence check, by the storage
 # dtype: a permutation is exact in any dtype; a rotation rounds every weight back to its dtype.
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2),
              torch.bfloat16: (3e-2, 3e-2)}
-STRUCTURE_KEYS = ("num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "attention_bias",
-                  "mlp_bias", "n_inner", "intermediate_size", "sizes", "tie_word_embeddings")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -123,7 +129,7 @@ def check_pair(ck_a: Checkpoint, ck_b: Checkpoint) -> None:
     ta, tb = ck_a.config.get("model_type"), ck_b.config.get("model_type")
     if ta != tb:
         raise UserError(f"models differ in family: {ck_a.path} is {ta}, {ck_b.path} is {tb}")
-    for key in STRUCTURE_KEYS[:-1]:
+    for key in family_of(ck_a.config).structure_keys:
         if ck_a.config.get(key) != ck_b.config.get(key):
             raise UserError(f"models differ in config {key!r}: {ck_a.config.get(key)} in {ck_a.path}, "
                             f"{ck_b.config.get(key)} in {ck_b.path}")
@@ -148,41 +154,6 @@ def open_pair(model_b: str | Path, model_a: str | Path) -> tuple[Checkpoint, Che
 # ----------------------------------------------------------------------------- probe text
 
 
-def load_tokenizer(model_dir: Path):
-    """The tokenizer saved with a model (local files only)."""
-    from transformers import AutoTokenizer
-
-    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
-        raise UserError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...) to read "
-                        "the text with")
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as e:  # transformers raises many types for a broken tokenizer
-        raise UserError(f"{model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-
-
-def read_text(path: str | Path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such text file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: cannot read as UTF-8 text ({e})") from None
-
-
-def token_ids(model_dir: Path, text: str, max_tokens: int) -> torch.Tensor:
-    """``text`` in the tokens of the model's tokenizer, at most ``max_tokens`` of them (1-D long)."""
-    tok = load_tokenizer(model_dir)
-    ids = tok(text[: 8 * max_tokens], add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
-
-
-def context_length(config: dict, cap: int = 256) -> int:
-    n = config.get("max_position_embeddings") or config.get("n_positions") or cap
-    return min(int(n), cap)
-
-
 def probe_batches(ids: torch.Tensor, seq_len: int, batch_size: int = PROBE_BATCH) -> list[torch.Tensor]:
     rows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len) if len(ids) >= seq_len else ids[None]
     return list(rows.split(batch_size))
@@ -192,10 +163,7 @@ def sampled_probes(cks: tuple[Checkpoint, ...], max_tokens: int, seed: int,
                    device: str | torch.device = "cpu") -> torch.Tensor:
     """Probe sequences of the context length (at most 256), about ``max_tokens`` tokens in all, sampled
     from the models in equal shares (:mod:`.sampling`), each built in turn (float32, on ``device``)."""
-    from modelcypher.align.equivalence import build_model
-    from modelcypher.align.sampling import self_probes
-
-    length = context_length(cks[0].config)
+    length = context_length(cks[0].config, PROBE_CONTEXT)
 
     def models():
         for ck in cks:
@@ -215,71 +183,74 @@ def probe_units(spec: SymmetrySpec) -> int:
 # ----------------------------------------------------------------------------- matching
 
 
-def resolve(residual: str, spec: SymmetrySpec) -> str:
-    from modelcypher.align.weight_matching import resolve_residual
+def match_by_weights(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
+                     device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
+    """Git Re-Basin weight matching, reading each tensor from disk when it is needed."""
+    residual = resolve_residual(spec, opts.residual)
+    views = [CheckpointView(ck, spec, folded=residual == "orthogonal") for ck in (ck_b, ck_a)]
+    found = match_weights(*views, spec, residual=residual, vo=opts.vo, qk=opts.qk, max_sweeps=opts.max_sweeps,
+                          seed=opts.seed, restarts=opts.restarts, prepared=True)
+    return found, {"residual": residual, "objective": found.history, "sweeps": len(found.history) - 1}
 
-    return resolve_residual(spec, residual)
 
-
-def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, *, method: str, data: str | Path | None,
-          residual: str, max_sweeps: int, seed: int, device: str | torch.device, vo: bool = False,
-          qk: bool = False, restarts: int = 1, text: str | None = None, max_probe_tokens: int = 65536,
-          steps: int = LEARN_STEPS, lr: float = LEARN_LR) -> tuple[Alignment, dict]:
-    """Transforms bringing B onto A, and facts for the report. Activation and learned matching read their
-    text from the file ``data``, or take it as ``text``; ``steps`` and ``lr`` are learned matching's."""
-    from modelcypher.align.activation_matching import match_activations
-    from modelcypher.align.equivalence import build_model
-    from modelcypher.align.weight_matching import match_weights
-
-    residual = resolve(residual, spec)
-    if method == "weight":
-        folded = residual == "orthogonal"
-        views = [CheckpointView(ck, spec, folded=folded) for ck in (ck_b, ck_a)]
-        found = match_weights(*views, spec, residual=residual, vo=vo, qk=qk, max_sweeps=max_sweeps, seed=seed,
-                              restarts=restarts, prepared=True)
-        return found, {"residual": residual, "objective": found.history, "sweeps": len(found.history) - 1}
-    if method not in ("activation", "learned"):
-        raise UserError(f"alignment method must be weight, activation or learned, not {method!r}")
-    if spec.family == "modelcypher-mlp":
-        raise UserError(f"{method} matching of a modelcypher-mlp model needs feature vectors, not text: use "
-                        "--method weight, or modelcypher.align in Python")
-    if method == "learned" and residual != "orthogonal":
-        raise UserError(f"learned matching refines an orthogonal residual, which {spec.family} "
-                        f"{'does not admit' if not spec.residual_orthogonal_ok else 'was not given'} "
-                        f"(--residual {residual}): use --method weight")
-    if method == "learned":
-        from modelcypher.align.learned_matching import match_learned
-
-        if data is None and text is None:
-            rows = sampled_probes((ck_a, ck_b), max_probe_tokens, seed, device)
-            batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "text sampled from the two models"
-        else:
-            ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
-            batches, tokens, probes = probe_batches(ids, context_length(ck_a.config)), len(ids), "text"
-        init, facts = match(ck_b, ck_a, spec, method="weight", data=None, residual=residual,
-                            max_sweeps=max_sweeps, seed=seed, device=device, vo=True, qk=True,
-                            restarts=restarts)
-        sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
-        found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=steps, lr=lr, seed=seed,
-                                      device=device)
-        return found, {**facts, "tokens": tokens, "probes": probes, "steps": steps,
-                       "midpoint_loss": [losses[0], losses[-1]]}
-    ids = probe_ids(ck_a, spec, method, data, text, max_probe_tokens)
-    batches = probe_batches(ids, context_length(ck_a.config))
+def match_by_activations(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
+                         device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
+    """The same solves from activation statistics of both models on probe text."""
+    residual = resolve_residual(spec, opts.residual)
+    ids = probe_ids(ck_a, spec, opts, text)
+    batches = probe_batches(ids, context_length(ck_a.config, PROBE_CONTEXT))
     models = [build_model(ck.config, {n: ck.get(n) for n in ck.names}) for ck in (ck_b, ck_a)]
     model_spec = spec_for(ck_b.config, models[0].state_dict().keys())  # probes name modules
     found = match_activations(*models, model_spec, batches, device, residual=residual)
     return found, {"residual": residual, "tokens": len(ids)}
 
 
-def probe_ids(ck_a: Checkpoint, spec: SymmetrySpec, method: str, data: str | Path | None, text: str | None,
-              max_tokens: int) -> torch.Tensor:
+def match_by_learning(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
+                      device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
+    """Weight matching with every basis, then the rotations refined by Adam on the midpoint's loss, on
+    the probe text or, without one, on text sampled from the two models."""
+    residual = resolve_residual(spec, opts.residual)
+    if residual != "orthogonal":
+        raise UserError(f"learned matching refines an orthogonal residual, which {spec.family} "
+                        f"{'does not admit' if not spec.residual_orthogonal_ok else 'was not given'} "
+                        f"(--residual {opts.residual}): use --method weight")
+    if opts.data is None and text is None:
+        rows = sampled_probes((ck_a, ck_b), opts.probe_tokens, opts.seed, device)
+        batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "text sampled from the two models"
+    else:
+        ids = probe_ids(ck_a, spec, opts, text)
+        batches = probe_batches(ids, context_length(ck_a.config, PROBE_CONTEXT))
+        tokens, probes = len(ids), "text"
+    init, facts = match_by_weights(ck_b, ck_a, spec, opts.model_copy(update={"vo": True, "qk": True}), device)
+    sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
+    found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=opts.steps, lr=opts.lr,
+                                  seed=opts.seed, device=device)
+    return found, {**facts, "tokens": tokens, "probes": probes, "steps": opts.steps,
+                   "midpoint_loss": [losses[0], losses[-1]]}
+
+
+# One signature for every matcher: (B, A, spec, options, device, probe text or None) -> (Alignment, facts).
+MATCHERS = {"weight": match_by_weights, "activation": match_by_activations, "learned": match_by_learning}
+
+
+def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
+          device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
+    """Transforms bringing B onto A, and facts for the report. Activation and learned matching read their
+    probe text from the file ``opts.data``, or take it as ``text``."""
+    if opts.method != "weight" and family_of(ck_a.config).reads != "tokens":
+        raise UserError(f"{opts.method} matching of a {spec.family} model needs feature vectors, not text: use "
+                        "--method weight, or modelcypher.align in Python")
+    return MATCHERS[opts.method](ck_b, ck_a, spec, opts, device, text)
+
+
+def probe_ids(ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions, text: str | None) -> torch.Tensor:
     """The probe text in A's tokens; too little of it is a user error that says how much is needed."""
+    method, data = opts.method, opts.data
     if text is None:
         if not data:
             raise UserError(f"{method} matching needs probe text: pass --data text.txt")
         text = read_text(data)
-    ids = token_ids(ck_a.path, text, max_tokens)
+    ids = token_ids(ck_a.path, text, opts.probe_tokens)
     widest = probe_units(spec)
     need = max(MIN_PROBE_TOKENS, 2 * widest)
     if len(ids) < need:
@@ -298,8 +269,6 @@ def write_transformed(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, 
 
     Returns the written config (the head untied where folding made it differ from the embedding).
     """
-    import json
-
     spec = replace(spec, tied=spec_of(ck).tied)  # the pair's spec; whether the head is tied is ck's own
     validate(spec, alignment.transforms)
     q = alignment.transforms.get(spec.residual.name) if spec.residual is not None else None
@@ -337,13 +306,13 @@ def tolerance(ck: Checkpoint) -> tuple[float, float]:
 def check_chunks(ck: Checkpoint) -> list[list[int] | None]:
     """Groups of consecutive layers of about ``CHECK_PARAMS`` parameters; ``[None]``: the whole model."""
     depth = num_layers(ck.config)
-    if ck.config.get("model_type") == "modelcypher-mlp" or not depth:
+    if not depth:
         return [None]
     sizes = [0] * depth
     for n in ck.names:
         i = layer_index(n)
         if i is not None and i < depth:
-            sizes[i] += _numel(ck.shape(n))
+            sizes[i] += math.prod(ck.shape(n))
     if sum(sizes) <= CHECK_PARAMS:
         return [None]
     chunks: list[list[int]] = [[]]
@@ -355,13 +324,6 @@ def check_chunks(ck: Checkpoint) -> list[list[int] | None]:
         chunks[-1].append(i)
         total += s
     return chunks
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def sub_model(ck: Checkpoint, config: dict, layers: list[int] | None, rows: slice | None,
@@ -378,13 +340,7 @@ def sub_model(ck: Checkpoint, config: dict, layers: list[int] | None, rows: slic
         vocab_rows = rows is not None and n in vocab_names and ck.shape(n)[0] == config["vocab_size"]
         sd[n] = ck.get(n, rows if vocab_rows else None)  # only the rows: a slice would keep the whole
     if layers is not None:
-        depth = num_layers(config)
-        for key, v in list(config.items()):
-            if isinstance(v, list) and len(v) == depth and key != "architectures":
-                config[key] = [v[i] for i in layers]
-        for key in (family_of(config).num_layers_key, "num_hidden_layers", "n_layer"):
-            if key in config:
-                config[key] = len(layers)
+        config = relayer_config(config, layers)
     if rows is not None:
         config["vocab_size"] = rows.stop - rows.start
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -399,8 +355,6 @@ def verify(ck_before: Checkpoint, ck_after: Checkpoint, spec: SymmetrySpec, *, n
 
     Large models are checked a few layers at a time, each chunk with a slice of the vocabulary.
     """
-    from modelcypher.align.equivalence import check_equivalent
-
     atol, rtol = tolerance(ck_before)
     vocab = ck_before.config.get("vocab_size")
     vocab_names = set(family_of(ck_before.config).vocab_tensors) | set(spec.embedding_head or ())
@@ -451,29 +405,27 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 
-def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path, *, method: str = "weight",
-                     data: str | Path | None = None, residual: str = "auto", max_sweeps: int = 20,
-                     seed: int = 0, device: str | torch.device = "cpu", overwrite: bool = False,
-                     vo: bool = False, qk: bool = False, restarts: int = 1, steps: int = LEARN_STEPS,
-                     lr: float = LEARN_LR) -> dict:
+def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path,
+                     options: AlignOptions | None = None, *, device: str | torch.device = "cpu",
+                     overwrite: bool = False, **settings) -> dict:
     """Align checkpoint B onto A and write the aligned B to ``out``, a checkpoint of B's family computing
-    B's function (checked on random inputs before anything is moved into place).
+    B's function (checked on random inputs before anything is moved into place). ``options``, or its
+    fields as keywords (``method="learned", steps=100``), say how.
 
     Returns a report: the objective per sweep (weight matching), seconds, and the largest logit gap.
     """
+    opts = options or AlignOptions.of(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
     t0 = time.perf_counter()
     out = Path(out)
     ck_b, ck_a, spec = open_pair(model_b, model_a)
     check_output(out, [ck_a.path, ck_b.path], overwrite)
-    device = _device(device)
-    alignment, facts = match(ck_b, ck_a, spec, method=method, data=data, residual=residual,
-                             max_sweeps=max_sweeps, seed=seed, device=device, vo=vo, qk=qk, restarts=restarts,
-                             steps=steps, lr=lr)
+    device = resolve_device(device)
+    alignment, facts = match(ck_b, ck_a, spec, opts, device)
     t1 = time.perf_counter()
     gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite)
     return {
         "model_a": str(ck_a.path), "model_b": str(ck_b.path), "output": str(out), "family": spec.family,
-        "method": method, "device": str(device), **facts, "max_logit_gap": gap,
+        "method": opts.method, "device": str(device), **facts, "max_logit_gap": gap,
         "seconds": {"match": t1 - t0, **seconds, "total": time.perf_counter() - t0},
     }
 
@@ -488,79 +440,3 @@ def fold_checkpoint(model: str | Path, out: str | Path, *, overwrite: bool = Fal
         raise UserError(f"{ck.path}: {spec.family} has no norms to fold")
     identity = Alignment({res.name: torch.eye(res.size, dtype=torch.float64)})
     return write_verified(ck, spec, identity, Path(out), overwrite=overwrite)[0]
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from modelcypher.merging.run import resolve_device
-
-    return resolve_device(device)
-
-
-def align_for_merge(plan, workdir: Path, device: str | torch.device = "cpu"):
-    """Align every model of a merge plan onto its reference (the base, else the first model) into
-    ``workdir``; return the plan's config naming the aligned copies instead, with ``align`` removed.
-
-    With an orthogonal residual the aligned models have their norms folded, so the reference is written
-    folded too: every model then shares one parameterization, and averaging them is meaningful.
-    """
-    section = plan.config.align
-    ref = plan.reference
-    ref_ck = plan.models[ref]
-    workdir = Path(workdir)
-    paths = {i: str(ck.path.resolve()) for i, ck in enumerate(plan.models)}
-    orthogonal = False
-    data = section.data
-    if data is not None:  # relative to the working directory, else to the config's folder
-        from modelcypher.merging.plan import resolve_path
-
-        data = str(resolve_path(data, plan.config_dir, what="align data file"))
-    for i, ck in enumerate(plan.models):
-        if i == ref:
-            continue
-        out = workdir / f"{i:02d}-{ck.path.resolve().name}"
-        report = align_checkpoint(ck.path, ref_ck.path, out, method=section.method, data=data,
-                                  residual=section.residual, max_sweeps=section.max_sweeps, seed=section.seed,
-                                  device=device, vo=section.vo, qk=section.qk, restarts=section.restarts,
-                                  steps=section.steps,
-                                  lr=section.lr)
-        orthogonal |= report["residual"] == "orthogonal"
-        paths[i] = str(out.resolve())
-    if orthogonal:
-        out = workdir / f"{ref:02d}-{ref_ck.path.resolve().name}-folded"
-        fold_checkpoint(ref_ck.path, out)
-        paths[ref] = str(out.resolve())
-    rename = {name: paths[i] for i, name in enumerate(plan.names)}
-    cfg = plan.config.model_copy(deep=True)
-    cfg.align = None
-    if cfg.base_model is not None:
-        cfg.base_model = rename[cfg.base_model]
-    for e in cfg.models or []:
-        e.model = rename[e.model]
-    for sl in cfg.slices or []:
-        for s in sl.sources:
-            s.model = rename[s.model]
-    if cfg.tokenizer_source in rename:
-        cfg.tokenizer_source = rename[cfg.tokenizer_source]
-    return cfg
-
-
-def cli_align(args: argparse.Namespace) -> int:
-    report = align_checkpoint(args.model_b, args.model_a, args.output, method=args.method, data=args.data,
-                              residual=args.residual, max_sweeps=args.max_sweeps, seed=args.seed,
-                              device=args.device, overwrite=args.overwrite, vo=args.vo, qk=args.qk,
-                              restarts=args.restarts, steps=args.steps, lr=args.lr)
-    how = f"{report['method']} matching, residual {report['residual']}"
-    if "objective" in report:
-        h = report["objective"]
-        how += f", objective {h[0]:.6g} -> {h[-1]:.6g} in {report['sweeps']} sweeps"
-        if "midpoint_loss" in report:
-            m = report["midpoint_loss"]
-            how += (f", then midpoint loss {m[0]:.4f} -> {m[1]:.4f} in {report['steps']} steps on "
-                    f"{report['tokens']} tokens of {report['probes']}")
-    else:
-        how += f", {report['tokens']} probe tokens"
-    print(f"aligned {report['model_b']} onto {report['model_a']} ({how}); max logit gap "
-          f"{report['max_logit_gap']:.2g}; wrote {report['output']} in {report['seconds']['total']:.1f}s")
-    return 0

@@ -9,11 +9,14 @@ Permutations come back as index vectors: new unit ``i`` is old unit ``perm[i]``.
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
+
+from modelcypher.align.rope import rope_block, rope_pairs
 
 
 def solve_lap(m: torch.Tensor) -> torch.Tensor:
     """The permutation maximizing ``sum_i m[i, perm[i]]`` (exact linear assignment, Jonker-Volgenant)."""
+    from scipy.optimize import linear_sum_assignment  # on first use: scipy.optimize takes half a second to import
+
     # Negated here rather than by ``maximize=True``, which would copy the (f x f, float64) matrix again.
     cost = m.detach().cpu().to(torch.float64, copy=True).neg_()
     rows, cols = linear_sum_assignment(cost.numpy())
@@ -31,8 +34,6 @@ def procrustes(m: torch.Tensor) -> torch.Tensor:
 def rope_pair_terms(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m_ii + m_jj, m_ji - m_ij)`` for every rotary pair ``(i, j = i + hd/2)`` of each ``[hd, hd]``
     block of ``m``: ``<T, m>`` for a rotation by ``phi`` of each pair is ``sum cos(phi) c + sin(phi) s``."""
-    from modelcypher.align.transform import rope_pairs
-
     m = m.double()
     i, j = rope_pairs(m.shape[-1])
     return m[..., i, i] + m[..., j, j], m[..., j, i] - m[..., i, j]
@@ -42,8 +43,6 @@ def rope_procrustes(m: torch.Tensor) -> torch.Tensor:
     """For each ``[hd, hd]`` block of ``m``, the rotation of every rotary pair maximizing ``<T, m>``:
     ``phi = atan2(s, c)`` from :func:`rope_pair_terms`. The only orthogonal Q-K bases that commute with
     RoPE."""
-    from modelcypher.align.transform import rope_block
-
     phi = torch.atan2(*reversed(rope_pair_terms(m)))
     return rope_block(torch.cos(phi), torch.sin(phi))
 

@@ -8,8 +8,8 @@ Transforms, keyed by group name (``arch.symmetry``); a group left out keeps the 
 - ``qk`` groups: the same for ``B`` (``q' = B q``, ``k' = B^{-T} k``); under RoPE each ``B`` must be a
   scaled rotation of every rotary pair (``rope_commuting``).
 - ``residual``: a long tensor (a permutation, exact everywhere, no folding) or a float ``d x d``
-  orthogonal ``Q`` acting as ``x -> x Q`` on the residual stream (SYMMETRIES.md's convention). A matrix
-  triggers norm folding first; the LayerNorm family needs ``Q 1 = 1``; post-norm families refuse it.
+  orthogonal ``Q`` acting as ``x -> x Q`` on the residual stream (row vectors). A matrix triggers norm
+  folding first; the LayerNorm family needs ``Q 1 = 1``; post-norm families refuse it.
 
 Groups are applied in spec order, so a ``vo`` transform acts on heads already permuted by ``heads``.
 Arithmetic runs in ``working_dtype`` (float64; float32 for 16-bit tensors); each tensor goes back to its
@@ -25,8 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec, spec_for
+from modelcypher.align.rope import rope_block, rope_commuting, rope_pairs  # noqa: F401  (public here too)
+from modelcypher.align.solvers import ones_complement_basis
+from modelcypher.arch.families import spec_for
+from modelcypher.arch.symmetry import Group, Slot, SymmetrySpec
 from modelcypher.errors import UserError
 
 StateDict = dict[str, torch.Tensor]
@@ -44,15 +49,11 @@ class Alignment:
         return apply(state_dict, config, self)
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         tensors = {k: v.contiguous() for k, v in self.transforms.items()}
         save_file(tensors, str(path), metadata={"history": json.dumps(self.history)})
 
     @classmethod
     def load(cls, path: str | Path) -> Alignment:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             history = json.loads((f.metadata() or {}).get("history", "[]"))
             return cls({k: f.get_tensor(k) for k in f.keys()}, history)
@@ -121,30 +122,6 @@ def validate(spec: SymmetrySpec, transforms: Mapping[str, torch.Tensor]) -> None
                 raise UserError(f"residual transform must be an orthogonal {g.size}x{g.size} matrix")
             if spec.norm == "layernorm" and (q.sum(1) - 1).abs().max() > 1e-5:
                 raise UserError("LayerNorm residual transform must map the all-ones vector to itself")
-
-
-def rope_pairs(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotary pairs ``(i, i + head_dim/2)`` of HF's ``rotate_half``, as two index vectors."""
-    i = torch.arange(head_dim // 2)
-    return i, i + head_dim // 2
-
-
-def rope_block(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``[..., hd, hd]`` matrices acting on each rotary pair ``(x_i, x_j)`` as ``[[c, -s], [s, c]]``:
-    a scaled rotation, which commutes with the rotation RoPE applies to that pair."""
-    half = c.shape[-1]
-    i, j = rope_pairs(2 * half)
-    out = torch.zeros(*c.shape[:-1], 2 * half, 2 * half, dtype=c.dtype)
-    out[..., i, i], out[..., j, j], out[..., i, j], out[..., j, i] = c, c, -s, s
-    return out
-
-
-def rope_commuting(t: torch.Tensor, rtol: float = 1e-6) -> bool:
-    """Whether every matrix of ``t`` is ``rope_block`` of its own entries."""
-    t = t.double()
-    i, j = rope_pairs(t.shape[-1])
-    rebuilt = rope_block(t[..., i, i], t[..., j, i])
-    return bool(torch.allclose(t, rebuilt, rtol=0, atol=rtol * float(t.abs().max())))
 
 
 def check_tensors(sd: StateDict, spec: SymmetrySpec) -> None:
@@ -335,8 +312,6 @@ def random_alignment(
     ``vo``, ``qk``: ``"orthogonal"`` or ``"invertible"`` (well conditioned; under RoPE, Q-K bases are
     scaled rotations of the rotary pairs).
     """
-    from modelcypher.align.solvers import ones_complement_basis
-
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for g in spec.groups:

@@ -32,6 +32,17 @@ def _inside(root: Path, rel: str, what: str) -> Path:
     return p
 
 
+def resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path:
+    """A path as written in the config: relative to the working directory, else to the config's folder."""
+    for root in (Path.cwd(), config_dir):
+        if root is not None and (root / ref).exists():
+            return root / ref
+    where = f" (looked in {Path.cwd()}" + (f" and {config_dir})" if config_dir else ")")
+    if what != "model":
+        raise UserError(f"{what} {ref!r}: not found{where}")
+    raise UserError(f"model {ref!r}: no such local model directory{where}; downloads from a hub are not done")
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

@@ -39,19 +39,22 @@ vector is larger than the base itself (``FINETUNE_MAX_TASK_NORM`` 1.0: with equa
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modelcypher.arch.families import layer_index
 from modelcypher.errors import UserError
+from modelcypher.hf import resolve_device
 from modelcypher.measure.interference import NEGLIGIBLE, overlap_excess, recommend
+from modelcypher.measure.plot import pyplot
+from modelcypher.merging.config import parse_config
+from modelcypher.merging.plan import Plan, make_plan, resolve_name
 
 EXACT_SVD_MAX_DIM = 512  # exact SVD when min(m, n) <= this, randomized above
 RANDOMIZED_MAX_K = 256  # largest k measured on a randomized SVD
@@ -254,51 +257,27 @@ def diagnose_config(config: str | Path | dict, *, top_k: int | None = None, devi
     ``looks_like_finetune``), ``groups`` (one per layer, then ``embeddings/head``), ``overall``,
     ``tensors`` (per 2-D weight), ``recommendation`` (``method``, ``reason``), ``warnings``, ``notes``.
     """
-    from modelcypher.api import plan_merge
-    from modelcypher.merging.config import parse_config
-    from modelcypher.merging.plan import _resolve_name
-    from modelcypher.merging.run import resolve_device
-
     if top_k is not None and top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     dev = resolve_device(device)
-    if not parse_config(config).base_model:  # before planning, which may ask for a base in its own words
-        raise UserError("diagnose needs a base_model in the config: task vectors are the models minus the base")
-    plan = plan_merge(config)
-    cfg = plan.config
-    base_i = plan.names.index(cfg.base_model)
-    base_ck = plan.models[base_i]
-    model_is = sorted({mi for t in plan.tasks for mi, _ in t.sources if mi != base_i})
-    if not model_is:
-        raise UserError("diagnose needs at least one model besides the base_model")
+    plan, base_i, model_is = _plan(config)
     all_labels = _labels(plan.names)
     labels = {mi: all_labels[mi] for mi in model_is}
 
-    overall = _Acc()
-    groups: dict[str, _Acc] = {}
-    tensors: list[dict[str, Any]] = []
-    notes: list[str] = []
-    seen: set[tuple] = set()
-    skipped: list[str] = []
+    overall, groups, tensors, notes = _Acc(), {}, [], []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(0)
-        for task in plan.tasks:
-            if task.copy:
-                continue
-            sources = [(mi, n) for mi, n in task.sources if mi != base_i]
-            base_src = task.base
-            if base_src is None:  # a method that takes no base: the base's tensor of the same name
-                rn = _resolve_name(base_ck, task.name)
-                base_src = (base_i, rn) if rn is not None else None
-            if base_src is None or not sources:
-                skipped.append(task.name)
-                continue
-            key = (base_src, tuple(sources), task.shape)
-            if key in seen:  # a tied head reads the embedding: count it once
-                continue
-            seen.add(key)
-            _one_tensor(plan, task, sources, base_src, dev, top_k, svd_exact_max_dim, labels,
-                        overall, groups, tensors)
+        pairs, skipped = _task_vector_pairs(plan, base_i)
+        for task, sources, base_src in pairs:
+            group, exact, two_d = _tensor_figures(plan, task, sources, base_src, dev, top_k, svd_exact_max_dim)
+            for acc in (overall, groups.setdefault(group, _Acc())):
+                acc.add_exact(*exact)
+                if two_d is not None:
+                    acc.add_2d(*two_d["add"])
+            if two_d is not None:
+                row = two_d["row"]
+                row["per_model"] = {labels[mi]: v for mi, v in row["per_model"].items()}
+                tensors.append(row)
     if skipped:
         notes.append(f"{len(skipped)} tensor(s) without a counterpart in the base were skipped "
                      f"(first: {skipped[0]})")
@@ -310,52 +289,21 @@ def diagnose_config(config: str | Path | dict, *, top_k: int | None = None, devi
     def order(g: str) -> tuple:
         return (1, 0) if g == OTHER_GROUP else (0, int(g.split()[-1]))
 
-    group_rows = []
-    for g in sorted(groups, key=order):
-        row = {"group": g, "layer": None if g == OTHER_GROUP else int(g.split()[-1])}
-        row.update(groups[g].result(labels))
-        group_rows.append(row)
+    group_rows = [{"group": g, "layer": None if g == OTHER_GROUP else int(g.split()[-1]), **groups[g].result(labels)}
+                  for g in sorted(groups, key=order)]
     over = overall.result(labels)
-
-    warnings: list[str] = []
-    per_model = {}
-    base_label = all_labels[base_i]
-    for mi in model_is:
-        fig = dict(over["per_model"][labels[mi]])
-        ok = fig["weight_cosine"] >= FINETUNE_MIN_COSINE and fig["task_norm_ratio"] <= FINETUNE_MAX_TASK_NORM
-        fig["looks_like_finetune"] = ok
-        per_model[labels[mi]] = fig
-        if not ok:
-            warnings.append(f"model {labels[mi]} does not look like a fine-tune of base {base_label}: weight "
-                            f"cosine {fig['weight_cosine']:.2f}, task-vector norm {fig['task_norm_ratio']:.2f}x "
-                            f"the base's (weight norm {fig['weight_norm_ratio']:.2f}x); a fine-tune has cosine "
-                            f"near 1 and a small task vector, so its task vector is mostly noise")
-        else:
-            bad = [r["group"] for r in group_rows if labels[mi] in r["per_model"]
-                   and (r["per_model"][labels[mi]]["weight_cosine"] < FINETUNE_MIN_COSINE
-                        or r["per_model"][labels[mi]]["task_norm_ratio"] > FINETUNE_MAX_TASK_NORM)]
-            if bad:
-                warnings.append(f"model {labels[mi]} looks like a fine-tune of base {base_label} overall, but not "
-                                f"in {', '.join(bad)} (weight cosine < {FINETUNE_MIN_COSINE} or task-vector "
-                                f"norm > {FINETUNE_MAX_TASK_NORM}x the base's there)")
-
-    if len(model_is) < 2:
-        rec = ("task_arithmetic", "only one task vector: there is nothing for it to interfere with, so any "
-               "method reduces to scaling it")
-    else:
-        rec = recommend({k: v for k, v in over.items() if isinstance(v, float)})
-        if any(not f["looks_like_finetune"] for f in per_model.values()):
-            rec = (rec[0], rec[1] + "; but see the warnings: not every model is a fine-tune of the base, "
-                   "so the figures describe unrelated weights")
+    per_model, warnings = _fine_tune_checks(over, group_rows, labels, all_labels[base_i])
+    rec = _recommendation(over, per_model)
     if rec[0] != plan.method.name:
         notes.append(f"the config asks for {plan.method.name}; the figures favour {rec[0]}")
     notes.append("no probe data is collected by diagnose, so the data-driven methods (regmean, null_space) "
                  "are not considered")
+    cfg = plan.config
     return {
         "config": str(config) if isinstance(config, (str, Path)) else None,
         "base": cfg.base_model,
         "models": [plan.names[mi] for mi in model_is],
-        "labels": {plan.names[mi]: labels[mi] for mi in model_is} | {cfg.base_model: base_label},
+        "labels": {plan.names[mi]: labels[mi] for mi in model_is} | {cfg.base_model: all_labels[base_i]},
         "method": plan.method.name,
         "device": str(dev),
         "top_k": top_k,
@@ -373,7 +321,83 @@ def diagnose_config(config: str | Path | dict, *, top_k: int | None = None, devi
     }
 
 
-def _one_tensor(plan, task, sources, base_src, dev, top_k, exact_max_dim, labels, overall, groups, tensors):
+def _plan(config: str | Path | dict) -> tuple[Plan, int, list[int]]:
+    """The config planned as for a merge; the base's index and the other models' indices."""
+    cfg = parse_config(config)
+    if not cfg.base_model:  # before planning, which may ask for a base in its own words
+        raise UserError("diagnose needs a base_model in the config: task vectors are the models minus the base")
+    config_dir = Path(config).parent if isinstance(config, (str, Path)) and Path(config).is_file() else None
+    plan = make_plan(cfg, config_dir=config_dir)
+    base_i = plan.names.index(cfg.base_model)
+    model_is = sorted({mi for t in plan.tasks for mi, _ in t.sources if mi != base_i})
+    if not model_is:
+        raise UserError("diagnose needs at least one model besides the base_model")
+    return plan, base_i, model_is
+
+
+def _task_vector_pairs(plan: Plan, base_i: int) -> tuple[list[tuple], list[str]]:
+    """Per merged tensor: ``(task, the models' sources, the base's source)``, each tensor once (a tied
+    head reads the embedding); and the names of tensors the base has no counterpart of."""
+    pairs, seen, skipped = [], set(), []
+    for task in plan.tasks:
+        if task.copy:
+            continue
+        sources = [(mi, n) for mi, n in task.sources if mi != base_i]
+        base_src = task.base
+        if base_src is None:  # a method that takes no base: the base's tensor of the same name
+            rn = resolve_name(plan.models[base_i], task.name)
+            base_src = (base_i, rn) if rn is not None else None
+        if base_src is None or not sources:
+            skipped.append(task.name)
+            continue
+        key = (base_src, tuple(sources), task.shape)
+        if key not in seen:
+            seen.add(key)
+            pairs.append((task, sources, base_src))
+    return pairs, skipped
+
+
+def _fine_tune_checks(over: dict, group_rows: list[dict], labels: dict[int, str],
+                      base_label: str) -> tuple[dict, list[str]]:
+    """Per model, whether it looks like a fine-tune of the base (overall and per group), with warnings."""
+    warnings: list[str] = []
+    per_model = {}
+    for label in labels.values():
+        fig = dict(over["per_model"][label])
+        ok = fig["weight_cosine"] >= FINETUNE_MIN_COSINE and fig["task_norm_ratio"] <= FINETUNE_MAX_TASK_NORM
+        fig["looks_like_finetune"] = ok
+        per_model[label] = fig
+        if not ok:
+            warnings.append(f"model {label} does not look like a fine-tune of base {base_label}: weight "
+                            f"cosine {fig['weight_cosine']:.2f}, task-vector norm {fig['task_norm_ratio']:.2f}x "
+                            f"the base's (weight norm {fig['weight_norm_ratio']:.2f}x); a fine-tune has cosine "
+                            f"near 1 and a small task vector, so its task vector is mostly noise")
+            continue
+        bad = [r["group"] for r in group_rows if label in r["per_model"]
+               and (r["per_model"][label]["weight_cosine"] < FINETUNE_MIN_COSINE
+                    or r["per_model"][label]["task_norm_ratio"] > FINETUNE_MAX_TASK_NORM)]
+        if bad:
+            warnings.append(f"model {label} looks like a fine-tune of base {base_label} overall, but not "
+                            f"in {', '.join(bad)} (weight cosine < {FINETUNE_MIN_COSINE} or task-vector "
+                            f"norm > {FINETUNE_MAX_TASK_NORM}x the base's there)")
+    return per_model, warnings
+
+
+def _recommendation(over: dict, per_model: dict) -> tuple[str, str]:
+    if len(per_model) < 2:
+        return ("task_arithmetic", "only one task vector: there is nothing for it to interfere with, so any "
+                "method reduces to scaling it")
+    rec = recommend({k: v for k, v in over.items() if isinstance(v, float)})
+    if any(not f["looks_like_finetune"] for f in per_model.values()):
+        rec = (rec[0], rec[1] + "; but see the warnings: not every model is a fine-tune of the base, "
+               "so the figures describe unrelated weights")
+    return rec
+
+
+def _tensor_figures(plan: Plan, task, sources: list[tuple[int, str]], base_src: tuple[int, str],
+                    dev: torch.device, top_k: int | None, exact_max_dim: int) -> tuple[str, tuple, dict | None]:
+    """One tensor's figures: its group, the arguments of ``_Acc.add_exact``, and for a weight of two or
+    more dimensions ``{"add": arguments of _Acc.add_2d, "row": its row of the report}`` (else None)."""
     def load(mi: int, name: str) -> torch.Tensor:
         x = plan.models[mi].get(name, slice(0, task.shape[0]) if task.shape else None)  # vocabulary cut
         return x.to(device=dev, dtype=torch.float32)
@@ -393,11 +417,9 @@ def _one_tensor(plan, task, sources, base_src, dev, top_k, exact_max_dim, labels
     del base
     layer = layer_index(task.name)
     group = OTHER_GROUP if layer is None else f"layer {layer}"
-    acc = groups.setdefault(group, _Acc())
-    for a in (overall, acc):
-        a.add_exact(mis, taus, base_sq, x_sq, xb)
+    exact = (mis, taus, base_sq, x_sq, xb)
     if taus[0].dim() < 2:
-        return
+        return group, exact, None
     mats = [t.reshape(t.shape[0], -1) for t in taus]
     m, n = mats[0].shape
     t_count = len(mats)
@@ -416,15 +438,13 @@ def _one_tensor(plan, task, sources, base_src, dev, top_k, exact_max_dim, labels
     if pair_overlap:
         figs["subspace_overlap"] = _mean(pair_overlap.values())
         figs["subspace_overlap_chance"] = 0.5 * (min(k_used, m) / m + min(k_used, n) / n)
-    for a in (overall, acc):
-        a.add_2d(m * n, figs, pair_overlap, per_model)
     row = {"name": task.name, "group": group, "shape": [m, n], "k": k_used, "exact_svd": specs[0].exact, **figs}
     if t_count >= 2:
         cos = [_dot(taus[a], taus[b]) / math.sqrt(_dot(taus[a], taus[a]) * _dot(taus[b], taus[b]) or 1.0)
                for a in range(t_count) for b in range(a + 1, t_count)]
         row["cosine"] = _mean(cos)
-    row["per_model"] = {labels[mi]: v for mi, v in per_model.items()}
-    tensors.append(row)
+    row["per_model"] = per_model
+    return group, exact, {"add": (m * n, figs, pair_overlap, per_model), "row": row}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,11 +502,7 @@ def plot_heatmaps(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """PNG heatmaps into ``out_dir`` (created): per group × model pair the task-vector cosine and the
     subspace overlap, per group × model the effective rank and top-k energy, per group × model the
     fine-tune check (weight cosine, task-vector norm), and per group × figure a summary. Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = report["groups"]
@@ -496,8 +512,6 @@ def plot_heatmaps(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     written = []
 
     def heat(ax, data, xlabels, title, vmin=None, vmax=None, cmap="viridis"):
-        import numpy as np
-
         arr = np.array([[np.nan if v is None else v for v in row] for row in data], dtype=float)
         im = ax.imshow(arr, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right", fontsize=8)
@@ -546,31 +560,15 @@ def plot_heatmaps(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def cli_diagnose(args) -> int:
-    report = diagnose_config(args.config, top_k=args.top_k, device=args.device)
-    for w in report["warnings"]:
-        print(f"modelcypher: warning: {w}", file=sys.stderr)
-    print(render_table(report))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {path}")
-    if args.plot:
-        paths = plot_heatmaps(report, args.plot)
-        print(f"wrote {len(paths)} heatmaps into {args.plot}")
-    return 0
-
-
-def _finite(x: Any) -> Any:
+def finite(x: Any) -> Any:
     """Strict JSON: a non-finite float (a zero base norm) becomes null."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite(v) for v in x]
     return x
 
 
-__all__ = ["diagnose_config", "render_table", "plot_heatmaps", "cli_diagnose"]
+__all__ = ["diagnose_config", "finite", "plot_heatmaps", "render_table"]

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelcypher.errors import UserError
+from modelcypher.options import AlignOptions
 
 Scalar = Union[float, int, bool, str]  # noqa: UP007  (pydantic reads the union order)
 Gradient = list[float]
@@ -76,27 +77,6 @@ class Slice(Strict):
         return self
 
 
-class AlignSection(Strict):
-    """Align every model onto the base (or the first model) before the merge method runs."""
-
-    method: Literal["weight", "activation", "learned"] = "weight"
-    data: str | None = None  # probe text: activation matching needs it; learned matching samples its own without
-    residual: Literal["auto", "orthogonal", "permutation", "none"] = "auto"
-    max_sweeps: int = Field(default=20, ge=1)
-    seed: int = 0
-    vo: bool = False  # weight matching: also each head's V-O basis
-    qk: bool = False  # weight matching: also each head's Q-K basis
-    restarts: int = Field(default=1, ge=1)  # weight matching: descents from other visiting orders
-    steps: int = Field(default=200, ge=1)  # learned matching
-    lr: float = Field(default=1e-3, gt=0)
-
-    @model_validator(mode="after")
-    def _data(self) -> AlignSection:
-        if self.method == "activation" and not self.data:
-            raise ValueError(f"align: method {self.method} needs data (a probe text file)")
-        return self
-
-
 class MergeConfig(Strict):
     merge_method: str
     base_model: str | None = None
@@ -107,7 +87,7 @@ class MergeConfig(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None
-    align: AlignSection | None = None
+    align: AlignOptions | None = None  # align every model onto the base (or the first) before merging
     name: str | None = None
 
     @model_validator(mode="before")
@@ -123,6 +103,8 @@ class MergeConfig(Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
+        if self.align is not None and self.align.method == "activation" and not self.align.data:
+            raise ValueError(f"align: method {self.align.method} needs data (a probe text file)")
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.layer_pattern is not None:

@@ -3,6 +3,7 @@ parameters. Only headers are read here; every user mistake surfaces before any t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcypher.arch.families import family_of, layer_index, num_layers, ties_embeddings, with_layer
+from modelcypher.arch.families import (
+    family_of,
+    layer_index,
+    num_layers,
+    relayer_config,
+    ties_embeddings,
+    with_layer,
+)
 from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
 from modelcypher.merging.registry import REQUIRED, Method, get_method
@@ -30,9 +39,9 @@ class TensorTask:
     copy: bool = False  # integer/bool buffers: copied from the first source, never merged
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    config: MergeConfig
+    config: MergeConfig  # the config as the user gave it (the model card records it)
     method: Method
     models: list[Checkpoint]  # index -> checkpoint; names as written in the config in `names`
     names: list[str]
@@ -44,21 +53,13 @@ class Plan:
     data: dict[int, Path] = field(default_factory=dict)  # model index -> its text, for data statistics
     reports: dict[str, dict] = field(default_factory=dict)  # per-tensor figures from the method, after a run
     config_dir: Path | None = None  # where relative paths in the config also resolve
+    # model index -> what the model is made from (the user's checkpoint and, when the merge aligned it
+    # first, the alignment's settings): what statistics are cached by
+    provenance: list[dict] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize for t in self.tasks)
-
-
-def resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path:
-    """A path as written in the config: relative to the working directory, else to the config's folder."""
-    for root in (Path.cwd(), config_dir):
-        if root is not None and (root / ref).exists():
-            return root / ref
-    where = f" (looked in {Path.cwd()}" + (f" and {config_dir})" if config_dir else ")")
-    if what != "model":
-        raise UserError(f"{what} {ref!r}: not found{where}")
-    raise UserError(f"model {ref!r}: no such local model directory{where}; downloads from a hub are not done")
+        return sum(math.prod(t.shape) * t.dtype.itemsize for t in self.tasks)
 
 
 def _value_at(value: Any, layer: int | None, depth: int, before_layers: bool) -> Any:
@@ -105,7 +106,7 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
                 raise UserError(f"merge_method {method.name} needs parameter {key!r} (missing for {missing[0]})")
 
 
-def _resolve_name(ck: Checkpoint, name: str) -> str | None:
+def resolve_name(ck: Checkpoint, name: str) -> str | None:
     """The tensor that transformers would load for `name`: a tied head reads the input embedding."""
     if name in ck:
         return name
@@ -123,144 +124,178 @@ class _Block:
     sources: tuple[tuple[ModelEntry, int], ...]
 
 
-def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_vocab: bool = False) -> Plan:
+def check_config(cfg: MergeConfig) -> Method:
+    """What can be checked without opening a model: the method, its base and its parameters."""
     method = get_method(cfg.merge_method)
-    names = cfg.model_names()
-    models = [Checkpoint(resolve_path(n, config_dir)) for n in names]
-    idx = {n: i for i, n in enumerate(names)}
-    _check_family(models, names)
-
-    if cfg.slices is not None or cfg.layer_pattern is not None:
-        blocks, entries = _blocks(cfg, models, idx)
-    else:
-        blocks, entries = None, list(cfg.models or [])
-    base = idx[cfg.base_model] if cfg.base_model else None
-    if method.base == "required" and base is None:
+    if method.base == "required" and cfg.base_model is None:
         raise UserError(f"merge_method {method.name} needs a base_model")
-    uses_base = method.base != "none" and base is not None
-    _check_params(method, cfg, entries)
-    if method.base == "optional" and base is None and cfg.parameters.get("lambda", 1.0) != 1.0:
+    _check_params(method, cfg, _entries(cfg))
+    if method.base == "optional" and cfg.base_model is None and cfg.parameters.get("lambda", 1.0) != 1.0:
         # lambda scales a merge from its base (task arithmetic's convention): refused before any work
         raise UserError(f"merge_method {method.name}: lambda scales the merge from the base, which needs a base_model")
+    return method
 
+
+def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_vocab: bool = False,
+              as_given: MergeConfig | None = None, names: list[str] | None = None,
+              provenance: list[dict] | None = None) -> Plan:
+    """Plan every output tensor of ``cfg`` from the headers of its models.
+
+    ``as_given``, ``names`` and ``provenance``: what the user wrote, when ``cfg`` names other checkpoints
+    standing in for the user's models (e.g. aligned copies), for the model card, messages and caches.
+    """
+    method = check_config(cfg)
+    refs = cfg.model_names()
+    models = [Checkpoint(resolve_path(n, config_dir)) for n in refs]
+    names = names or refs
+    idx = {n: i for i, n in enumerate(refs)}
+    _check_family(models, names)
+    entries = _entries(cfg)
+    base = idx[cfg.base_model] if cfg.base_model else None
+    uses_base = method.base != "none" and base is not None
     ref = base if base is not None else idx[entries[0].model]
-    if cfg.tokenizer_source in (None, "base"):
-        tok = ref
-    elif cfg.tokenizer_source in idx:
-        tok = idx[cfg.tokenizer_source]
-    else:
-        raise UserError(f"tokenizer_source {cfg.tokenizer_source!r}: not 'base' nor one of the models {names}")
+    tok = _tokenizer_source(cfg, idx, ref, refs)
 
     ref_ck = models[ref]
     out_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or _model_dtype(ref_ck)
-    out_config = dict(ref_ck.config)
-    notes: list[str] = []
+    out_names, out_config, notes = _outputs(models, names, ref)
+    layers, depth = _layer_plan(cfg, models, idx, out_names, out_config, base, uses_base)
 
-    # Which output tensors exist: the reference's; the head is untied unless every model ties it.
+    family = family_of(ref_ck.config)
+    vocab = set(family.vocab_tensors)
+    embeds = {inp for inp, _ in family.tied} | {v for v in vocab if "embed" in v or "wte" in v}
+    tasks, trunc_rows = [], None
+    for out_n, layer, srcs, base_n in layers:
+        srcs = [(e, n) for e, n in srcs if not (uses_base and idx[e.model] == base)]
+        before = out_n in embeds or "embed" in out_n or ".wpe." in out_n
+        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, before, family.conv1d)
+        sources = [(idx[e.model], _find(models[idx[e.model]], n, f"model {e.model}")) for e, n in srcs]
+        base_src = (base, _find(models[base], base_n, f"base model {names[base]}")) if uses_base else None
+        _check_count(method, len(sources))
+        task, rows = _task(out_n, sources, base_src, params, models, names, ref, out_n in vocab, truncate_vocab,
+                           out_dtype)
+        trunc_rows = rows or trunc_rows
+        tasks.append(task)
+    if trunc_rows is not None:
+        out_config["vocab_size"] = trunc_rows
+        notes.append(f"vocabulary truncated to the first {trunc_rows} rows")
+    _set_dtype(out_config, out_dtype)
+    data = _data_files(cfg, method, entries, idx, base if uses_base else None, config_dir)
+    provenance = provenance or [{"model": str(ck.path.resolve())} for ck in models]
+    return Plan(as_given or cfg, method, models, names, tasks, out_config, ref, tok, notes, data,
+                config_dir=config_dir, provenance=provenance)
+
+
+def _entries(cfg: MergeConfig) -> list[ModelEntry]:
+    """The config's model entries: its models, or every source of its slices."""
+    if cfg.slices is not None:
+        return [s for sl in cfg.slices for s in sl.sources]
+    return list(cfg.models or [])
+
+
+def _tokenizer_source(cfg: MergeConfig, idx: dict[str, int], ref: int, refs: list[str]) -> int:
+    if cfg.tokenizer_source in (None, "base"):
+        return ref
+    if cfg.tokenizer_source in idx:
+        return idx[cfg.tokenizer_source]
+    raise UserError(f"tokenizer_source {cfg.tokenizer_source!r}: not 'base' nor one of the models {refs}")
+
+
+def _outputs(models: list[Checkpoint], names: list[str], ref: int) -> tuple[list[str], dict, list[str]]:
+    """Which output tensors exist (the reference's; the head is untied unless every model ties it), the
+    output config to start from, and notes for the user."""
+    ref_ck = models[ref]
     for i, ck in enumerate(models):
         for n in ck.names:
-            if _resolve_name(ref_ck, n) is None:
+            if resolve_name(ref_ck, n) is None:
                 raise UserError(f"tensor {n!r} is in model {names[i]} but missing from {names[ref]}")
-    out_names = list(ref_ck.names)
+    out_names, out_config, notes = list(ref_ck.names), dict(ref_ck.config), []
     if family_of(ref_ck.config).tied and not all(ties_embeddings(ck.config) for ck in models):
         for inp, out in family_of(ref_ck.config).tied:
             if out not in out_names and inp in out_names:
                 out_names.append(out)
                 notes.append(f"{out} written untied: not every model ties it to {inp}")
         out_config["tie_word_embeddings"] = False
+    return out_names, out_config, notes
 
-    depth = num_layers(ref_ck.config) or 0
-    layer_plan: list[tuple[str, int | None, list[tuple[ModelEntry, str]], str | None]] = []
-    if blocks is None:
-        for n in out_names:
-            layer_plan.append((n, layer_index(n), [(e, n) for e in entries], n if uses_base else None))
-    else:
-        depth = sum(b.length for b in blocks)
-        # Tensors outside the layers come from the base model when the method has no use for a base
-        # (passthrough), else they are merged over the first block's models.
-        outside = ([ModelEntry(model=cfg.base_model)] if base is not None and not uses_base
-                   else [e for e, _ in blocks[0].sources])
-        for n in out_names:
-            if layer_index(n) is None:
-                srcs = [(e, n) for e in outside]
-                layer_plan.append((n, None, srcs, n if uses_base else None))
-        src_layers = []  # the source layer behind each output layer
-        for b in blocks:
-            e0, s0 = b.sources[0]
-            template = models[idx[e0.model]]
-            for k in range(b.length):
-                src_names = [t for t in template.names if layer_index(t) == s0 + k]
-                for t in src_names:
-                    out_n = with_layer(t, b.out_start + k)
-                    srcs = [(e, with_layer(t, s + k)) for e, s in b.sources]
-                    base_n = None
-                    if uses_base:
-                        bs = [s for e, s in b.sources if idx[e.model] == base]
-                        base_n = with_layer(t, (bs[0] if bs else s0) + k)
-                    layer_plan.append((out_n, b.out_start + k, srcs, base_n))
-                src_layers.append(s0 + k)
-        _relayer_config(out_config, ref_ck.config, src_layers)
 
-    tasks = []
-    vocab = set(family_of(ref_ck.config).vocab_tensors)
-    trunc_rows: int | None = None
-    fam_embeds = {inp for inp, _ in family_of(ref_ck.config).tied} | {
-        v for v in vocab if "embed" in v or "wte" in v}
-    for out_n, layer, srcs, base_n in layer_plan:
-        srcs = [(e, n) for e, n in srcs if not (uses_base and idx[e.model] == base)]
-        before = out_n in fam_embeds or "embed" in out_n or ".wpe." in out_n
-        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, before,
-                              family_of(ref_ck.config).conv1d)
-        sources = []
-        for e, n in srcs:
-            mi = idx[e.model]
-            rn = _resolve_name(models[mi], n)
-            if rn is None:
-                raise UserError(f"tensor {n!r} is missing from model {e.model}")
-            sources.append((mi, rn))
-        base_src = None
-        if uses_base:
-            rn = _resolve_name(models[base], base_n)
-            if rn is None:
-                raise UserError(f"tensor {base_n!r} is missing from base model {names[base]}")
-            base_src = (base, rn)
-        if len(sources) < method.min_models or (method.max_models and len(sources) > method.max_models):
-            want = (f"exactly {method.min_models}" if method.min_models == method.max_models
-                    else f"at least {method.min_models}")
-            raise UserError(f"merge_method {method.name} merges {want} model(s) besides the base; "
-                            f"got {len(sources)}")
-        everyone = sources + ([base_src] if base_src else [])
-        shapes = {(mi, models[mi].shape(n)) for mi, n in everyone}
-        rows = None
-        if len({s for _, s in shapes}) > 1:
-            pair = [(names[mi], list(s)) for mi, s in sorted(shapes)]
-            if out_n in vocab and len({s[1:] for _, s in shapes}) == 1:
-                ref_rows = models[ref].shape(_resolve_name(models[ref], out_n) or out_n)[0]
-                if not truncate_vocab:
-                    raise UserError(f"vocabulary sizes differ: tensor {out_n!r} has "
-                                    + ", ".join(f"{s[0]} rows in {n}" for n, s in pair)
-                                    + f"; pass --truncate-vocab to keep the first {ref_rows} rows "
-                                      f"(the vocabulary of {names[ref]})")
-                short = [n for n, s in pair if s[0] < ref_rows]
-                if short:
-                    raise UserError(f"--truncate-vocab: {short[0]} has fewer rows than {names[ref]} "
-                                    f"in tensor {out_n!r}; cannot truncate up")
-                rows = trunc_rows = ref_rows
-            else:
-                raise UserError(f"tensor {out_n!r} has different shapes: "
-                                + ", ".join(f"{n} {s}" for n, s in pair))
-        shape0 = models[everyone[0][0]].shape(everyone[0][1])
-        shape = ((rows,) + tuple(shape0[1:])) if rows else tuple(shape0)
-        in_dtype = models[everyone[0][0]].dtype(everyone[0][1])
-        copy = not in_dtype.is_floating_point
-        tasks.append(TensorTask(out_n, tuple(sources), base_src, params, shape,
-                                in_dtype if copy else out_dtype, copy))
-    if trunc_rows is not None:
-        out_config["vocab_size"] = trunc_rows
-        notes.append(f"vocabulary truncated to the first {trunc_rows} rows")
-    _set_dtype(out_config, out_dtype)
-    data = _data_files(cfg, method, entries, idx, base if uses_base else None, config_dir)
-    return Plan(cfg, method, models, names, tasks, out_config, ref, tok, notes, data, config_dir=config_dir)
+LayerPlan = list[tuple[str, "int | None", list[tuple[ModelEntry, str]], "str | None"]]
+
+
+def _layer_plan(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int], out_names: list[str],
+                out_config: dict, base: int | None, uses_base: bool) -> tuple[LayerPlan, int]:
+    """Per output tensor: its name, layer, (entry, source tensor) pairs and base tensor; and the depth.
+    A frankenmerge (slices, layer_pattern) re-layers ``out_config`` to its new depth."""
+    if cfg.slices is None and cfg.layer_pattern is None:
+        entries = list(cfg.models or [])
+        plan = [(n, layer_index(n), [(e, n) for e in entries], n if uses_base else None) for n in out_names]
+        return plan, num_layers(models[idx[entries[0].model] if base is None else base].config) or 0
+    blocks = _blocks(cfg, models, idx)
+    # Tensors outside the layers come from the base model when the method has no use for a base
+    # (passthrough), else they are merged over the first block's models.
+    outside = ([ModelEntry(model=cfg.base_model)] if base is not None and not uses_base
+               else [e for e, _ in blocks[0].sources])
+    plan = [(n, None, [(e, n) for e in outside], n if uses_base else None)
+            for n in out_names if layer_index(n) is None]
+    src_layers = []  # the source layer behind each output layer
+    for b in blocks:
+        e0, s0 = b.sources[0]
+        template = models[idx[e0.model]]
+        for k in range(b.length):
+            for t in [t for t in template.names if layer_index(t) == s0 + k]:
+                base_n = None
+                if uses_base:
+                    bs = [s for e, s in b.sources if idx[e.model] == base]
+                    base_n = with_layer(t, (bs[0] if bs else s0) + k)
+                plan.append((with_layer(t, b.out_start + k), b.out_start + k,
+                             [(e, with_layer(t, s + k)) for e, s in b.sources], base_n))
+            src_layers.append(s0 + k)
+    relayered = relayer_config(out_config, src_layers)
+    out_config.clear()
+    out_config.update(relayered)
+    return plan, len(src_layers)
+
+
+def _find(ck: Checkpoint, name: str, who: str) -> str:
+    rn = resolve_name(ck, name)
+    if rn is None:
+        raise UserError(f"tensor {name!r} is missing from {who}")
+    return rn
+
+
+def _check_count(method: Method, n: int) -> None:
+    if n < method.min_models or (method.max_models and n > method.max_models):
+        want = (f"exactly {method.min_models}" if method.min_models == method.max_models
+                else f"at least {method.min_models}")
+        raise UserError(f"merge_method {method.name} merges {want} model(s) besides the base; got {n}")
+
+
+def _task(out_n: str, sources: list[tuple[int, str]], base_src: tuple[int, str] | None, params: dict,
+          models: list[Checkpoint], names: list[str], ref: int, is_vocab: bool, truncate_vocab: bool,
+          out_dtype: torch.dtype) -> tuple[TensorTask, int | None]:
+    """One output tensor's task, its shapes checked; and the vocabulary rows it was truncated to, if so."""
+    everyone = sources + ([base_src] if base_src else [])
+    shapes = {(mi, models[mi].shape(n)) for mi, n in everyone}
+    rows = None
+    if len({s for _, s in shapes}) > 1:
+        pair = [(names[mi], list(s)) for mi, s in sorted(shapes)]
+        if not (is_vocab and len({s[1:] for _, s in shapes}) == 1):
+            raise UserError(f"tensor {out_n!r} has different shapes: " + ", ".join(f"{n} {s}" for n, s in pair))
+        rows = models[ref].shape(resolve_name(models[ref], out_n) or out_n)[0]
+        if not truncate_vocab:
+            raise UserError(f"vocabulary sizes differ: tensor {out_n!r} has "
+                            + ", ".join(f"{s[0]} rows in {n}" for n, s in pair)
+                            + f"; pass --truncate-vocab to keep the first {rows} rows (the vocabulary of {names[ref]})")
+        short = [n for n, s in pair if s[0] < rows]
+        if short:
+            raise UserError(f"--truncate-vocab: {short[0]} has fewer rows than {names[ref]} in tensor {out_n!r}; "
+                            "cannot truncate up")
+    shape0 = models[everyone[0][0]].shape(everyone[0][1])
+    shape = ((rows,) + tuple(shape0[1:])) if rows else tuple(shape0)
+    in_dtype = models[everyone[0][0]].dtype(everyone[0][1])
+    copy = not in_dtype.is_floating_point
+    task = TensorTask(out_n, tuple(sources), base_src, params, shape, in_dtype if copy else out_dtype, copy)
+    return task, rows
 
 
 def _data_files(cfg: MergeConfig, method: Method, entries: list[ModelEntry], idx: dict[str, int],
@@ -327,8 +362,7 @@ def _blocks(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int]):
             if num_layers(models[idx[e.model]].config) != depth:
                 raise UserError("layer_pattern needs models of the same depth")
         pat = cfg.layer_pattern
-        blocks = [_Block(i, 1, ((entries[ord(pat[i % len(pat)]) - 65], i),)) for i in range(depth)]
-        return blocks, entries
+        return [_Block(i, 1, ((entries[ord(pat[i % len(pat)]) - 65], i),)) for i in range(depth)]
     blocks, out = [], 0
     for sl in cfg.slices or []:
         for s in sl.sources:
@@ -338,19 +372,7 @@ def _blocks(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int]):
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         blocks.append(_Block(out, length, tuple((s, s.layer_range[0]) for s in sl.sources)))
         out += length
-    entries = [s for sl in cfg.slices or [] for s in sl.sources]
-    return blocks, entries
-
-
-def _relayer_config(out: dict, ref: dict, src_layers: list[int]) -> None:
-    """A new depth: the layer count, and every per-layer list in the config (e.g. layer_types)."""
-    old = num_layers(ref)
-    for key in (family_of(ref).num_layers_key, "num_hidden_layers", "n_layer"):
-        if key in out:
-            out[key] = len(src_layers)
-    for key, v in ref.items():
-        if isinstance(v, list) and old and len(v) == old and key != "architectures":
-            out[key] = [v[i] for i in src_layers]
+    return blocks
 
 
 def _model_dtype(ck: Checkpoint) -> torch.dtype:

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from modelcypher.errors import UserError
+
 REQUIRED = object()  # default marking a parameter the config must give
 
 
@@ -102,10 +104,8 @@ def defaults(fn: Callable[..., Any], names: Iterable[str] | Mapping[str, Any]) -
 
 
 def get_method(name: str) -> Method:
-    from modelcypher.merging import methods  # noqa: F401  (importing registers every method)
-
+    """The registered method of a config's ``merge_method`` (``modelcypher.merging`` registers every
+    method of ``merging/methods/`` when it is imported)."""
     if name not in METHODS:
-        from modelcypher.errors import UserError
-
         raise UserError(f"unknown merge_method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]

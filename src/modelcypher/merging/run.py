@@ -7,6 +7,7 @@ multi-pass method also keeps the tensor's raw inputs between its passes, up to `
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
@@ -22,27 +23,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from modelcypher.checkpoint.reader import GENERATION_FILES, TOKENIZER_FILES
 from modelcypher.checkpoint.writer import ShardedWriter
 from modelcypher.errors import UserError
 from modelcypher.merging.plan import Plan, TensorTask
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-
-
 # Row-local and streamed methods run over blocks of rows of about this many float32 elements (2 MiB)
 # per input, so the largest tensors (embeddings, heads) do not set the peak memory, and a block's
-# temporaries stay in the CPU caches (16 MiB blocks ran linear merges about 2x slower on 2 cores).
+# temporaries stay in the CPU caches (benchmarks/merge_speed.py measures the block size).
 BLOCK_ELEMENTS = 1 << 19
 
 
@@ -164,12 +154,10 @@ def keep_heap_warm() -> None:
 
     A merge allocates and frees megabyte temporaries thousands of times a second. With glibc's
     defaults each one may be a fresh mmap, or the heap's top goes back to the kernel and is faulted in
-    (and zeroed) again: about a third of a linear merge's time on 2 cores. Blocks up to the largest
+    (and zeroed) again, which costs more than the arithmetic. Blocks up to the largest
     mmap threshold (32 MiB) now come from the heap, which keeps 256 MiB of slack at its top.
     Process-wide and harmless elsewhere; a no-op where the C library has no ``mallopt``.
     """
-    import ctypes
-
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):  # no mallopt, or (Windows) no process-wide handle
@@ -181,8 +169,7 @@ def keep_heap_warm() -> None:
 
 # On CPU, up to this many threads compute tensors side by side, the cores shared out among them as
 # torch's intra-op threads (one each on 2 cores): the operations here are cheap and memory-bound, and
-# a 2 MiB block split across cores costs more core time than it saves (on 2 cores, a TIES merge ran
-# 1.3x faster on one intra-op thread than on two, and 1.4x faster again with two tensors at a time).
+# a 2 MiB block split across cores costs more core time than it saves.
 MAX_CPU_WORKERS = 4
 # Finished blocks of one tensor waiting for the writer (it writes tensors in file order); a tensor
 # computed ahead of its turn waits once it has this many.
@@ -213,7 +200,7 @@ def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the duration, then as it was. A merge makes objects
     by the hundred thousand (blocks, tuples, futures) and frees them all by reference counting; each
     full collection they triggered walked every object torch and the rest had made at import, about
-    a million: a tenth of a 200M-parameter merge's time on 2 cores."""
+    a million."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -237,8 +224,6 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
     by_name = {t.name: t for t in plan.tasks}
     order = writer.order
     if progress:
-        from tqdm import tqdm
-
         order = tqdm(order, desc=f"merge ({plan.method.name})", unit="tensor", leave=False)
     reports: dict[str, dict] = {name: {} for name in writer.order}
     queues = {name: queue.Queue(maxsize=QUEUED_BLOCKS) for name in writer.order}

@@ -14,10 +14,13 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from modelcypher import __version__
 from modelcypher.checkpoint.safetensors_io import read_header, read_tensor
 from modelcypher.errors import UserError
+from modelcypher.hf import load_causal_lm, load_tokenizer
+from modelcypher.merging.statistics import distilled_coefficients, fisher_diagonal, input_grams
 
 MAX_TOKENS = 32768  # statistics saturate long before this on the models we merge; bounds the cost
 BATCH = 8
@@ -28,16 +31,19 @@ def _fingerprint(model_dir: Path) -> list:
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
+def _origin(plan, mi: int) -> list:
+    """What model ``mi`` is made from, for cache keys: the user's checkpoint (path and files) and, when
+    the merge aligned it first, the alignment's settings and reference; never a temporary copy's path."""
+    prov = plan.provenance[mi]
+    extra = [prov["align"], prov["onto"]] if "align" in prov else []
+    return [prov["model"], _fingerprint(Path(prov["model"])), *extra]
+
+
 def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False) -> tuple[list, int]:
     """Batches of ``BATCH`` rows: blocks of ``block`` tokens of the whole text, or (``lines``) one row per
     non-empty line, each with the line break before it as in the file, cut at ``block`` tokens and padded
     (then each row is ``{input_ids, attention_mask}``)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception:
-        raise UserError(f"{model_dir}: no tokenizer files to read its data {data} with") from None
+    tok = load_tokenizer(model_dir, f"to read its data {data} with")
     text = data.read_text(errors="replace")
     if lines:
         rows, total, out = [], 0, []
@@ -66,24 +72,8 @@ def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False)
     return list(rows.split(BATCH)), n * block
 
 
-def _causal_lm(model_dir: Path, device: torch.device, who: str = "statistics need") -> tuple[torch.nn.Module, int]:
-    """The float32 causal LM at ``model_dir`` on ``device`` (eval mode), and its text block length: its
-    context, at most 256 tokens."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{model_dir}: {who} a causal language model ({str(e).splitlines()[0]})") from None
-    cfg = model.config
-    block = min(int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 256)), 256)
-    return model.to(device).eval(), block
-
-
 def _compute(stat: str, model_dir: Path, data: Path, device: torch.device) -> tuple[dict, int, int]:
-    from modelcypher.measure.stats import fisher_diagonal, input_grams
-
-    model, block = _causal_lm(model_dir, device)
+    model, block = load_causal_lm(model_dir, device)
     batches, tokens = _token_batches(model_dir, data, block)
     fn = {"fisher": fisher_diagonal, "gram": input_grams}[stat]
     out = fn(model, batches)
@@ -110,8 +100,6 @@ JOINT = {"distill"}  # statistics fitted for all models at once (one file per mo
 
 
 def _save(tensors: dict, path: Path, prov: dict) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"provenance": json.dumps(prov)})
     os.replace(tmp, path)
@@ -127,17 +115,15 @@ def _base_index(plan) -> int:
 
 def _distill(plan, base_i: int, device: torch.device, params: dict, log) -> tuple[list[dict], int]:
     """``distilled_coefficients`` of the plan's models (not the base) on their own text, in the base's module."""
-    from modelcypher.measure.stats import distilled_coefficients
-
     if params["sequences"] not in ("blocks", "lines"):
         raise UserError(f"merge_method {plan.method.name}: sequences must be blocks or lines, "
                         f"not {params['sequences']!r}")
-    model, block = _causal_lm(plan.models[base_i].path, device, "distill needs")
+    model, block = load_causal_lm(plan.models[base_i].path, device, "distill needs")
     base = {n: p.detach().float() for n, p in model.named_parameters()}
     others = [mi for mi in sorted(plan.data) if mi != base_i]
     task_vectors, batches, tokens = [], [], 0
     for mi in others:
-        ft, _ = _causal_lm(plan.models[mi].path, device, "distill needs")
+        ft, _ = load_causal_lm(plan.models[mi].path, device, "distill needs")
         theta = dict(ft.named_parameters())
         if theta.keys() != base.keys():
             raise UserError(f"distill: {plan.names[mi]} has other parameters than the base "
@@ -161,9 +147,8 @@ def collect(plan, out: Path, device: torch.device, log=print) -> Stats:
         base_i = _base_index(plan)
         params = {k: plan.config.parameters.get(k, v) for k, v in plan.method.global_params.items()}
         prov = {"statistic": stat, "params": params, "modelcypher": __version__, "max_tokens": MAX_TOKENS,
-                "base": [str(plan.models[base_i].path.resolve()), _fingerprint(plan.models[base_i].path)],
-                "models": [(str(plan.models[mi].path.resolve()), _fingerprint(plan.models[mi].path),
-                            str(d.resolve()), hashlib.sha256(d.read_bytes()).hexdigest())
+                "base": _origin(plan, base_i),
+                "models": [(*_origin(plan, mi), str(d.resolve()), hashlib.sha256(d.read_bytes()).hexdigest())
                            for mi, d in sorted(plan.data.items()) if mi != base_i]}
         key = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:16]
         paths = {mi: cache / f"{stat}-{mi}-{key}.safetensors" for mi in sorted(plan.data) if mi != base_i}
@@ -178,11 +163,12 @@ def collect(plan, out: Path, device: torch.device, log=print) -> Stats:
         model_dir = plan.models[mi].path
         data_sha = hashlib.sha256(data.read_bytes()).hexdigest()
         for stat in [s for s in plan.method.stats if s not in JOINT]:
-            prov = {"statistic": stat, "model": str(model_dir.resolve()), "model_files": _fingerprint(model_dir),
+            model, files, *aligned = _origin(plan, mi)
+            prov = {"statistic": stat, "model": model, "model_files": files, **({"align": aligned} if aligned else {}),
                     "data": str(data.resolve()), "data_sha256": data_sha, "max_tokens": MAX_TOKENS,
                     "modelcypher": __version__}
             key = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:16]
-            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", model_dir.name)
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model).name)
             path = cache / f"{stat}-{stem}-{key}.safetensors"
             if not path.is_file():
                 log(f"computing {stat} of {plan.names[mi]} on {data.name} ...")

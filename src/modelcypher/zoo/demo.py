@@ -11,6 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from modelcypher.api import merge
 from modelcypher.zoo import chartok, gpt2, shakespeare
 
 GENRES = ("comedy", "tragedy")
@@ -41,10 +44,6 @@ def merge_config(method: str, base: Path, fts: list[Path]) -> dict:
 def run_demo(workdir: str | Path | None = None, *, quick: bool = False, device: str = "auto",
              out=print) -> dict[str, dict[str, float]]:
     """Train (or reuse, when ``workdir`` already holds them), merge, evaluate; returns the loss table."""
-    from transformers.utils import logging as hf_logging
-
-    from modelcypher.api import merge
-
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     tmp = None

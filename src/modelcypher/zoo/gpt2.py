@@ -61,8 +61,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
-    bf16: bool = False  # bf16 autocast for forward/backward: ~1.5x faster on CPUs with bf16 units
-    # (avx512_bf16), ~13x slower on those without (AVX2 only), so recipes meant for any CPU leave it off
+    bf16: bool = False  # bf16 autocast for forward/backward: faster on CPUs with bf16 units (avx512_bf16),
+    # many times slower on those without (AVX2 only), so recipes meant for any CPU leave it off
     # monitoring
     eval_interval: int = 0  # steps between progress reports; 0 = none
     eval_tokens: int = 32768  # val tokens used for each progress report
@@ -73,12 +73,11 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-# Demo recipe, 4x128, context 128, float32 (bf16 autocast: see TrainConfig.bf16): ~11k tokens/s on 2
-#   AMD EPYC cores, AVX2 or AVX-512 alike (more than 2x slower when the cores are shared). The base sees
-#   800 steps x 16 x 128 = 1.6M tokens, each fine-tune 100 steps on its genre; the README's table shows
-#   each fine-tune beating the base on its own genre and losing to it on the other one. Longer
-#   fine-tunes do not keep that: after 250 comedy steps both genres improve (bf16 run: comedy 1.845,
-#   tragedy 1.921), because a base this small and this briefly trained still gains from any more text.
+# Demo recipe, 4x128, context 128, float32 (bf16 autocast: see TrainConfig.bf16). The base sees
+#   800 steps x 16 x 128 = 1.6M tokens, each fine-tune 100 steps on its genre, so that each fine-tune
+#   beats the base on its own genre and loses to it on the other one (the README's table). Longer
+#   fine-tunes do not keep that: a base this small and this briefly trained still gains on both genres
+#   from any more text.
 DEMO_BASE = TrainConfig(
     n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
     steps=800, lr=3e-3, warmup_steps=50, seed=0,

@@ -5,6 +5,9 @@ seconds: two seeds give two models whose raw average is poor and whose aligned a
 A checkpoint is a directory with ``config.json`` (``model_type``, ``sizes``) and ``model.safetensors``
 (``layers.{i}.weight`` / ``layers.{i}.bias``). Training is reproducible from the seed: the seed drives
 initialization, the train/test split and the batch order, all through private generators.
+
+The family registers itself as any package outside ModelCypher would: a :class:`Family` record (its
+symmetry spec, its model class, its inputs), found through the ``modelcypher.families`` entry point.
 """
 
 from __future__ import annotations
@@ -14,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
 from torch import nn
+
+from modelcypher.arch.families import Family, register
+from modelcypher.arch.symmetry import Group, Probe, Slot, SymmetrySpec
 
 MODEL_TYPE = "modelcypher-mlp"
 
@@ -39,6 +47,33 @@ def mlp_from_config(config: dict) -> MLP:
     return MLP(config["sizes"])
 
 
+def spec(config: dict, names: set[str] | None = None) -> SymmetrySpec:
+    """One permutation per hidden layer.
+
+    ReLU also admits a positive rescaling of each unit; it is left out, because permutations already make
+    the two models' units correspond and rescaling would only trade weight norm between layers.
+    """
+    sizes = config["sizes"]
+    groups = tuple(
+        Group(
+            f"hidden.{i}", "perm", sizes[i + 1],
+            (Slot(f"layers.{i}.weight", 0), Slot(f"layers.{i}.bias", 0), Slot(f"layers.{i + 1}.weight", 1, "in")),
+            probes=(Probe(f"layers.{i + 1}"),),
+        )
+        for i in range(len(sizes) - 2)
+    )
+    return SymmetrySpec(MODEL_TYPE, groups)
+
+
+def random_features(config: dict, n_inputs: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(n_inputs, config["sizes"][0], generator=generator)
+
+
+FAMILY = register(Family(MODEL_TYPE, (MODEL_TYPE,), "num_hidden_layers", (), (), False, symmetry=spec,
+                         structure_keys=("sizes",), build=mlp_from_config, random_inputs=random_features,
+                         reads="features"))
+
+
 @dataclass
 class Digits:
     x_train: torch.Tensor
@@ -49,8 +84,6 @@ class Digits:
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> Digits:
     """Digits scaled to [0, 1], split at random by ``seed``."""
-    from sklearn.datasets import load_digits
-
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
@@ -96,8 +129,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def save_mlp(model: MLP, path: str | Path) -> None:
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
@@ -105,8 +136,6 @@ def save_mlp(model: MLP, path: str | Path) -> None:
 
 
 def load_mlp(path: str | Path) -> MLP:
-    from safetensors.torch import load_file
-
     path = Path(path)
     model = mlp_from_config(json.loads((path / "config.json").read_text()))
     model.load_state_dict(load_file(str(path / "model.safetensors")))

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from modelcypher.zoo.chartok import encode_ids
+
 OPEN, CLOSE, END = "[", "]", "\n"
 LETTERS = string.ascii_lowercase
 
@@ -152,8 +154,6 @@ def greedy_answers(model, tokenizer, examples: Sequence[Example], max_new: int =
     Prompts of equal length are decoded together, so no padding is involved and the result does not
     depend on the batch composition beyond float round-off.
     """
-    from modelcypher.zoo.chartok import encode_ids
-
     nl = int(encode_ids(END, tokenizer)[0])
     id_to_tok = {i: t for t, i in tokenizer.get_vocab().items()}
     model.eval()

@@ -7,8 +7,8 @@ import copy
 import torch
 import transformers as tf
 
-from modelcypher.measure.stats import distilled_coefficients, linear_layouts, unit_axis
 from modelcypher.merging.registry import get_method
+from modelcypher.merging.statistics import distilled_coefficients, linear_layouts, unit_axis
 
 
 def test_merge_is_base_plus_coefficients_times_task_vectors_per_unit():

@@ -26,13 +26,14 @@ Slot roles: ``out`` slots produce the units (a unit transform ``T`` mixes them b
 consume them (mixed by ``T^{-T}``, which keeps the product unchanged), ``diag`` slots are norm gains
 (permuted with the units, and folded away before any non-permutation transform).
 
+Which spec a checkpoint takes is its family record's (``arch.families.spec_for``).
+
 Tensor names are the state-dict names of the family's language-model class; when the checkpoint's own
 names are given, the base-model prefix (``model.``, ``transformer.``, ``bert.``) is detected from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,33 +127,6 @@ class SymmetrySpec:
     def residual_orthogonal_ok(self) -> bool:
         """Whether an orthogonal residual transform is exact (after folding the norms)."""
         return self.norm in ("rmsnorm", "layernorm")
-
-
-def _builders():
-    from modelcypher.arch.symmetry import bert, gpt2, llama, mlp
-
-    return {
-        "llama": llama.spec,
-        "mistral": llama.spec,
-        "qwen2": llama.spec,
-        "gpt2": gpt2.spec,
-        "bert": bert.spec,
-        "modelcypher-mlp": mlp.spec,
-    }
-
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "bert", "modelcypher-mlp")
-
-
-def spec_for(config: dict, names: Iterable[str] | None = None) -> SymmetrySpec:
-    """The symmetry spec of a checkpoint, from its HF config dict (and optionally its tensor names)."""
-    model_type = config.get("model_type")
-    builders = _builders()
-    if model_type not in builders:
-        raise UserError(
-            f"no symmetry spec for model_type {model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    return builders[model_type](config, None if names is None else set(names))
 
 
 def detect_prefix(names: set[str] | None, default: str, probe: str) -> str:

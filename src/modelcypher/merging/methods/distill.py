@@ -9,7 +9,7 @@ i. The coefficients are fitted before the merge, all models at once, by Adam on
 ``Σ_i KL(p_{θ_i} || p_merged)`` over each model's own text (``parameters: {data: path}``): the merged
 model is taught to predict what each fine-tune predicts on that fine-tune's text. They start at
 ``init`` (task arithmetic with ``lambda = init``); ``steps`` Adam steps of size ``lr`` follow, each on
-one batch of text per model (see ``modelcypher.measure.stats.distilled_coefficients``). ``sequences``:
+one batch of text per model (see ``modelcypher.merging.statistics.distilled_coefficients``). ``sequences``:
 ``blocks`` (default) cuts each text into blocks of the context (at most 256 tokens); ``lines`` makes
 each non-empty line a sequence of its own, with the line break before it (a file of one example per
 line: every example then starts at the first position, as it did in training).

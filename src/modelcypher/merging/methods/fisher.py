@@ -3,7 +3,7 @@
     merged = Σ_i w_i (F_i + ε) ⊙ x_i  /  Σ_i w_i (F_i + ε)
 
 element-wise, where ``F_i`` is model i's diagonal Fisher for this parameter (same shape as the
-parameter; see ``modelcypher.measure.stats.fisher_diagonal``: the empirical Fisher, the mean over
+parameter; see ``modelcypher.merging.statistics.fisher_diagonal``: the empirical Fisher, the mean over
 sequences of the squared gradient of the model's mean token log-likelihood on its own data), ``w_i``
 the per-model ``weight`` (default 1) and ``ε`` = ``epsilon`` (default 1e-8) a floor that keeps the
 ratio defined where every Fisher vanishes (there the merge falls back to the weight-averaged

@@ -17,7 +17,7 @@ projector).
 
 Statistic: ``gram`` — a list, one tensor per entry of ``xs``: the Gram ``X_iᵀ X_i / n_tokens`` of the
 INPUT activations of the linear layer this weight belongs to, ``[in, in]`` float32 (as produced by
-``modelcypher.measure.stats.input_grams``). With ``reference="base"`` the runner must also pass
+``modelcypher.merging.statistics.input_grams``). With ``reference="base"`` the runner must also pass
 ``base_gram`` (the base model's Gram for this weight, ``[in, in]``); the ``gram`` list is then unused.
 
 Layout: ``"auto"`` (default; inferred from the Gram size, a square weight taken as ``nn.Linear``

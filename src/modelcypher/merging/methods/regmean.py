@@ -13,13 +13,13 @@ average for every α). For GPT-2 ``Conv1D`` (weight
 
 Statistic: ``gram`` — a list, one tensor per entry of ``xs``: the Gram matrix ``X_iᵀ X_i / n_tokens``
 of the INPUT activations of the linear layer this weight belongs to, shape ``[in, in]``, float32
-(``modelcypher.measure.stats.input_grams`` produces exactly this, keyed by the weight's name).
+(``modelcypher.merging.statistics.input_grams`` produces exactly this, keyed by the weight's name).
 Because each Gram is a per-token mean, every model counts equally whatever its probe-set size.
 
 Layout (global ``layout``): ``"linear"`` (``[out, in]``), ``"conv1d"`` (``[in, out]``) or ``"auto"``
 (default): inferred from which weight axis matches the Gram's size; a square weight is taken as
 ``"linear"`` (PyTorch's convention), so for GPT-2's square ``Conv1D`` (``attn.c_proj``) the runner must
-pass ``layout="conv1d"`` (``modelcypher.measure.stats.linear_layouts`` says which weight is which).
+pass ``layout="conv1d"`` (``modelcypher.merging.statistics.linear_layouts`` says which weight is which).
 
 ``ridge`` (default 1e-6, relative to the mean diagonal of ``Σ G̃_i``) adds a small pull towards the
 plain average: input directions no model ever excites are otherwise undetermined; with it they get the

@@ -3,7 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from modelcypher.errors import UserError
-from modelcypher.measure.stats import fisher_diagonal, input_grams, linear_layouts
+from modelcypher.merging.statistics import fisher_diagonal, input_grams, linear_layouts
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,11 @@ from torch import nn
 
 from modelcypher.errors import UserError
 
-try:  # GPT-2 style layers: weight [in, out], y = x W + b
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep stats importable
-    Conv1D = ()
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (weight ``[in, out]``, ``y = x W + b``), told by its class so that
+    merging never imports transformers for it: any model that has one was built by transformers."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers.")
 
 
 def _batches(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -111,7 +112,7 @@ def fisher_diagonal(model: nn.Module, batches: Iterable, min_tokens: int = 1) ->
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {f"{name}.weight" if name else "weight": mod for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) or (Conv1D and isinstance(mod, Conv1D))}
+            if isinstance(mod, nn.Linear) or _is_conv1d(mod)}
 
 
 def linear_layouts(model: nn.Module) -> dict[str, str]:
