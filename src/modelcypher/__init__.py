@@ -1,5 +1,9 @@
 """ModelCypher: align and merge neural networks with geometry.
 
+Floors, top to bottom (imports only point down; tests/test_layers.py checks it): ``cli`` -> ``api`` ->
+``measure`` -> ``align`` -> ``merging`` -> ``hf`` -> ``arch``, ``checkpoint``, ``options`` -> ``errors``.
+``zoo`` sits outside, as a user of the package.
+
 The API is imported lazily so that ``modelcypher --help`` does not pay for torch.
 """
 

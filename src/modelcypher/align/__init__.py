@@ -1,11 +1,14 @@
 """Alignment: find the symmetry transforms that bring model B onto model A, and apply them exactly.
 
+- ``pipeline``: checkpoints on disk: read lazily, match (``MATCHERS``: weight | activation | learned, one
+  signature, settings in ``modelcypher.options.AlignOptions``), write streamed, prove, rename;
+- ``prealign``: a merge config's ``align:`` section, carried out before the merge is planned;
 - ``transform``: the ``Alignment`` (one transform per symmetry group) and ``apply`` / ``fold_norms``;
 - ``weight_matching``: data-free Git Re-Basin coordinate descent (``match_weights``);
 - ``activation_matching``: the same solves from activation statistics (``match_activations``);
 - ``learned_matching``: weight matching's rotations refined on the midpoint's loss (``match_learned``);
 - ``equivalence``: the proof that an aligned checkpoint computes the same function (``check_equivalent``);
-- ``solvers``: the exact per-group solvers (``solve_lap``, ``procrustes``, ...).
+- ``solvers``: the exact per-group solvers (``solve_lap``, ``procrustes``, ...); ``rope``: rotary pairs.
 
 The symmetry groups of each family are data, in ``modelcypher.arch.symmetry``.
 """

@@ -24,7 +24,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -276,8 +276,3 @@ def sample(
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return tokenizer.decode(out, skip_special_tokens=True)
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    """``cfg`` as a plain dict (for logs and reports)."""
-    return asdict(cfg)
