@@ -12,9 +12,9 @@ from pathlib import Path
 
 from modelcypher.align.pipeline import align_checkpoint
 from modelcypher.align.prealign import prealign
+from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
 from modelcypher.checkpoint.reader import resolve_path
-from modelcypher.checkpoint.writer import atomic_dir, parse_size
-from modelcypher.errors import UserError
+from modelcypher.checkpoint.writer import parse_size
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
 from modelcypher.merging.config import MergeConfig, parse_config
@@ -56,12 +56,11 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
     else:  # planned once, after alignment; what needs no model is checked before it
         check_config(cfg)
         inputs = [(resolve_path(n, config_dir), n) for n in cfg.model_names()]
-    for path, name in inputs:
-        if out.resolve() == path.resolve() or out.resolve().is_relative_to(path.resolve()):
-            raise UserError(f"{out}: the output may not be inside the input model {name}")
     if dry_run:
         return plan
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    paths = [path for path, _ in inputs]
+    check_output_dir(out, paths, overwrite=overwrite)
+    with atomic_dir(out, overwrite=overwrite, inputs=paths) as tmp:
         if cfg.align is not None:
             # Aligned copies go into the temporary output directory, so an interrupted run leaves nothing.
             aligned, names, provenance = prealign(cfg, tmp / ".aligned", config_dir=config_dir, device=dev)

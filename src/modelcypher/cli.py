@@ -6,6 +6,7 @@ Heavy modules (torch, transformers) are imported inside each verb so `--help` an
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ def _merge(args: argparse.Namespace) -> int:
     from modelcypher.api import merge
 
     t0 = time.perf_counter()
-    plan = merge(args.config, args.output, device=args.device, max_shard_size=args.max_shard_size,
+    plan = merge(Path(args.config), args.output, device=args.device, max_shard_size=args.max_shard_size,
                  random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite,
                  truncate_vocab=args.truncate_vocab, overwrite=args.overwrite, dry_run=args.dry_run,
                  progress=not args.no_progress and sys.stderr.isatty())
@@ -77,21 +78,24 @@ def _align(args: argparse.Namespace) -> int:
 
 
 def _barrier(args: argparse.Namespace) -> int:
-    import json
-
+    from modelcypher.checkpoint.guard import check_output_file, json_text, write_file
     from modelcypher.hf import read_text
     from modelcypher.measure.barrier import barrier_curve, lambdas, plot_barrier
 
     lambdas(args.points)  # a bad --points fails before any work
+    inputs = [args.model_a, args.model_b, args.data, args.data_probe]
+    for out in (args.json, args.plot):  # before any work: a bad output path fails at once
+        if out:
+            check_output_file(out, inputs)
     text = read_text(args.data)
     opts = _align_options(args) if args.method != "none" else None
     result = barrier_curve(args.model_a, args.model_b, text, points=args.points, max_tokens=args.max_tokens,
                            device=args.device, options=opts, probe_text=read_text(args.data_probe)
                            if args.data_probe else None)
     result["data"] = str(args.data)
-    blob = json.dumps(result, indent=2) + "\n"
+    blob = json_text(result)
     if args.json:
-        Path(args.json).write_text(blob)
+        write_file(args.json, blob, inputs)
     else:
         sys.stdout.write(blob)
     if args.plot:
@@ -105,19 +109,20 @@ def _barrier(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    import json
+    from modelcypher.checkpoint.guard import check_output_file, check_output_folder, write_json
+    from modelcypher.measure.diagnose import diagnose_config, plot_heatmaps, render_table
 
-    from modelcypher.measure.diagnose import diagnose_config, finite, plot_heatmaps, render_table
-
-    report = diagnose_config(args.config, top_k=args.top_k, device=args.device)
+    config = Path(args.config)  # a path, whatever its extension: never read as YAML text
+    if args.json:
+        check_output_file(args.json, [config])
+    if args.plot:
+        check_output_folder(args.plot, [config])
+    report = diagnose_config(config, top_k=args.top_k, device=args.device)
     for w in report["warnings"]:
         print(f"modelcypher: warning: {w}", file=sys.stderr)
     print(render_table(report))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(args.json, report, [config])}")
     if args.plot:
         paths = plot_heatmaps(report, args.plot)
         print(f"wrote {len(paths)} heatmaps into {args.plot}")
@@ -156,14 +161,38 @@ def _align_options(args: argparse.Namespace):
     return AlignOptions.of(**values)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line, as every other user mistake does."""
+
+    def error(self, message: str):
+        verb = self.prog.removeprefix("modelcypher").strip()
+        self.exit(2, f"modelcypher: error: {verb + ': ' if verb else ''}{message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return n
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda, cuda:N or auto")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelcypher", description="Align and merge neural networks with geometry.")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = _Parser(prog="modelcypher", description="Align and merge neural networks with geometry.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
 
     m = sub.add_parser("merge", help="merge models described by a mergekit-style YAML config")
     m.add_argument("config", help="YAML config (merge_method, base_model, models or slices, parameters)")
     m.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
-    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    m.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N or auto (default: auto)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
     m.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
     m.add_argument("--random-seed", type=int, default=0, help="seed for DARE/DELLA drops (default 0)")
@@ -179,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--to", required=True, dest="model_a", help="the model to align onto")
     a.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
     _add_align_flags(a)
-    a.add_argument("--device", default="auto")
+    a.add_argument("--device", default="auto", type=_device)
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(func=_align)
 
@@ -191,22 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
     b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
     b.add_argument("--plot", help="write a PNG plot here")
-    b.add_argument("--max-tokens", type=int, default=65536)
-    b.add_argument("--device", default="auto")
+    b.add_argument("--max-tokens", type=_positive_int, default=65536)
+    b.add_argument("--device", default="auto", type=_device)
     b.set_defaults(func=_barrier)
 
     g = sub.add_parser("diagnose", help="how much the task vectors of a merge config interfere, before merging")
     g.add_argument("config", help="the merge config (needs a base_model)")
     g.add_argument("--json", help="write the full report as JSON here")
     g.add_argument("--plot", help="write PNG heatmaps into this directory")
-    g.add_argument("--top-k", type=int, default=None, help="k for top-k energy and subspace overlap")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--top-k", type=_positive_int, default=None, help="k for top-k energy and subspace overlap")
+    g.add_argument("--device", default="auto", type=_device)
     g.set_defaults(func=_diagnose)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")
     d.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--device", default="auto", type=_device)
     d.set_defaults(func=_demo)
     return p
 
@@ -231,17 +260,24 @@ def _import_heavy() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from modelcypher.errors import UserError
+    from modelcypher.errors import UserError, os_error
 
     _import_heavy()
     try:
         return args.func(args)
     except UserError as e:
-        print(f"modelcypher: error: {e}", file=sys.stderr)
+        print(f"modelcypher: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the user's environment: permissions, a full or read-only filesystem, ...
+        print(f"modelcypher: error: {_one_line(str(os_error(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("modelcypher: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
 
 
 if __name__ == "__main__":

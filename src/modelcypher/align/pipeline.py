@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -41,8 +40,10 @@ from modelcypher.align.weight_matching import match_weights, resolve_residual
 from modelcypher.arch.families import family_of, layer_index, num_layers, relayer_config, spec_for, with_layer
 from modelcypher.arch.symmetry import NormFold, SymmetrySpec
 from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.files import copy_side_files
+from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
 from modelcypher.checkpoint.reader import GENERATION_FILES, TOKENIZER_FILES
-from modelcypher.checkpoint.writer import ShardedWriter, atomic_dir
+from modelcypher.checkpoint.writer import ShardedWriter
 from modelcypher.errors import UserError
 from modelcypher.hf import build_model, context_length, read_text, resolve_device, token_ids
 from modelcypher.options import AlignOptions
@@ -373,9 +374,7 @@ def verify(ck_before: Checkpoint, ck_after: Checkpoint, spec: SymmetrySpec, *, n
 
 
 def copy_files(src: Path, dst: Path) -> None:
-    for n in TOKENIZER_FILES + GENERATION_FILES:
-        if (src / n).is_file():
-            shutil.copyfile(src / n, dst / n)
+    copy_side_files(src, dst, TOKENIZER_FILES + GENERATION_FILES)
 
 
 def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out: Path, *,
@@ -384,7 +383,7 @@ def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out
 
     Returns the largest logit gap and the seconds spent writing and checking.
     """
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=[ck.path]) as tmp:
         t0 = time.perf_counter()
         write_transformed(ck, spec, alignment, tmp)
         t1 = time.perf_counter()
@@ -395,11 +394,7 @@ def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out
 
 
 def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    for p in inputs:
-        if out.resolve() == p.resolve() or out.resolve().is_relative_to(p.resolve()):
-            raise UserError(f"{out}: the output may not be (inside) the input model {p}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose another output or pass --overwrite")
+    check_output_dir(out, inputs, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- entry points

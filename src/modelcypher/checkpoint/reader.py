@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-from modelcypher.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor
-from modelcypher.errors import UserError
+from modelcypher.arch.families import layer_index, num_layers
+from modelcypher.checkpoint.files import member, present
+from modelcypher.checkpoint.safetensors_io import TensorInfo, is_finite, read_header, read_tensor
+from modelcypher.errors import UserError, os_error
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -20,16 +22,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 GENERATION_FILES = ("generation_config.json",)
-
-
-def _inside(root: Path, rel: str, what: str) -> Path:
-    """Resolve a file name given by an index, refusing anything that escapes the model directory."""
-    p = (root / rel).resolve()
-    if Path(rel).is_absolute() or not p.is_relative_to(root.resolve()):
-        raise UserError(f"{what}: shard path {rel!r} points outside the model directory {root}")
-    if not p.is_file():
-        raise UserError(f"{what}: names shard {rel!r}, which does not exist in {root}")
-    return p
 
 
 def resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path:
@@ -45,8 +37,12 @@ def resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise os_error(e, path) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
         raise UserError(f"{path}: cannot read JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
@@ -54,31 +50,41 @@ def _read_json(path: Path) -> dict:
 
 
 class Checkpoint:
-    """Tensor names, shapes and dtypes from the headers; ``get`` reads one tensor from disk."""
+    """Tensor names, shapes and dtypes from the headers; ``get`` reads one tensor from disk.
 
-    def __init__(self, path: str | Path):
+    Every file is read under :func:`files.member`'s rule (nothing outside the folder, Hugging Face cache
+    snapshots accepted), the config is checked against the tensors present before anything is built
+    from it, and ``get`` refuses a floating tensor holding NaN or Inf unless ``allow_nonfinite``.
+    """
+
+    def __init__(self, path: str | Path, *, allow_nonfinite: bool = False):
         self.path = Path(path)
-        if not self.path.exists():
-            raise UserError(f"{self.path}: no such model directory")
-        if not self.path.is_dir():
-            raise UserError(f"{self.path}: not a model directory (a Hugging Face model is a folder)")
-        if not (self.path / "config.json").is_file():
-            raise UserError(f"{self.path}: not a model directory (no config.json)")
-        self.config = _read_json(self.path / "config.json")
-        self._infos: dict[str, TensorInfo] = {}
-        self._bin: dict[str, torch.Tensor] = {}
-        self._load_index()
+        self.allow_nonfinite = allow_nonfinite
+        try:
+            if not self.path.exists():
+                raise UserError(f"{self.path}: no such model directory")
+            if not self.path.is_dir():
+                raise UserError(f"{self.path}: not a model directory (a Hugging Face model is a folder)")
+            if not present(self.path, "config.json"):
+                raise UserError(f"{self.path}: not a model directory (no config.json)")
+            self.config = _read_json(member(self.path, "config.json", str(self.path)))
+            self._infos: dict[str, TensorInfo] = {}
+            self._bin: dict[str, torch.Tensor] = {}
+            self._load_index()
+        except OSError as e:
+            raise os_error(e, self.path) from None
+        check_layers(self)
 
     def _load_index(self) -> None:
-        p = self.path
-        if (p / SAFE_INDEX).is_file():
-            self._from_index(p / SAFE_INDEX, self._add_safetensors)
-        elif (p / SAFE_SINGLE).is_file():
-            self._add_safetensors(p / SAFE_SINGLE)
-        elif (p / BIN_INDEX).is_file():
-            self._from_index(p / BIN_INDEX, self._add_bin)
-        elif (p / BIN_SINGLE).is_file():
-            self._add_bin(p / BIN_SINGLE)
+        p, what = self.path, str(self.path)
+        if present(p, SAFE_INDEX):
+            self._from_index(member(p, SAFE_INDEX, what), self._add_safetensors)
+        elif present(p, SAFE_SINGLE):
+            self._add_safetensors(member(p, SAFE_SINGLE, what))
+        elif present(p, BIN_INDEX):
+            self._from_index(member(p, BIN_INDEX, what), self._add_bin)
+        elif present(p, BIN_SINGLE):
+            self._add_bin(member(p, BIN_SINGLE, what))
         else:
             raise UserError(f"{p}: no weights found ({SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")
 
@@ -86,7 +92,10 @@ class Checkpoint:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index}: no weight_map")
-        shards = {rel: _inside(self.path, rel, str(index)) for rel in set(weight_map.values())}
+        for name, rel in weight_map.items():
+            if not isinstance(rel, str):
+                raise UserError(f"{index}: weight_map[{name!r}] is {rel!r}, not a shard file name")
+        shards = {rel: member(self.path, rel, str(index)) for rel in set(weight_map.values())}
         for rel in sorted(shards):
             names = add(shards[rel])
             for name, where in weight_map.items():
@@ -122,14 +131,27 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._infos[name].dtype if name in self._infos else self._bin[name].dtype
 
+    def is_float(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored as floating point (weights are; ids, masks, counters are not)."""
+        return self.dtype(name).is_floating_point
+
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """One tensor, or a contiguous range of its rows (read from disk alone)."""
+        """One tensor, or a contiguous range of its rows (read from disk alone); NaN or Inf in a floating
+        tensor is refused, naming it, unless ``allow_nonfinite``."""
         if name in self._infos:
-            return read_tensor(self._infos[name], rows)
-        if name in self._bin:
+            try:
+                t = read_tensor(self._infos[name], rows)
+            except OSError as e:
+                raise os_error(e, self._infos[name].file) from None
+        elif name in self._bin:
             t = self._bin[name]
-            return t if rows is None or t.dim() == 0 else t[rows]
-        raise UserError(f"{self.path}: has no tensor {name!r}")
+            t = t if rows is None or t.dim() == 0 else t[rows]
+        else:
+            raise UserError(f"{self.path}: has no tensor {name!r}")
+        if not self.allow_nonfinite and not is_finite(t):
+            raise UserError(f"{self.path}: tensor {name!r} contains NaN or Inf; pass --allow-nonfinite to "
+                            "merge it anyway (align, barrier and diagnose need finite weights)")
+        return t
 
     @property
     def num_parameters(self) -> int:
@@ -143,3 +165,18 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors)"
+
+
+def check_layers(ck: Checkpoint) -> None:
+    """Refuse a config that claims more layers than the tensors hold, before any verb builds a model or
+    allocates per layer from it (a config of 10**9 layers over two layers of tensors)."""
+    try:
+        claimed = num_layers(ck.config)
+    except (TypeError, ValueError, AttributeError):
+        return  # a config without a readable layer count is judged by the verbs that need one
+    if claimed is None:
+        return
+    present_layers = {i for n in ck.names if (i := layer_index(n)) is not None}
+    if claimed < 0 or (present_layers and claimed > len(present_layers)):
+        raise UserError(f"{ck.path / 'config.json'}: claims {claimed} layers, but the weights hold "
+                        f"{len(present_layers)}")

@@ -49,30 +49,79 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if n > _MAX_HEADER or 8 + n > size:
             raise UserError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file {size})")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise UserError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
-    data_start, infos = 8 + n, {}
-    for name, h in header.items():
-        try:
-            dtype = DTYPES[h["dtype"]]
-            shape = tuple(int(s) for s in h["shape"])
-            begin, end = (int(o) for o in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
-            raise UserError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
-        if data_start + end > size:
-            raise UserError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}")
-        infos[name] = TensorInfo(path, dtype, shape, data_start + begin, nbytes)
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    data_start = 8 + n
+    infos = {name: _entry(path, name, h, data_start) for name, h in header.items()}
+    validate_layout(path, infos, size - data_start, data_start)
     return infos, meta
+
+
+def _entry(path: Path, name: str, h: object, data_start: int) -> TensorInfo:
+    """One header entry, checked as safetensors checks it: a known dtype, a shape of non-negative
+    integers whose byte length fits 64 bits, and a byte range of exactly that length."""
+    if not isinstance(h, dict) or set(h) - {"dtype", "shape", "data_offsets"}:
+        raise UserError(f"{path}: corrupt safetensors entry for tensor {name!r}")
+    code, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(code, str) or code not in DTYPES:
+        raise UserError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+    dtype = DTYPES[code]
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise UserError(f"{path}: tensor {name!r} has an invalid shape {shape!r} (non-negative integers)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise UserError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * dtype.itemsize
+    if nbytes >= 2**63:
+        raise UserError(f"{path}: tensor {name!r} has a shape {shape} too large to address")
+    begin, end = offsets
+    if end - begin != nbytes:
+        raise UserError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} of {code} "
+                        f"({nbytes} expected)")
+    return TensorInfo(path, dtype, tuple(shape), data_start + begin, nbytes)
+
+
+def validate_layout(path: Path, infos: dict[str, TensorInfo], data_bytes: int, data_start: int) -> None:
+    """The tensors' byte ranges must tile the data exactly, as safetensors requires: in order, without
+    overlap or gap, ending where the file ends."""
+    at = 0
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+        begin = info.start - data_start
+        if begin < at:
+            raise UserError(f"{path}: tensor {name!r} overlaps the tensor before it (bytes {begin}.. of the data, "
+                            f"which is taken up to {at})")
+        if begin > at:
+            raise UserError(f"{path}: a gap of {begin - at} bytes before tensor {name!r}: data_offsets do not "
+                            "tile the data")
+        at = begin + info.nbytes
+    if at > data_bytes:
+        last = max(infos, key=lambda k: infos[k].start + infos[k].nbytes)
+        raise UserError(f"{path}: truncated: tensor {last!r} ends at byte {data_start + at}, "
+                        f"file has {data_start + data_bytes}")
+    if at < data_bytes:
+        raise UserError(f"{path}: {data_bytes - at} bytes after the last tensor: data_offsets do not tile the data")
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (always, for integers and booleans). One sum tells when
+    all are (NaN and Inf propagate, accumulated in float32 or wider so no copy is made); the exact test
+    runs only when the sum is not finite, which huge finite values can also cause."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    except (RuntimeError, TypeError):  # float8 types have no sum
+        s = t.float().sum()
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
 
 
 def read_tensor(info: TensorInfo, rows: slice | None = None) -> torch.Tensor:

@@ -1,25 +1,25 @@
 """Writing a Hugging Face model directory: sharded safetensors with an index, atomically.
 
-Everything goes into a temporary directory beside the target and is renamed into place at the end;
-a failed or interrupted run removes it, so no half-written model is ever left behind.
+Everything goes into a temporary directory beside the target and is renamed into place at the end
+(:func:`guard.atomic_dir`); a failed or interrupted run removes it, so no half-written model is ever left
+behind. Every block is checked for NaN and Inf in the output dtype as it is written, so neither a
+non-finite input nor a cast that overflows (float16 beyond 65504) writes a broken model silently.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from modelcypher.checkpoint.safetensors_io import StreamingFile
+from modelcypher.checkpoint.guard import atomic_dir
+from modelcypher.checkpoint.safetensors_io import CODES, StreamingFile, is_finite
 from modelcypher.errors import UserError
+
+__all__ = ["ShardedWriter", "atomic_dir", "parse_size", "shard"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -58,8 +58,9 @@ def shard(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
 class ShardedWriter:
     """Writes tensors in ``order`` (decided by the sharding) into model[-0000i-of-0000n].safetensors."""
 
-    def __init__(self, out_dir: Path, entries: Sequence[Entry], max_shard_size: int):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, entries: Sequence[Entry], max_shard_size: int, *,
+                 allow_nonfinite: bool = False):
+        self.out_dir, self.allow_nonfinite = out_dir, allow_nonfinite
         self.shards = shard(entries, max_shard_size)
         n = len(self.shards)
         self.files = (["model.safetensors"] if n == 1 else
@@ -70,6 +71,12 @@ class ShardedWriter:
         self._opened = -1
 
     def write(self, name: str, t: torch.Tensor) -> None:
+        """Append tensor ``name`` (whole, or its next block of rows) in its output dtype; NaN or Inf
+        there is refused, naming the tensor, unless ``allow_nonfinite``."""
+        if not self.allow_nonfinite and not is_finite(t):
+            raise UserError(f"output tensor {name!r} would hold NaN or Inf in {CODES.get(t.dtype, t.dtype)} "
+                            "(a non-finite input or parameter, or values beyond the output dtype's range); "
+                            "nothing written (pass --allow-nonfinite to write it anyway)")
         i = self._where[name]
         if i != self._opened:
             if self._open:
@@ -93,44 +100,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-@contextmanager
-def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``target``; rename it to ``target`` on success."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target}: already exists; choose another output or pass --overwrite")
-    if target.exists() and not target.is_dir():
-        raise UserError(f"{target}: exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    # SIGTERM becomes an exception so the clean-up below runs, as it does for Ctrl-C.
-    old = signal.getsignal(signal.SIGTERM)
-    swapped = _swap_sigterm()
-    try:
-        yield tmp
-        if target.exists():
-            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, trash)
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if swapped:
-            signal.signal(signal.SIGTERM, old)
-
-
-def _swap_sigterm() -> bool:
-    def _raise(signum, frame):
-        raise KeyboardInterrupt("terminated")
-
-    try:
-        signal.signal(signal.SIGTERM, _raise)
-        return True
-    except ValueError:  # not the main thread: leave signals alone
-        return False

@@ -20,6 +20,7 @@ from modelcypher.align.pipeline import check_pair, match, spec_of
 from modelcypher.align.transform import fold_norms
 from modelcypher.arch.families import family_of
 from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.guard import atomic_file
 from modelcypher.errors import UserError
 from modelcypher.hf import causal_lm, context_length, resolve_device, token_ids, untied_model
 from modelcypher.measure.loss import lm_loss
@@ -149,7 +150,7 @@ def plot_barrier(result: dict, png: str | Path, title: str | None = None) -> Pat
     ax.legend(fontsize="small")
     fig.tight_layout()
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return png

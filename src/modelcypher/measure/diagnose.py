@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from modelcypher.arch.families import layer_index
+from modelcypher.checkpoint.guard import atomic_file
 from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
 from modelcypher.measure.interference import NEGLIGIBLE, overlap_excess, recommend
@@ -527,7 +528,8 @@ def plot_heatmaps(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     def save(fig, name):
         path = out_dir / name
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
 

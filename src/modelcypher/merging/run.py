@@ -13,7 +13,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import threading
 import zlib
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from modelcypher.checkpoint.files import copy_side_files
 from modelcypher.checkpoint.reader import GENERATION_FILES, TOKENIZER_FILES
 from modelcypher.checkpoint.writer import ShardedWriter
 from modelcypher.errors import UserError
@@ -220,7 +220,8 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
     file order.
     """
     keep_heap_warm()
-    writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in plan.tasks], max_shard_size)
+    writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in plan.tasks], max_shard_size,
+                           allow_nonfinite=allow_nonfinite)
     by_name = {t.name: t for t in plan.tasks}
     order = writer.order
     if progress:
@@ -278,9 +279,7 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
 
 
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
-    for n in names:
-        if (src / n).is_file():
-            shutil.copyfile(src / n, dst / n)
+    copy_side_files(src, dst, names)
 
 
 def model_card(plan: Plan) -> str:
