@@ -206,6 +206,8 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(err, os.strerror(err), str(dst))
         if err not in (errno.EINVAL, errno.ENOSYS):
             raise OSError(err, os.strerror(err), str(dst))
     if os.path.lexists(dst):
@@ -260,7 +262,7 @@ def atomic_dir(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
                     _check_inputs(target, inputs)
                 _install(tmp, target, overwrite)
             except OSError as e:
-                raise os_error(e, tmp) from None
+                raise os_error(e, target) from None
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -156,7 +156,10 @@ def parse_config(source: str | Path | dict) -> MergeConfig:
             where = str(path)
             if not path.is_file():
                 raise UserError(f"{path}: no such config file")
-            text = path.read_text()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
