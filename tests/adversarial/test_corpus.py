@@ -19,7 +19,7 @@ import pytest
 import torch
 from harness import INDEX, SHARD, Work, leftovers, refuse
 
-from checkpoints import char_gpt2_set
+from checkpoints import char_gpt2_set, finetune, load
 from modelcypher.checkpoint.guard import output_lock
 
 FC = "transformer.h.0.mlp.c_fc.weight"
@@ -469,12 +469,12 @@ def _(w, cid):
 
 @case("trace-align-lr-nan")
 def _(w, cid):
-    return w.align("--method", "learned", "--lr", "nan"), "--lr"
+    return w.align("--method", "learned", "--lr", "nan"), "lr"
 
 
 @case("trace-align-steps-zero")
 def _(w, cid):
-    return w.align("--steps", "0"), "--steps"
+    return w.align("--steps", "0"), "steps"
 
 
 @case("trace-barrier-max-tokens-negative")
@@ -647,8 +647,12 @@ def _(w, cid):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
+    """A character-level GPT-2 base with its tokenizer, two small fine-tunes of it, and two texts."""
     root = tmp_path_factory.mktemp("adversarial-models")
-    char_gpt2_set(root)
+    base_dir = char_gpt2_set(root)[0]
+    base = load(base_dir, "gpt2")
+    for i in (1, 2):
+        finetune(base, seed=i, scale=0.002).save_pretrained(root / f"m{i}")
     return root
 
 
@@ -716,8 +720,9 @@ def _appear_during_run(monkeypatch, w: Work) -> None:
     def appear(real):
         def wrapped(*a, **k):
             result = real(*a, **k)
-            w.out.mkdir()
-            (w.out / "theirs.txt").write_text("theirs")
+            if not w.out.exists():
+                w.out.mkdir()
+                (w.out / "theirs.txt").write_text("theirs")
             return result
         return wrapped
 
@@ -820,7 +825,9 @@ def test_nonfinite_merge_is_written_only_when_allowed(source, tmp_path):
 
     w = Work.copy_of(source, tmp_path)
     w.poison(1, FC, float("nan"))
-    succeed(w.merge("--allow-nonfinite"))
+    cfg = {"merge_method": "linear", "models": [{"model": str(w.m[1]), "parameters": {"weight": 0.5}},
+                                                {"model": str(w.m[2]), "parameters": {"weight": 0.5}}]}
+    succeed(w.merge("--allow-nonfinite", cfg=cfg))
     from modelcypher.checkpoint import Checkpoint
 
     ck = Checkpoint(w.out, allow_nonfinite=True)

@@ -220,6 +220,8 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
     file order.
     """
     keep_heap_warm()
+    for ck in plan.models:  # the reader need not check too: compute_blocks checks every block it reads
+        ck.allow_nonfinite = True
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in plan.tasks], max_shard_size,
                            allow_nonfinite=allow_nonfinite)
     by_name = {t.name: t for t in plan.tasks}
