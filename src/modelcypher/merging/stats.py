@@ -100,9 +100,14 @@ JOINT = {"distill"}  # statistics fitted for all models at once (one file per mo
 
 
 def _save(tensors: dict, path: Path, prov: dict) -> None:
+    """One statistic into the cache, made on its first write (an interrupted pass leaves no empty cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"provenance": json.dumps(prov)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"provenance": json.dumps(prov)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     path.with_suffix(".json").write_text(json.dumps(prov, indent=2))
 
 
@@ -141,7 +146,6 @@ def _distill(plan, base_i: int, device: torch.device, params: dict, log) -> tupl
 def collect(plan, out: Path, device: torch.device, log=print) -> Stats:
     """Compute (or reuse) every statistic the plan's method needs for every model with data."""
     cache = out.parent / f"{out.name}.stats"
-    cache.mkdir(parents=True, exist_ok=True)
     stats = Stats()
     for stat in set(plan.method.stats) & JOINT:
         base_i = _base_index(plan)
