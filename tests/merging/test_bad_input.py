@@ -38,7 +38,7 @@ def refuse(tmp_path, cfg: dict | str, *flags: str, match: str, inputs=()):
     assert match in lines[0], lines[0]
     assert "Traceback" not in r.stderr
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    assert not [p for p in tmp_path.iterdir() if "modelcypher-" in p.name]
     assert snapshot(*inputs) == before
     return lines[0]
 
