@@ -19,7 +19,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -146,6 +145,14 @@ def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if TMP_TAG in p.name or LOCK_TAG in p.name or p.name.endswith(".stats")]
 
 
+def _children() -> set[int]:
+    """This process's live children (from /proc: every thread's list), zombies included."""
+    pids = set()
+    for f in Path("/proc/self/task").glob("*/children"):
+        pids |= {int(p) for p in f.read_text().split()}
+    return pids
+
+
 def run(argv: list) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -159,8 +166,7 @@ def run(argv: list) -> tuple[int, str, str]:
 def refuse(w: Work, argv: list, culprit: str, check_left: bool = True) -> str:
     """Run ``argv`` and check every promise of a refusal; returns the error line."""
     before = snapshot(*w.inputs)
-    me = psutil.Process()
-    children = {c.pid for c in me.children(recursive=True)}
+    children = _children()
     threads = torch.get_num_threads()
     rc, _, err = run(argv)
     lines = err.strip().splitlines()
@@ -172,7 +178,7 @@ def refuse(w: Work, argv: list, culprit: str, check_left: bool = True) -> str:
         assert not o.exists(), f"{o} was written"
     if check_left:
         assert leftovers(w.root) == [], leftovers(w.root)
-    assert {c.pid for c in me.children(recursive=True)} <= children, "a child process was left"
+    assert _children() <= children, "a child process was left"
     assert torch.get_num_threads() == threads
     return lines[0]
 
