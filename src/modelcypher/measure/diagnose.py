@@ -562,15 +562,4 @@ def plot_heatmaps(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def finite(x: Any) -> Any:
-    """Strict JSON: a non-finite float (a zero base norm) becomes null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
-
-
-__all__ = ["diagnose_config", "finite", "plot_heatmaps", "render_table"]
+__all__ = ["diagnose_config", "plot_heatmaps", "render_table"]
