@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelcypher.adapters.extract import ExtractReport
+from modelcypher.adapters.extract import extract_lora as _extract_lora
 from modelcypher.checkpoint.writer import atomic_dir, parse_size
 from modelcypher.errors import UserError
 from modelcypher.merging.config import MergeConfig, parse_config
@@ -58,3 +60,14 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
 
             shutil.rmtree(tmp / ".aligned")
     return plan
+
+
+def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, rank: int = 32,
+                 sv_epsilon: float = 0.0, embed_lora: bool = False, overwrite: bool = False,
+                 log=None) -> ExtractReport:
+    """Write a PEFT LoRA adapter to ``out`` that turns ``base`` into ``finetune``, by truncated SVD of
+    each weight's update (rank ``rank``, fewer where singular values fall to ``sv_epsilon`` times the
+    largest); embeddings and the head kept whole unless ``embed_lora``. Returns the per-module ranks
+    and the share of each update's energy kept (also written to the adapter's extract_report.json)."""
+    return _extract_lora(finetune, base, out, rank=rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
+                         overwrite=overwrite, log=log)

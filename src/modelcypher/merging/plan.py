@@ -12,6 +12,7 @@ import torch
 
 from modelcypher.arch.families import family_of, layer_index, num_layers, ties_embeddings, with_layer
 from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.errors import UserError
 from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
 from modelcypher.merging.registry import REQUIRED, Method, get_method
@@ -59,6 +60,21 @@ def resolve_path(ref: str, config_dir: Path | None, what: str = "model") -> Path
     if what != "model":
         raise UserError(f"{what} {ref!r}: not found{where}")
     raise UserError(f"model {ref!r}: no such local model directory{where}; downloads from a hub are not done")
+
+
+def open_model(ref: str, config_dir: Path | None) -> Checkpoint | AdaptedCheckpoint:
+    """A model reference: a directory, else ``base+adapter`` (a PEFT LoRA applied as it is read; a
+    directory whose name contains '+' is still that directory)."""
+    try:
+        return Checkpoint(resolve_path(ref, config_dir))
+    except UserError:
+        for i in [i for i, c in enumerate(ref) if c == "+"]:
+            try:
+                base, adapter = resolve_path(ref[:i], config_dir), resolve_path(ref[i + 1:], config_dir)
+            except UserError:
+                continue
+            return AdaptedCheckpoint(base, adapter, name=ref)
+        raise
 
 
 def _value_at(value: Any, layer: int | None, depth: int, before_layers: bool) -> Any:
@@ -126,7 +142,10 @@ class _Block:
 def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_vocab: bool = False) -> Plan:
     method = get_method(cfg.merge_method)
     names = cfg.model_names()
-    models = [Checkpoint(resolve_path(n, config_dir)) for n in names]
+    models = [open_model(n, config_dir) for n in names]
+    if (method.stats or cfg.align is not None) and any(isinstance(m, AdaptedCheckpoint) for m in models):
+        raise UserError("a model+lora reference cannot be aligned or run through a model for statistics yet; "
+                        "merge the adapter first (e.g. a linear merge of that model alone)")
     idx = {n: i for i, n in enumerate(names)}
     _check_family(models, names)
 
