@@ -33,7 +33,7 @@ def test_sv_epsilon_cuts_the_rank_relative_to_the_largest_value():
     assert low_rank_factors(d, 4, sv_epsilon=0.04)[0].shape[0] == 3  # 0.5 > 0.04 * 10: kept
     assert low_rank_factors(d, 4, sv_epsilon=0.06)[0].shape[0] == 2  # 0.5 <= 0.06 * 10: cut
     assert low_rank_factors(d, 1, sv_epsilon=0.001)[0].shape[0] == 1  # --rank bounds it first
-    assert low_rank_factors(d, 4, sv_epsilon=0.001)[0].shape[0] == 4
+    assert low_rank_factors(d, 4, sv_epsilon=1e-4)[0].shape[0] == 4
     a, b, kept = low_rank_factors(torch.zeros(3, 4), 2)
     assert kept == 1.0 and torch.equal(b @ a, torch.zeros(3, 4))
 

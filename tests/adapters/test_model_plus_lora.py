@@ -7,11 +7,11 @@ import shutil
 import peft
 import pytest
 import torch
+from peft_models import GPT2_LORA, LLAMA_LORA, make_adapter
 
 import modelcypher
 from checkpoints import load, state
 from modelcypher.errors import UserError
-from peft_models import GPT2_LORA, LLAMA_LORA, make_adapter
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 77, 3]])
 

@@ -7,12 +7,12 @@ import json
 import peft
 import pytest
 import torch
+from peft_models import GPT2_LORA, LLAMA_LORA, make_adapter
 
 from modelcypher.checkpoint import Checkpoint
 from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.peft import LoraAdapter, lora_config, write_adapter
 from modelcypher.errors import UserError
-from peft_models import GPT2_LORA, LLAMA_LORA, make_adapter
 
 
 def _merged_state(model: peft.PeftModel) -> dict[str, torch.Tensor]:
