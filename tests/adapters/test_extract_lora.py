@@ -56,8 +56,9 @@ def _rank_r_finetune(family: str, r: int, seed: int = 5, heads: bool = True) -> 
     return model
 
 
-@pytest.mark.parametrize("family,heads", [("llama", True), ("gpt2", False)])
+@pytest.mark.parametrize("family,heads", [("llama", True), ("gpt2", False), ("gpt2", True)])
 def test_extracted_adapter_of_rank_r_finetune_reproduces_its_logits(tmp_path, family, heads):
+    """GPT-2 ties its head to the embedding: the head gets the embedding's new rows too."""
     base_dir = save(build(family), tmp_path / "base")
     ft_dir = save(_rank_r_finetune(family, 3, heads=heads), tmp_path / "ft")
     before = snapshot(base_dir, ft_dir)
@@ -71,8 +72,30 @@ def test_extracted_adapter_of_rank_r_finetune_reproduces_its_logits(tmp_path, fa
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     saved = json.loads((tmp_path / "ad" / "extract_report.json").read_text())
     assert set(saved["modules"]) == set(rep.modules)
-    if heads:
+    if heads and family == "llama":
         assert sorted(saved["modules_to_save"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+
+
+def test_tied_embedding_factored_with_embed_lora_reproduces_logits(tmp_path):
+    """--embed-lora on GPT-2 (tied head): the embedding and its head carry the same low-rank update."""
+    base = build("gpt2")
+    base_dir = save(base, tmp_path / "base")
+    ft = _rank_r_finetune("gpt2", 2, heads=False)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        wte = ft.transformer.wte.weight
+        wte.add_(torch.randn(wte.shape[0], 2, generator=g) @ torch.randn(2, wte.shape[1], generator=g) * 0.05)
+    ft_dir = save(ft, tmp_path / "ft")
+    rep = modelcypher.extract_lora(ft_dir, base_dir, tmp_path / "ad", rank=2, embed_lora=True)
+    assert {"transformer.wte", "lm_head"} <= set(rep.modules)
+    model = peft.PeftModel.from_pretrained(load(base_dir, "gpt2"), tmp_path / "ad").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, load(ft_dir, "gpt2")(IDS).logits, rtol=1e-4, atol=1e-4)
+    # read back as base+adapter, the head's copy of the update is dropped: the embedding's stands for both
+    from modelcypher.checkpoint.adapted import AdaptedCheckpoint
+
+    ck = AdaptedCheckpoint(base_dir, tmp_path / "ad")
+    torch.testing.assert_close(ck.get("transformer.wte.weight"), ft.transformer.wte.weight, rtol=1e-4, atol=1e-5)
 
 
 def test_embed_lora_and_lower_rank_keep_less_energy(tmp_path):

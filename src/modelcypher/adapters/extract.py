@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from modelcypher.adapters.low_rank import low_rank_factors
-from modelcypher.arch.families import family_of
+from modelcypher.arch.families import family_of, ties_embeddings
 from modelcypher.checkpoint.peft import lora_config, write_adapter
 from modelcypher.checkpoint.reader import Checkpoint
 from modelcypher.checkpoint.safetensors_io import TensorInfo, read_tensor
@@ -95,6 +95,9 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
     fam = family_of(ft.config)
     embeddings = {i for i, _ in fam.tied} | {n for n in ft.names if n.endswith(_EMBEDDING_SUFFIXES)}
     heads = {o for _, o in fam.tied}
+    # A head tied to its embedding is no tensor of its own in the checkpoint, but is a module of its
+    # own in peft: it gets the embedding's update too, or the adapted model's head would stay the base's.
+    tied_head = {i: o for i, o in fam.tied if i in ft and o not in ft and ties_embeddings(ft.config)}
     report = ExtractReport(rank, sv_epsilon)
     entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     scratch_at: dict[str, TensorInfo] = {}
@@ -112,9 +115,10 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
                 whole = n in embeddings or n in heads
                 if whole and not embed_lora:
                     if not torch.equal(ft.get(n), bs.get(n)):
-                        report.modules_to_save.append(n)
-                        entries.append((n, ft.shape(n), dtype))
-                        full[n] = n
+                        for key in [n] + ([tied_head[n]] if n in tied_head else []):
+                            report.modules_to_save.append(key)
+                            entries.append((key, ft.shape(n), dtype))
+                            full[key] = n
                     continue
                 delta = ft.get(n).float() - bs.get(n).float()
                 if not matrix:
@@ -130,8 +134,12 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
                 conv1d |= transposed and not embedding
                 a, b, kept = low_rank_factors(delta.T if transposed else delta, rank, sv_epsilon)
                 kinds = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-                for kind, t in zip(kinds, (a, b), strict=True):
-                    key = f"{module}.{kind}"
+                factors = {f"{module}.{kinds[0]}": a, f"{module}.{kinds[1]}": b}
+                if n in tied_head:  # the head's update is the embedding's, transposed: B_h = A^T, A_h = B^T
+                    head = tied_head[n][: -len(".weight")]
+                    factors |= {f"{head}.lora_A.weight": b.T, f"{head}.lora_B.weight": a.T}
+                    report.modules[head] = ModuleReport(a.shape[0], kept)
+                for key, t in factors.items():
                     t = t.to(dtype).contiguous()
                     scratch_at[key] = TensorInfo(scratch, dtype, tuple(t.shape), f.tell(), t.numel() * t.itemsize)
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
@@ -141,6 +149,9 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
                     log(f"  {module}: rank {a.shape[0]}, kept {kept:.4f} of the update's energy")
         if not report.modules and not report.modules_to_save:
             raise UserError(f"{ft.path} and {bs.path} have the same weights: there is no update to extract")
+        if not report.modules:  # peft refuses an adapter whose every module is saved whole
+            raise UserError(f"{ft.path} differs from {bs.path} only in its embeddings or head; "
+                            "pass --embed-lora to factor them")
         ranks = {m: r.rank for m, r in report.modules.items()}
         r_max = max(ranks.values(), default=rank)
         others = {m: r for m, r in ranks.items() if r != r_max}

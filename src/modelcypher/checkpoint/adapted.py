@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modelcypher.arch.families import GENERIC, family_of
+from modelcypher.arch.families import GENERIC, family_of, ties_embeddings
 from modelcypher.checkpoint.peft import LoraAdapter
 from modelcypher.checkpoint.reader import Checkpoint
 
@@ -26,8 +26,9 @@ class AdaptedCheckpoint:
         self.name = name or f"{self.base.path}+{self.adapter.path}"
         fam = family_of(self.base.config)
         # an unknown family: the adapter's fan_in_fan_out flag says which weights are stored [in, out]
+        tied = [o for _, o in fam.tied] if ties_embeddings(self.base.config) else []
         self.adapter.check_base(self.base.names, self.base.shape, str(self.base.path),
-                                None if fam is GENERIC else fam.conv1d)
+                                None if fam is GENERIC else fam.conv1d, tied)
         self.path = self.base.path
         self.config = self.base.config
 

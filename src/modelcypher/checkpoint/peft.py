@@ -169,13 +169,17 @@ class LoraAdapter:
         return f.delta_rows(self.tensor(f.a), self.tensor(f.b), rows)
 
     def check_base(self, names: Iterable[str], shape: Callable[[str], tuple[int, ...]], base: str,
-                   conv1d: tuple[str, ...] | None = None) -> None:
+                   conv1d: tuple[str, ...] | None = None, tied: Iterable[str] = ()) -> None:
         """Every key names a tensor of the base, with a shape that fits it; else one line naming it.
 
         ``conv1d``: the base's weights stored [in, out], by name suffix. peft decides the layout by
         the layer it wraps, whatever ``fan_in_fan_out`` says, so where the base's family is known it
-        decides here too."""
+        decides here too. ``tied``: heads the base ties to its embedding and stores no tensor for; an
+        update to one is dropped (the base has one tensor for both: the embedding's update stands)."""
         names = set(names)
+        tied = set(tied) - names
+        self.factors = {n: f for n, f in self.factors.items() if n not in tied}
+        self.full = {n: k for n, k in self.full.items() if n not in tied}
         if conv1d is not None:
             self.factors = {n: replace(f, transposed=f.embedding or n.endswith(conv1d))
                             for n, f in self.factors.items()}
