@@ -74,3 +74,14 @@ def test_bad_model_plus_lora_is_one_line_and_writes_nothing(tmp_path):
             modelcypher.merge(cfg, tmp_path / "out")
         assert "\n" not in str(e.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_model_plus_lora_with_a_data_driven_method_is_refused(tmp_path):
+    """Statistics run the model through transformers from its folder, which would miss the adapter."""
+    base_dir, adapter_dir, _ = make_adapter(tmp_path, "llama", peft.LoraConfig(**LLAMA_LORA))
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    cfg = {"merge_method": "fisher", "parameters": {"data": str(tmp_path / "t.txt")},
+           "models": [{"model": f"{base_dir}+{adapter_dir}"}, {"model": str(base_dir)}]}
+    with pytest.raises(UserError, match="model\\+lora"):
+        modelcypher.merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

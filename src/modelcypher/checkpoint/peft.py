@@ -166,7 +166,9 @@ class LoraAdapter:
     def delta(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The dense update of base tensor ``name`` (or rows of it), float32, in the base's layout."""
         f = self.factors[name]
-        return f.delta_rows(self.tensor(f.a), self.tensor(f.b), rows)
+        if f.transposed or rows is None:
+            return f.delta_rows(self.tensor(f.a), self.tensor(f.b), rows)
+        return f.delta_rows(self.tensor(f.a), self.tensor(f.b, rows), slice(None))  # B's rows alone, from disk
 
     def check_base(self, names: Iterable[str], shape: Callable[[str], tuple[int, ...]], base: str,
                    conv1d: tuple[str, ...] | None = None, tied: Iterable[str] = ()) -> None:
