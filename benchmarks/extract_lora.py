@@ -74,6 +74,7 @@ def main() -> None:
     import yaml
 
     size = "small" if args.small else "full"
+    load_before = os.getloadavg()[0]
     root = CACHE / size
     base, ft = build_models(SMALL if args.small else SHAPE, root)[:2]
     from modelcypher.checkpoint import Checkpoint
@@ -116,10 +117,11 @@ def main() -> None:
     print(json.dumps(rows["base+lora merge"]), flush=True)
     kept = json.loads((work / "ours_ad" / "extract_report.json").read_text())["modules"]
     mean_kept = sum(m["kept"] for m in kept.values()) / len(kept)
-    write_results(rows, n_params, args.rank, mean_kept, size)
+    write_results(rows, n_params, args.rank, mean_kept, size, (load_before, os.getloadavg()[0]))
 
 
-def write_results(rows: dict, n_params: int, rank: int, mean_kept: float, size: str) -> None:
+def write_results(rows: dict, n_params: int, rank: int, mean_kept: float, size: str,
+                  load: tuple[float, float]) -> None:
     out = HERE / "results" / ("extract_lora.md" if size == "full" else f"extract_lora_{size}.md")
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
@@ -129,7 +131,8 @@ def write_results(rows: dict, n_params: int, rank: int, mean_kept: float, size: 
         f"Rank {rank}; the fine-tune's update is dense noise, so the adapter keeps {mean_kept:.3f} of each "
         "update's energy on average (the SVD work is that of any rank-32 extraction).",
         f"Machine: {platform.machine()}, {len(os.sched_getaffinity(0))} usable cores shared with other jobs "
-        f"at the time (load was not controlled: compare the two columns of one run, not runs), "
+        f"at the time (1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: compare the "
+        "two columns of one run, not runs), "
         f"{time.strftime('%Y-%m-%d')}; torch {__import__('torch').__version__}, mergekit 0.1.5.",
         "Wall time of the whole process (start and imports included) and its peak RSS.",
         "",
