@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from modelcypher.checkpoint.reader import load_bin
 from modelcypher.checkpoint.safetensors_io import StreamingFile, TensorInfo, read_header, read_tensor
 from modelcypher.checkpoint.writer import atomic_dir
 from modelcypher.errors import UserError
@@ -99,7 +100,7 @@ class LoraAdapter:
             self._infos, _ = read_header(self.file)
         elif (self.path / BIN_FILE).is_file():
             self.file = self.path / BIN_FILE
-            self._bin = _load_bin(self.file)
+            self._bin = load_bin(self.file)
         else:
             raise UserError(f"{self.path}: no adapter weights ({SAFE_FILE} or {BIN_FILE})")
         self.factors, self.full = self._parse()
@@ -201,17 +202,6 @@ class LoraAdapter:
 
     def __repr__(self) -> str:
         return f"LoraAdapter({str(self.path)!r}, {len(self.factors)} modules, {len(self.full)} full tensors)"
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only refuses arbitrary pickles
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe files
-        raise UserError(f"{path}: cannot load safely with weights_only=True ({str(e).splitlines()[0]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path}: not a state dict of tensors")
-    return sd
 
 
 def lora_config(*, target_modules: list[str], r: int, lora_alpha: float, rank_pattern: dict[str, int] | None = None,
