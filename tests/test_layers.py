@@ -15,7 +15,7 @@ from pathlib import Path
 import modelcypher
 
 ROOT = Path(modelcypher.__file__).parent
-FLOORS = {"errors": 0, "options": 1, "arch": 1, "checkpoint": 1, "hf": 2, "merging": 3, "align": 4,
+FLOORS = {"errors": 0, "options": 1, "arch": 1, "checkpoint": 1, "hf": 2, "merging": 3, "adapters": 3, "align": 4,
           "measure": 5, "transfer": 6, "evolve": 6, "api": 7, "cli": 8, "__main__": 8, "__init__": 8}
 
 

@@ -8,11 +8,11 @@ The API is imported lazily so that ``modelcypher --help`` does not pay for torch
 """
 
 __version__ = "0.1.0"
-__all__ = ["merge", "plan_merge", "UserError"]
+__all__ = ["merge", "plan_merge", "extract_lora", "UserError"]
 
 
 def __getattr__(name: str):
-    if name in ("merge", "plan_merge"):
+    if name in ("merge", "plan_merge", "extract_lora"):
         from modelcypher import api
 
         return getattr(api, name)

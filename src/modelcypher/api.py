@@ -10,19 +10,20 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from modelcypher.adapters.extract import ExtractReport
+from modelcypher.adapters.extract import extract_lora as _extract_lora
 from modelcypher.align.pipeline import align_checkpoint
 from modelcypher.align.prealign import prealign
 from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
-from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.checkpoint.writer import parse_size
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
 from modelcypher.merging.config import MergeConfig, parse_config
-from modelcypher.merging.plan import Plan, check_config, make_plan
+from modelcypher.merging.plan import Plan, check_config, make_plan, open_model
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
 
-__all__ = ["align_checkpoint", "barrier_curve", "merge", "plan_merge"]
+__all__ = ["align_checkpoint", "barrier_curve", "extract_lora", "merge", "plan_merge"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:
@@ -55,7 +56,7 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
         inputs = [(ck.path, name) for ck, name in zip(plan.models, plan.names, strict=True)]
     else:  # planned once, after alignment; what needs no model is checked before it
         check_config(cfg)
-        inputs = [(resolve_path(n, config_dir), n) for n in cfg.model_names()]
+        inputs = [(open_model(n, config_dir).path, n) for n in cfg.model_names()]
     if dry_run:
         return plan
     paths = [path for path, _ in inputs]
@@ -71,3 +72,14 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
                           max_shard_size=shard_bytes, progress=progress, stats=stats)
         shutil.rmtree(tmp / ".aligned", ignore_errors=True)
     return replace(plan, reports=reports)
+
+
+def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, rank: int = 32,
+                 sv_epsilon: float = 0.0, embed_lora: bool = False, overwrite: bool = False,
+                 log=None) -> ExtractReport:
+    """Write a PEFT LoRA adapter to ``out`` that turns ``base`` into ``finetune``, by truncated SVD of
+    each weight's update (rank ``rank``, fewer where singular values fall to ``sv_epsilon`` times the
+    largest); embeddings and the head kept whole unless ``embed_lora``. Returns the per-module ranks
+    and the share of each update's energy kept (also written to the adapter's extract_report.json)."""
+    return _extract_lora(finetune, base, out, rank=rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
+                         overwrite=overwrite, log=log)

@@ -50,6 +50,21 @@ def _print_kept(plan) -> None:
         print(f"  layer {layer:>3}: " + "  ".join(f"{m:.3f}" for m in means))
 
 
+def _extract_lora(args: argparse.Namespace) -> int:
+    from modelcypher.api import extract_lora
+
+    t0 = time.perf_counter()
+    rep = extract_lora(args.finetune, args.base, args.output, rank=args.rank, sv_epsilon=args.sv_epsilon,
+                       embed_lora=args.embed_lora, overwrite=args.overwrite, log=print)
+    kept = [m.kept for m in rep.modules.values()]
+    print(f"wrote {args.output}: {len(rep.modules)} LoRA modules (mean kept {sum(kept) / max(len(kept), 1):.4f}), "
+          f"{len(rep.modules_to_save)} tensors whole, in {time.perf_counter() - t0:.1f}s")
+    if rep.not_carried:
+        print(f"note: {len(rep.not_carried)} tensors outside weight matrices differ and are not carried "
+              f"(e.g. {rep.not_carried[0]}); see extract_report.json")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from modelcypher.zoo.demo import run_demo
 
@@ -231,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int, default=None, help="k for top-k energy and subspace overlap")
     g.add_argument("--device", default="auto", type=_device)
     g.set_defaults(func=_diagnose)
+
+    x = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from a fine-tune minus its base (truncated SVD)")
+    x.add_argument("finetune", help="the fine-tuned model directory")
+    x.add_argument("--base", required=True, help="the base model directory it was tuned from")
+    x.add_argument("-o", "--output", required=True, help="output adapter directory (must not exist)")
+    x.add_argument("--rank", type=int, default=32, help="LoRA rank per module (default 32)")
+    x.add_argument("--sv-epsilon", type=float, default=0.0,
+                   help="drop singular values at or below this share of the largest (default 0: keep --rank)")
+    x.add_argument("--embed-lora", action="store_true",
+                   help="factor embeddings and the output head too (default: kept whole as modules_to_save)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.set_defaults(func=_extract_lora)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")

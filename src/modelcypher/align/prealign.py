@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 
 from modelcypher.align.pipeline import align_checkpoint, fold_checkpoint
+from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.reader import resolve_path
+from modelcypher.errors import UserError
 from modelcypher.merging.config import MergeConfig
+from modelcypher.merging.plan import open_model
 
 
 def prealign(cfg: MergeConfig, workdir: Path, *, config_dir: Path | None = None,
@@ -27,7 +30,11 @@ def prealign(cfg: MergeConfig, workdir: Path, *, config_dir: Path | None = None,
     if opts.data is not None:  # relative to the working directory, else to the config's folder
         opts = opts.model_copy(update={"data": str(resolve_path(opts.data, config_dir, what="align data file"))})
     names = cfg.model_names()
-    paths = [resolve_path(n, config_dir).resolve() for n in names]
+    models = [open_model(n, config_dir) for n in names]
+    if any(isinstance(m, AdaptedCheckpoint) for m in models):
+        raise UserError("a model+lora reference cannot be aligned yet; merge the adapter into its base first "
+                        "(e.g. a linear merge of that model alone)")
+    paths = [m.path.resolve() for m in models]
     ref = 0 if cfg.base_model is not None else names.index((cfg.models or cfg.slices[0].sources)[0].model)
     workdir = Path(workdir)
     aligned = {i: str(p) for i, p in enumerate(paths)}

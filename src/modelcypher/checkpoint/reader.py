@@ -49,6 +49,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded safely: weights_only refuses arbitrary pickles; mmap keeps the data
+    on disk until a tensor is used."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        raise UserError(f"{path}: cannot load safely with weights_only=True ({str(e).splitlines()[0]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return sd
+
+
 class Checkpoint:
     """Tensor names, shapes and dtypes from the headers; ``get`` reads one tensor from disk.
 
@@ -108,13 +120,7 @@ class Checkpoint:
         return set(infos)
 
     def _add_bin(self, path: Path) -> set[str]:
-        # weights_only refuses arbitrary pickles; mmap keeps the data on disk until a tensor is used.
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for corrupt or unsafe files
-            raise UserError(f"{path}: cannot load safely with weights_only=True ({str(e).splitlines()[0]})") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise UserError(f"{path}: not a state dict of tensors")
+        sd = load_bin(path)
         self._bin.update(sd)
         return set(sd)
 

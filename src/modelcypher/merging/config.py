@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from modelcypher.errors import UserError
 from modelcypher.options import AlignOptions
@@ -46,13 +46,6 @@ class Strict(BaseModel):
 class ModelEntry(Strict):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-
-    @field_validator("model")
-    @classmethod
-    def _no_lora(cls, v: str) -> str:
-        if "+" in v and not Path(v).exists():
-            raise ValueError(f"model {v!r}: 'model+lora' references are not supported yet")
-        return v
 
 
 class SliceSource(ModelEntry):

@@ -20,6 +20,7 @@ from modelcypher.arch.families import (
     with_layer,
 )
 from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
@@ -60,6 +61,21 @@ class Plan:
     @property
     def nbytes(self) -> int:
         return sum(math.prod(t.shape) * t.dtype.itemsize for t in self.tasks)
+
+
+def open_model(ref: str, config_dir: Path | None) -> Checkpoint | AdaptedCheckpoint:
+    """A model reference: a directory, else ``base+adapter`` (a PEFT LoRA applied as it is read; a
+    directory whose name contains '+' is still that directory)."""
+    try:
+        return Checkpoint(resolve_path(ref, config_dir))
+    except UserError:
+        for i in [i for i, c in enumerate(ref) if c == "+"]:
+            try:
+                base, adapter = resolve_path(ref[:i], config_dir), resolve_path(ref[i + 1:], config_dir)
+            except UserError:
+                continue
+            return AdaptedCheckpoint(base, adapter, name=ref)
+        raise
 
 
 def _value_at(value: Any, layer: int | None, depth: int, before_layers: bool) -> Any:
@@ -146,7 +162,10 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     """
     method = check_config(cfg)
     refs = cfg.model_names()
-    models = [Checkpoint(resolve_path(n, config_dir)) for n in refs]
+    models = [open_model(n, config_dir) for n in refs]
+    if method.stats and any(isinstance(m, AdaptedCheckpoint) for m in models):
+        raise UserError("a model+lora reference cannot be run through a model for statistics yet; "
+                        "merge the adapter first (e.g. a linear merge of that model alone)")
     names = names or refs
     idx = {n: i for i, n in enumerate(refs)}
     _check_family(models, names)
