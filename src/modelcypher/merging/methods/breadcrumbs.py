@@ -43,8 +43,8 @@ def breadcrumb_deltas(
     "breadcrumbs",
     base="required",
     paper=BREADCRUMBS_PAPER,
-    model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},
-    global_params={"normalize": False, "lambda": 1.0},
+    model_params=("weight", "density", "gamma"),
+    global_params=("normalize", "lambda"),
 )
 def breadcrumbs(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,

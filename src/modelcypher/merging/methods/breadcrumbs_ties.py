@@ -17,8 +17,8 @@ from modelcypher.merging.registry import register
     "breadcrumbs_ties",
     base="required",
     paper=f"{BREADCRUMBS_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
-    model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},
-    global_params={"normalize": True, "lambda": 1.0},
+    model_params=("weight", "density", "gamma"),
+    global_params=("normalize", "lambda"),
 )
 def breadcrumbs_ties(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,

@@ -28,8 +28,8 @@ DARE_PAPER = (
     rowwise=True,
     base="required",
     paper=DARE_PAPER,
-    model_params={"weight": 1.0, "density": 1.0},
-    global_params={"normalize": False, "lambda": 1.0},
+    model_params=("weight", "density"),
+    global_params=("normalize", "lambda"),
     random=True,
 )
 def dare_linear(

@@ -24,8 +24,8 @@ from modelcypher.merging.registry import register
     raw=True,
     base="required",
     paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
-    model_params={"weight": 1.0, "density": 1.0},
-    global_params={"normalize": True, "lambda": 1.0},
+    model_params=("weight", "density"),
+    global_params=("normalize", "lambda"),
     random=True,
 )
 def dare_ties(

@@ -44,8 +44,8 @@ def della_deltas(
     rowwise=True,
     base="required",
     paper=DELLA_PAPER,
-    model_params={"weight": 1.0, "density": 1.0, "epsilon": 0.1},
-    global_params={"normalize": False, "lambda": 1.0},
+    model_params=("weight", "density", "epsilon"),
+    global_params=("normalize", "lambda"),
     random=True,
 )
 def della_linear(

@@ -35,7 +35,7 @@ def isotropic(delta: torch.Tensor) -> torch.Tensor:
     base="required",
     paper="No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
           "(Iso-C; Marczak et al., ICML 2025, arXiv 2502.04959)",
-    global_params={"lambda": 1.0},
+    global_params=("lambda",),
 )
 def iso_c(xs, base, *, lambda_: float = 1.0):
     b = base.float()

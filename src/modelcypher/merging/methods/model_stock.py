@@ -19,7 +19,7 @@ from modelcypher.merging.registry import register
         "Model Stock: All we need is just a few fine-tuned models; Dong-Hwan Jang, Sangdoo Yun, "
         "Dongyoon Han; 2024 (ECCV 2024); arXiv:2403.19522"
     ),
-    global_params={"filter_wise": False},
+    global_params=("filter_wise",),
     min_models=2,
 )
 def model_stock(xs: Sequence[Tensor], base: Tensor | None, *, filter_wise: bool = False) -> Tensor:

@@ -118,7 +118,7 @@ def null_space_filter(
     "null_space",
     base="required",
     paper="Null-space filtering of task vectors (after MINGLE, arXiv 2509.21413)",
-    global_params={"lambda": 1.0, "rank_threshold": 1e-4, "reference": "others", "layout": "auto"},
+    global_params=("lambda", "rank_threshold", "reference", "layout"),
     stats=("gram",),
     reports=True,
 )

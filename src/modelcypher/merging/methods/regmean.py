@@ -88,7 +88,7 @@ def regmean_matrix(
     "regmean",
     paper="Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean, arXiv 2212.09849)",
     base="optional",
-    global_params={"alpha": 0.9, "ridge": 1e-6, "layout": "auto", "lambda": 1.0},
+    global_params=("alpha", "ridge", "layout", "lambda"),
     stats=("gram",),
 )
 def regmean(xs, base=None, *, gram=None, alpha: float = 0.9, ridge: float = 1e-6, layout: str = "auto",

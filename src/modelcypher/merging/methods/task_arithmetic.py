@@ -19,8 +19,8 @@ from modelcypher.merging.registry import register
         "Editing Models with Task Arithmetic; Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, "
         "Hajishirzi, Farhadi; 2022 (ICLR 2023); arXiv:2212.04089"
     ),
-    model_params={"weight": 1.0},
-    global_params={"normalize": False, "lambda": 1.0},
+    model_params=("weight",),
+    global_params=("normalize", "lambda"),
 )
 def task_arithmetic(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,

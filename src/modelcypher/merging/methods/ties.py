@@ -66,8 +66,8 @@ def ties_blocks(
     "ties",
     base="required",
     paper=TIES_PAPER,
-    model_params={"weight": 1.0, "density": 1.0},
-    global_params={"normalize": True, "lambda": 1.0},
+    model_params=("weight", "density"),
+    global_params=("normalize", "lambda"),
     stream=ties_blocks,
     raw=True,
 )

@@ -72,7 +72,7 @@ def tsv_merge_matrix(deltas: list[torch.Tensor], fraction: float | None = None) 
     "tsv",
     base="required",
     paper="Task Singular Vectors: Reducing Task Interference in Model Merging (arXiv 2412.00081)",
-    global_params={"lambda": 1.0, "fraction": None},
+    global_params=("lambda", "fraction"),
 )
 def tsv(xs, base, *, lambda_: float = 1.0, fraction: float | None = None):
     """TSV-M. ``fraction``: share of each task's singular components kept (default ``1/T``)."""

@@ -71,7 +71,7 @@ def wudi_optimize(taus: list[torch.Tensor], steps: int = 300, lr: float = 1e-5) 
     "wudi",
     base="required",
     paper="Whoever Started the Interference Should End It (WUDI-Merging, arXiv 2503.08099)",
-    global_params={"lambda": 1.0, "steps": 300, "lr": 1e-5, "layout": "linear"},
+    global_params=("lambda", "steps", "lr", "layout"),
 )
 def wudi(xs, base, *, lambda_: float = 1.0, steps: int = 300, lr: float = 1e-5, layout: str = "linear"):
     if layout not in LAYOUTS:
