@@ -63,7 +63,7 @@ def test_density_out_of_range(merge, gen):
 
 def test_keep_probability_is_density_to_two_to_the_minus_16(gen):
     """Coins come from 16-bit integers: p = round(density * 2**16) / 2**16, survivors scaled by 1/p."""
-    from modelcypher.merging.methods._sparsify import drop_and_rescale
+    from modelcypher.merging.methods._drop import drop_and_rescale
 
     n, density = 1 << 20, 0.3
     p = round(density * 2**16) / 2**16  # 19661 / 65536

@@ -1,6 +1,6 @@
 import torch
 
-from modelcypher.merging.methods._sparsify import magprune_keep_prob
+from modelcypher.merging.methods._drop import magprune_keep_prob
 from modelcypher.merging.registry import get_method
 
 ROW = torch.tensor([0.1, -0.4, 0.3, 0.2, -0.5])

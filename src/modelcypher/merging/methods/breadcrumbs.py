@@ -7,14 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import (
-    apply_delta,
-    band_mask,
-    check_fraction,
-    per_model,
-    task_vectors,
-    weighted_sum,
-)
+from modelcypher.merging.methods._consensus import combine
+from modelcypher.merging.methods._inputs import check_fraction, per_model
+from modelcypher.merging.methods._task import task_vectors
+from modelcypher.merging.methods._trim import band_mask
 from modelcypher.merging.registry import register
 
 BREADCRUMBS_PAPER = (
@@ -61,5 +57,4 @@ def breadcrumbs(
     """
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        deltas = breadcrumb_deltas(xs, base, density, gamma)
-        return apply_delta(base, weighted_sum(deltas, w, normalize), lambda_)
+        return combine("sum", breadcrumb_deltas(xs, base, density, gamma), base, w, normalize, lambda_)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import apply_delta, per_model, sign_consensus
+from modelcypher.merging.methods._consensus import combine
+from modelcypher.merging.methods._inputs import per_model
 from modelcypher.merging.methods.breadcrumbs import BREADCRUMBS_PAPER, breadcrumb_deltas
 from modelcypher.merging.methods.ties import TIES_PAPER
 from modelcypher.merging.registry import register
@@ -30,5 +31,4 @@ def breadcrumbs_ties(
     (``normalize``, default True) or the bare sum; ``result = base + lambda_ * tau``."""
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        deltas = breadcrumb_deltas(xs, base, density, gamma)
-        return apply_delta(base, sign_consensus(deltas, w, normalize), lambda_)
+        return combine("elect", breadcrumb_deltas(xs, base, density, gamma), base, w, normalize, lambda_)

@@ -7,14 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import (
-    apply_delta,
-    check_fraction,
-    drop_and_rescale,
-    per_model,
-    task_vectors,
-    weighted_sum,
-)
+from modelcypher.merging.methods._consensus import combine
+from modelcypher.merging.methods._drop import drop_and_rescale
+from modelcypher.merging.methods._inputs import check_fraction, per_model
+from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
 DARE_PAPER = (
@@ -41,7 +37,7 @@ def dare_linear(
 
     ``d_i = m_i * (x_i - base) / density_i`` with ``m_i ~ Bernoulli(density_i)`` elementwise (drop
     rate ``p = 1 - density_i``; ``density_i`` taken to a multiple of 2**-16, see
-    :func:`~modelcypher.merging.methods._sparsify.drop_and_rescale`; ``density_i = 1`` keeps
+    :func:`~modelcypher.merging.methods._drop.drop_and_rescale`; ``density_i = 1`` keeps
     everything exactly, ``density_i = 0`` drops everything); ``result = base + lambda_ * sum_i w_i d_i``
     (sum divided by ``sum_i w_i`` when ``normalize``, default False). ``E[result]`` is the undropped
     task-arithmetic result. The masks come from ``rng``, drawn model by model in config order.
@@ -52,4 +48,4 @@ def dare_linear(
     check_fraction(dens, "density")
     with torch.no_grad():
         dropped = [drop_and_rescale(t, d, rng) for t, d in zip(task_vectors(xs, base), dens, strict=True)]
-        return apply_delta(base, weighted_sum(dropped, w, normalize), lambda_)
+        return combine("sum", dropped, base, w, normalize, lambda_)

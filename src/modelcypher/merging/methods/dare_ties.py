@@ -7,12 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import (
-    check_base,
-    check_fraction,
-    dropped_merge,
-    per_model,
-)
+from modelcypher.merging.methods._consensus import dropped_merge
+from modelcypher.merging.methods._inputs import check_base, check_fraction, per_model
 from modelcypher.merging.methods.dare_linear import DARE_PAPER
 from modelcypher.merging.methods.ties import TIES_PAPER
 from modelcypher.merging.registry import register
@@ -45,5 +41,7 @@ def dare_ties(
     dens = per_model(density, n, "density")
     check_fraction(dens, "density")
     check_base(xs, base)
+    # Not combine("elect", <dare_linear's drops>): the drop is fused with the election in one pass over
+    # raw (bf16) blocks, w_i folded into the rescale, so no float32 copy of each task vector is made.
     with torch.no_grad():
         return dropped_merge(xs, base, dens, rng, w, normalize, lambda_)

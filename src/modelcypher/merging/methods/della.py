@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import apply_delta, per_model, sign_consensus
+from modelcypher.merging.methods._consensus import combine
+from modelcypher.merging.methods._inputs import per_model
 from modelcypher.merging.methods.della_linear import DELLA_PAPER, della_deltas
 from modelcypher.merging.registry import register
 
@@ -34,5 +35,4 @@ def della(
     """
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        deltas = della_deltas(xs, base, density, epsilon, rng)
-        return apply_delta(base, sign_consensus(deltas, w, normalize), lambda_)
+        return combine("elect", della_deltas(xs, base, density, epsilon, rng), base, w, normalize, lambda_)

@@ -8,14 +8,10 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import (
-    apply_delta,
-    check_fraction,
-    magprune,
-    per_model,
-    task_vectors,
-    weighted_sum,
-)
+from modelcypher.merging.methods._consensus import combine
+from modelcypher.merging.methods._drop import magprune
+from modelcypher.merging.methods._inputs import check_fraction, per_model
+from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
 DELLA_PAPER = (
@@ -28,7 +24,7 @@ def della_deltas(
     xs: Sequence[Tensor], base: Tensor | None, density: Sequence[float] | float,
     epsilon: Sequence[float] | float, rng: torch.Generator,
 ) -> list[Tensor]:
-    """MagPrune each ``tau_i = x_i - base`` (see ``_sparsify.magprune``)."""
+    """MagPrune each ``tau_i = x_i - base`` (see ``_drop.magprune``)."""
     n = len(xs)
     dens = per_model(density, n, "density")
     eps = per_model(epsilon, n, "epsilon")
@@ -67,5 +63,4 @@ def della_linear(
     """
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        deltas = della_deltas(xs, base, density, epsilon, rng)
-        return apply_delta(base, weighted_sum(deltas, w, normalize), lambda_)
+        return combine("sum", della_deltas(xs, base, density, epsilon, rng), base, w, normalize, lambda_)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import as_rows, check_shapes, f32, per_model, task_vectors
+from modelcypher.merging.methods._inputs import as_rows, check_shapes, f32, per_model
+from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
 

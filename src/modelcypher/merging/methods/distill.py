@@ -29,7 +29,7 @@ vector (float32) and one model in memory: a method for models that fit in memory
 from __future__ import annotations
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import f32
+from modelcypher.merging.methods._inputs import f32
 from modelcypher.merging.registry import register
 
 

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import torch
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import per_model, scale_from_base
+from modelcypher.merging.methods._inputs import per_model
+from modelcypher.merging.methods._task import scale_from_base
 from modelcypher.merging.registry import register
 
 

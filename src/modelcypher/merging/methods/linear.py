@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import check_shapes, f32, per_model, weighted_sum
+from modelcypher.merging.methods._inputs import check_shapes, f32, per_model
+from modelcypher.merging.methods._task import weighted_sum
 from modelcypher.merging.registry import register
 
 

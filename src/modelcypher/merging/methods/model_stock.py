@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import as_rows, f32, task_vectors
+from modelcypher.merging.methods._inputs import as_rows, f32
+from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
 

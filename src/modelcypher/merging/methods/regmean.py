@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import scale_from_base
+from modelcypher.merging.methods._task import scale_from_base
 from modelcypher.merging.registry import register
 
 LAYOUTS = ("auto", "linear", "conv1d")

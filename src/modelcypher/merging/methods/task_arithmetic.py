@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import apply_delta, per_model, task_vectors, weighted_sum
+from modelcypher.merging.methods._inputs import per_model
+from modelcypher.merging.methods._task import apply_delta, task_vectors, weighted_sum
 from modelcypher.merging.registry import register
 
 

@@ -8,19 +8,9 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import (
-    check_fraction,
-    check_shapes,
-    count,
-    f32,
-    per_model,
-    tau_high_counts,
-    tau_low_counts,
-    tau_sample,
-    tau_window,
-    top_k_cuts,
-    trimmed_merge,
-)
+from modelcypher.merging.methods._consensus import trimmed_merge
+from modelcypher.merging.methods._inputs import check_fraction, check_shapes, count, f32, per_model
+from modelcypher.merging.methods._trim import tau_high_counts, tau_low_counts, tau_sample, tau_window, top_k_cuts
 from modelcypher.merging.registry import register
 
 TIES_PAPER = (
