@@ -27,7 +27,7 @@ def test_registration():
     m = get_method("ties")
     assert m.base == "required"
     assert m.model_params == {"weight": 1.0, "density": 1.0}
-    assert m.global_params == {"normalize": True, "lambda": 1.0}
+    assert m.global_params == {"normalize": True, "lambda": 1.0, "int8_mask": False}
     assert "2306.01708" in m.paper
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from modelcypher.merging.methods import _kernels
-from modelcypher.merging.methods._inputs import count, f32
+from modelcypher.merging.methods._inputs import f32
 
 # A radix select over float bits: for non-negative float32 the int32 bit pattern orders like the
 # value (NaN above +inf), so histograms of the high then the low 16 bits find the k-th largest
@@ -258,14 +258,24 @@ def topk_magnitude_mask(t: Tensor, k: int) -> Tensor:
     return cut_mask_(bits, cut)[0] != 0
 
 
-def band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs mask: entries whose magnitude rank lies in ``[gamma * n, (gamma + density) * n)``.
+def top_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a magnitude trim at ``density`` keeps: all at 1 or more, none at 0 or
+    less, else ``int(density * n)`` but at least one (mergekit's rule, which TIES configs are written for)."""
+    if density >= 1.0:
+        return n
+    if density <= 0.0 or n == 0:
+        return 0
+    return max(1, int(density * n))
 
-    Rank 0 is the largest magnitude, so the top ``gamma`` fraction (outliers) and everything below
-    the next ``density`` fraction are masked out. ``gamma + density > 1`` simply keeps everything
-    below the outliers.
+
+def band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs mask: ``k = int(density * n)`` entries, ranked by magnitude (rank 0 the largest),
+    starting below the ``int(gamma * n)`` outliers, or lower so that ``k`` fit: ranks ``[lo, lo + k)``
+    with ``lo = min(int(gamma * n), n - k)``. ``density`` 1 or more keeps every entry (mergekit's rule).
     """
     n = delta.numel()
-    lo = count(gamma, n)
-    hi = count(gamma + density, n)
-    return topk_magnitude_mask(delta, hi) & ~topk_magnitude_mask(delta, lo)
+    if density >= 1.0:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    k = max(0, int(density * n))
+    lo = min(int(gamma * n), n - k)
+    return topk_magnitude_mask(delta, lo + k) & ~topk_magnitude_mask(delta, lo)

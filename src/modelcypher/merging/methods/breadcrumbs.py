@@ -40,12 +40,12 @@ def breadcrumb_deltas(
     base="required",
     paper=BREADCRUMBS_PAPER,
     model_params=("weight", "density", "gamma"),
-    global_params=("normalize", "lambda"),
+    global_params=("normalize", "lambda", "int8_mask"),
 )
 def breadcrumbs(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
     density: Sequence[float] | float = 1.0, gamma: Sequence[float] | float = 0.01,
-    normalize: bool = False, lambda_: float = 1.0,
+    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
 ) -> Tensor:
     """Model Breadcrumbs.
 

@@ -21,11 +21,11 @@ from modelcypher.merging.registry import register
         "Hajishirzi, Farhadi; 2022 (ICLR 2023); arXiv:2212.04089"
     ),
     model_params=("weight",),
-    global_params=("normalize", "lambda"),
+    global_params=("normalize", "lambda", "int8_mask"),
 )
 def task_arithmetic(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
-    normalize: bool = False, lambda_: float = 1.0,
+    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False,
 ) -> Tensor:
     """``base + lambda_ * sum_i w_i (x_i - base)``; the sum is divided by ``sum_i w_i`` when
     ``normalize`` (default False). Config ``lambda`` arrives as ``lambda_`` (default 1.0)."""
