@@ -16,7 +16,7 @@ def test_registration():
     m = get_method("dare_linear")
     assert m.base == "required" and m.random
     assert m.model_params == {"weight": 1.0, "density": 1.0}
-    assert m.global_params == {"normalize": False, "lambda": 1.0}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False}
     assert "2311.03099" in m.paper
 
 

@@ -96,16 +96,17 @@ def trimmed_merge(xs: Sequence[Tensor], b: Tensor, cuts: Sequence[Cut], ties_see
 
 
 def dropped_merge(xs: Sequence[Tensor], b: Tensor, density: Sequence[float], rng: torch.Generator,
-                  w: Sequence[float], normalize: bool, lambda_: float) -> Tensor:
+                  w: Sequence[float], normalize: bool, lambda_: float, rescale: bool = True) -> Tensor:
     """DARE-TIES on a block: each model's :func:`dropped_contribution` (``w_i`` folded into the rescale,
     coins drawn in model order), then ``b + lambda_ * merged`` by :func:`disjoint_merge_`; on the CPU one
     fused loop (:mod:`._kernels`) with the same coins and bits."""
     if _kernels.usable(*xs, b):
         levels = [keep_levels(d) for d in density]
         draws = [coins(b.numel(), rng, b.device) if 0 < k < KEEP_LEVELS else None for k in levels]
-        scales = [wi * KEEP_LEVELS / k if 0 < k < KEEP_LEVELS else wi for wi, k in zip(w, levels, strict=True)]
+        scales = [wi * KEEP_LEVELS / k if rescale and 0 < k < KEEP_LEVELS else wi
+                  for wi, k in zip(w, levels, strict=True)]
         return _kernels.dare_merge(list(xs), b, draws, levels, scales, w, normalize, lambda_)
-    c = [dropped_contribution(x, b, d, rng, wi) for x, d, wi in zip(xs, density, w, strict=True)]
+    c = [dropped_contribution(x, b, d, rng, wi, rescale) for x, d, wi in zip(xs, density, w, strict=True)]
     return disjoint_merge_(c, w, normalize, lambda_, b)
 
 

@@ -35,19 +35,21 @@ def bernoulli_mask(shape: Sequence[int], levels: int, rng: torch.Generator, devi
     return u.neg_().add_(levels - 2**15).clamp_(0.0, 1.0)
 
 
-def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator, weight: float = 1.0) -> Tensor:
+def drop_and_rescale(delta: Tensor, density: float, rng: torch.Generator, weight: float = 1.0,
+                     rescale: bool = True) -> Tensor:
     """DARE: keep each entry independently with probability ``p`` (``density`` to 2**-16), rescale
     survivors by ``1/p`` (times ``weight``, folded into the same multiplication).
 
     ``E[result] = weight * delta``. ``p = 1`` returns ``delta * weight`` (no random numbers drawn);
     ``p = 0`` returns zeros. A dropped entry is ``0 * delta``: NaN or Inf, which only
-    ``--allow-nonfinite`` lets in, stay non-finite, as in task arithmetic.
+    ``--allow-nonfinite`` lets in, stay non-finite, as in task arithmetic. Without ``rescale`` the
+    survivors keep their value (times ``weight``), as mergekit's ``rescale: false``.
     """
-    return dropped_contribution(delta, None, density, rng, weight)
+    return dropped_contribution(delta, None, density, rng, weight, rescale)
 
 
 def dropped_contribution(x: Tensor, b: Tensor | None, density: float, rng: torch.Generator,
-                         weight: float = 1.0) -> Tensor:
+                         weight: float = 1.0, rescale: bool = True) -> Tensor:
     """:func:`drop_and_rescale` of ``x - b`` (float32 or bfloat16 blocks; of ``x`` itself when ``b`` is
     None), as float32."""
     levels = keep_levels(density)
@@ -57,7 +59,7 @@ def dropped_contribution(x: Tensor, b: Tensor | None, density: float, rng: torch
     if levels >= KEEP_LEVELS:
         return delta.clone() if weight == 1.0 and b is None else delta * weight
     mask = bernoulli_mask(x.shape, levels, rng, x.device)
-    return mask.mul_(delta).mul_(weight * KEEP_LEVELS / levels)
+    return mask.mul_(delta).mul_(weight * KEEP_LEVELS / levels if rescale else weight)
 
 
 def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -81,14 +83,14 @@ def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     return p.reshape(delta.shape)
 
 
-def magprune(delta: Tensor, density: float, epsilon: float, rng: torch.Generator) -> Tensor:
+def magprune(delta: Tensor, density: float, epsilon: float, rng: torch.Generator, rescale: bool = True) -> Tensor:
     """DELLA MagPrune: drop entry j with probability ``1 - p_j`` (``p`` from :func:`magprune_keep_prob`),
-    rescale survivors by ``1 / p_j``. ``E[result] = delta``."""
+    rescale survivors by ``1 / p_j`` (``E[result] = delta``) or, without ``rescale``, keep them as they are."""
     if density >= 1.0:
         return delta.clone()
     if density <= 0.0:
         return torch.zeros_like(delta)
     p = magprune_keep_prob(delta, density, epsilon)
     u = torch.rand(delta.shape, generator=rng, device=delta.device, dtype=torch.float32)
-    return torch.where(u < p, delta / p.clamp_min(torch.finfo(torch.float32).tiny),
+    return torch.where(u < p, delta / p.clamp_min(torch.finfo(torch.float32).tiny) if rescale else delta,
                        torch.zeros((), device=delta.device))

@@ -25,13 +25,13 @@ DARE_PAPER = (
     base="required",
     paper=DARE_PAPER,
     model_params=("weight", "density"),
-    global_params=("normalize", "lambda"),
+    global_params=("normalize", "lambda", "rescale", "int8_mask"),
     random=True,
 )
 def dare_linear(
     xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
     weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
-    normalize: bool = False, lambda_: float = 1.0,
+    normalize: bool = False, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
 ) -> Tensor:
     """DARE + task arithmetic.
 
@@ -41,11 +41,15 @@ def dare_linear(
     everything exactly, ``density_i = 0`` drops everything); ``result = base + lambda_ * sum_i w_i d_i``
     (sum divided by ``sum_i w_i`` when ``normalize``, default False). ``E[result]`` is the undropped
     task-arithmetic result. The masks come from ``rng``, drawn model by model in config order.
+    ``rescale`` False keeps survivors undivided by ``density_i`` (then ``E[result]`` shrinks by it).
+    ``int8_mask`` is accepted and changes nothing: mergekit stores its sign mask in int8 to
+    save memory, and the mask's values, so the result, are the same.
     """
     n = len(xs)
     w = per_model(weight, n, "weight")
     dens = per_model(density, n, "density")
     check_fraction(dens, "density")
     with torch.no_grad():
-        dropped = [drop_and_rescale(t, d, rng) for t, d in zip(task_vectors(xs, base), dens, strict=True)]
+        taus = task_vectors(xs, base)
+        dropped = [drop_and_rescale(t, d, rng, rescale=rescale) for t, d in zip(taus, dens, strict=True)]
         return combine("sum", dropped, base, w, normalize, lambda_)

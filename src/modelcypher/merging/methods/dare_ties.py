@@ -21,20 +21,22 @@ from modelcypher.merging.registry import register
     base="required",
     paper=f"{DARE_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
     model_params=("weight", "density"),
-    global_params=("normalize", "lambda"),
+    global_params=("normalize", "lambda", "rescale", "int8_mask"),
     random=True,
 )
 def dare_ties(
     xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
     weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
-    normalize: bool = True, lambda_: float = 1.0,
+    normalize: bool = False, lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
 ) -> Tensor:
     """DARE + TIES.
 
     ``d_i = m_i * (x_i - base) / density_i`` with ``m_i ~ Bernoulli(density_i)`` (as ``dare_linear``);
     then with ``c_i = w_i d_i``, ``s = sign(sum_i c_i)``, ``A = {i : c_i * s > 0}``:
-    ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``, default True) or the bare sum;
-    ``result = base + lambda_ * tau``.
+    ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``) or the bare sum (default, as mergekit);
+    ``result = base + lambda_ * tau``. ``rescale`` as in ``dare_linear``.
+    ``int8_mask`` is accepted and changes nothing: mergekit stores its sign mask in int8 to
+    save memory, and the mask's values, so the result, are the same.
     """
     n = len(xs)
     w = per_model(weight, n, "weight")
@@ -44,4 +46,4 @@ def dare_ties(
     # Not combine("elect", <dare_linear's drops>): the drop is fused with the election in one pass over
     # raw (bf16) blocks, w_i folded into the rescale, so no float32 copy of each task vector is made.
     with torch.no_grad():
-        return dropped_merge(xs, base, dens, rng, w, normalize, lambda_)
+        return dropped_merge(xs, base, dens, rng, w, normalize, lambda_, rescale)

@@ -22,7 +22,7 @@ DELLA_PAPER = (
 
 def della_deltas(
     xs: Sequence[Tensor], base: Tensor | None, density: Sequence[float] | float,
-    epsilon: Sequence[float] | float, rng: torch.Generator,
+    epsilon: Sequence[float] | float, rng: torch.Generator, rescale: bool = True,
 ) -> list[Tensor]:
     """MagPrune each ``tau_i = x_i - base`` (see ``_drop.magprune``)."""
     n = len(xs)
@@ -32,7 +32,7 @@ def della_deltas(
     for e in eps:
         if e < 0.0:
             raise UserError(f"parameter 'epsilon' must be >= 0, got {e}")
-    return [magprune(t, d, e, rng) for t, d, e in zip(task_vectors(xs, base), dens, eps, strict=True)]
+    return [magprune(t, d, e, rng, rescale) for t, d, e in zip(task_vectors(xs, base), dens, eps, strict=True)]
 
 
 @register(
@@ -41,13 +41,14 @@ def della_deltas(
     base="required",
     paper=DELLA_PAPER,
     model_params=("weight", "density", "epsilon"),
-    global_params=("normalize", "lambda"),
+    global_params=("normalize", "lambda", "rescale", "int8_mask"),
     random=True,
 )
 def della_linear(
     xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
     weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
-    epsilon: Sequence[float] | float = 0.1, normalize: bool = False, lambda_: float = 1.0,
+    epsilon: Sequence[float] | float = 0.15, normalize: bool = False, lambda_: float = 1.0,
+    rescale: bool = True, int8_mask: bool = False,
 ) -> Tensor:
     """DELLA MagPrune + task arithmetic.
 
@@ -59,8 +60,11 @@ def della_linear(
     half-width is ``epsilon``, as mergekit configs use it). ``d_ij = m_ij tau_ij / p_j`` with
     ``m_ij ~ Bernoulli(p_j)``; ``result = base + lambda_ * sum_i w_i d_i`` (divided by ``sum_i w_i``
     when ``normalize``, default False). ``E[d_i] = tau_i``; ``density`` 1 keeps everything exactly.
-    Defaults: ``weight`` 1, ``density`` 1, ``epsilon`` 0.1, ``lambda_`` 1.
+    Defaults: ``weight`` 1, ``density`` 1, ``epsilon`` 0.15 (mergekit's), ``lambda_`` 1.
+    ``rescale`` False keeps survivors undivided by ``p_j``.
+    ``int8_mask`` is accepted and changes nothing: mergekit stores its sign mask in int8 to
+    save memory, and the mask's values, so the result, are the same.
     """
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        return combine("sum", della_deltas(xs, base, density, epsilon, rng), base, w, normalize, lambda_)
+        return combine("sum", della_deltas(xs, base, density, epsilon, rng, rescale), base, w, normalize, lambda_)
