@@ -32,10 +32,13 @@ def per_model(value: Any, n: int, name: str) -> list[float]:
     return [float(value)] * n
 
 
-def check_fraction(values: Sequence[float], name: str) -> None:
+def fractions(value: Any, n: int, name: str) -> list[float]:
+    """:func:`per_model`, each value checked to lie in ``[0, 1]``."""
+    values = per_model(value, n, name)
     for v in values:
         if not (0.0 <= v <= 1.0):
             raise UserError(f"parameter {name!r} must be in [0, 1], got {v}")
+    return values
 
 
 def f32(t: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from modelcypher.merging.methods._consensus import combine
 from modelcypher.merging.methods._drop import drop_and_rescale
-from modelcypher.merging.methods._inputs import check_fraction, per_model
+from modelcypher.merging.methods._inputs import fractions, per_model
 from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
@@ -19,15 +19,12 @@ DARE_PAPER = (
 )
 
 
-@register(
-    "dare_linear",
-    rowwise=True,
-    base="required",
-    paper=DARE_PAPER,
-    model_params=("weight", "density"),
-    global_params=("normalize", "lambda", "rescale", "int8_mask"),
-    random=True,
-)
+# what dare_linear and dare_ties share at registration (why their bodies differ: see dare_ties)
+DARE = {"rowwise": True, "base": "required", "random": True, "model_params": ("weight", "density"),
+        "global_params": ("normalize", "lambda", "rescale", "int8_mask")}
+
+
+@register("dare_linear", paper=DARE_PAPER, **DARE)
 def dare_linear(
     xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
     weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
@@ -45,10 +42,7 @@ def dare_linear(
     ``int8_mask`` is accepted and changes nothing: mergekit stores its sign mask in int8 to
     save memory, and the mask's values, so the result, are the same.
     """
-    n = len(xs)
-    w = per_model(weight, n, "weight")
-    dens = per_model(density, n, "density")
-    check_fraction(dens, "density")
+    w, dens = per_model(weight, len(xs), "weight"), fractions(density, len(xs), "density")
     with torch.no_grad():
         taus = task_vectors(xs, base)
         dropped = [drop_and_rescale(t, d, rng, rescale=rescale) for t, d in zip(taus, dens, strict=True)]

@@ -10,7 +10,7 @@ from torch import Tensor
 from modelcypher.errors import UserError
 from modelcypher.merging.methods._consensus import combine
 from modelcypher.merging.methods._drop import magprune
-from modelcypher.merging.methods._inputs import check_fraction, per_model
+from modelcypher.merging.methods._inputs import fractions, per_model
 from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
@@ -26,29 +26,26 @@ def della_deltas(
 ) -> list[Tensor]:
     """MagPrune each ``tau_i = x_i - base`` (see ``_drop.magprune``)."""
     n = len(xs)
-    dens = per_model(density, n, "density")
+    dens = fractions(density, n, "density")
     eps = per_model(epsilon, n, "epsilon")
-    check_fraction(dens, "density")
     for e in eps:
         if e < 0.0:
             raise UserError(f"parameter 'epsilon' must be >= 0, got {e}")
     return [magprune(t, d, e, rng, rescale) for t, d, e in zip(task_vectors(xs, base), dens, eps, strict=True)]
 
 
-@register(
-    "della_linear",
-    rowwise=True,
-    base="required",
-    paper=DELLA_PAPER,
-    model_params=("weight", "density", "epsilon"),
-    global_params=("normalize", "lambda", "rescale", "int8_mask"),
-    random=True,
-)
+# della_linear and della: one method but for how the pruned task vectors are merged
+DELLA = {"rowwise": True, "base": "required", "paper": DELLA_PAPER, "random": True,
+         "model_params": ("weight", "density", "epsilon"),
+         "global_params": ("normalize", "lambda", "rescale", "int8_mask")}
+
+
+@register("della_linear", **DELLA)
 def della_linear(
     xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
     weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
     epsilon: Sequence[float] | float = 0.15, normalize: bool = False, lambda_: float = 1.0,
-    rescale: bool = True, int8_mask: bool = False,
+    rescale: bool = True, int8_mask: bool = False, how: str = "sum",
 ) -> Tensor:
     """DELLA MagPrune + task arithmetic.
 
@@ -61,10 +58,11 @@ def della_linear(
     ``m_ij ~ Bernoulli(p_j)``; ``result = base + lambda_ * sum_i w_i d_i`` (divided by ``sum_i w_i``
     when ``normalize``, default False). ``E[d_i] = tau_i``; ``density`` 1 keeps everything exactly.
     Defaults: ``weight`` 1, ``density`` 1, ``epsilon`` 0.15 (mergekit's), ``lambda_`` 1.
-    ``rescale`` False keeps survivors undivided by ``p_j``.
+    ``rescale`` False keeps survivors undivided by ``p_j``. ``how="elect"`` (``della``) merges by TIES'
+    sign election and disjoint merge instead of the sum (:func:`~modelcypher.merging.methods._consensus.combine`).
     ``int8_mask`` is accepted and changes nothing: mergekit stores its sign mask in int8 to
     save memory, and the mask's values, so the result, are the same.
     """
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        return combine("sum", della_deltas(xs, base, density, epsilon, rng, rescale), base, w, normalize, lambda_)
+        return combine(how, della_deltas(xs, base, density, epsilon, rng, rescale), base, w, normalize, lambda_)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from modelcypher.errors import UserError
 from modelcypher.merging.methods._consensus import trimmed_merge
-from modelcypher.merging.methods._inputs import check_fraction, check_shapes, f32, per_model
+from modelcypher.merging.methods._inputs import check_shapes, f32, fractions, per_model
 from modelcypher.merging.methods._trim import (
     tau_high_counts,
     tau_low_counts,
@@ -44,8 +44,7 @@ def ties_blocks(
     n = len(weight)
     with torch.no_grad():
         w = per_model(weight, n, "weight")
-        dens = per_model(density, n, "density")
-        check_fraction(dens, "density")
+        dens = fractions(density, n, "density")
         ks = [top_count(d, numel) for d in dens]
         ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
         # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
