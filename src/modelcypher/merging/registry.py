@@ -94,7 +94,7 @@ def defaults(fn: Callable[..., Any], names: Iterable[str]) -> dict[str, Any]:
     for n in names:
         p = params.get("lambda_" if n == "lambda" else n)
         if p is None:
-            raise ValueError(f"{fn.__name__} has no parameter {n!r}")
+            raise ValueError(f"{getattr(fn, '__name__', fn)} has no parameter {n!r}")  # fn may be a partial
         out[n] = REQUIRED if p.default is inspect.Parameter.empty else p.default
     return out
 
