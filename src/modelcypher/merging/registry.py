@@ -65,8 +65,8 @@ def register(
     *,
     base: Literal["required", "optional", "none"],
     paper: str,
-    model_params: Iterable[str] | Mapping[str, Any] = (),
-    global_params: Iterable[str] | Mapping[str, Any] = (),
+    model_params: Iterable[str] = (),
+    global_params: Iterable[str] = (),
     random: bool = False,
     stats: tuple[str, ...] = (),
     min_models: int = 1,
@@ -88,17 +88,15 @@ def register(
     return deco
 
 
-def defaults(fn: Callable[..., Any], names: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+def defaults(fn: Callable[..., Any], names: Iterable[str]) -> dict[str, Any]:
     """Each named parameter's default, read from ``fn``'s signature (the one place it is stated);
     a keyword without a default is ``REQUIRED``. The config's ``lambda`` is the keyword ``lambda_``."""
-    if isinstance(names, Mapping):  # defaults stated at registration (older methods)
-        return dict(names)
     params = inspect.signature(fn).parameters
     out = {}
     for n in names:
         p = params.get("lambda_" if n == "lambda" else n)
         if p is None:
-            raise ValueError(f"{fn.__name__} has no parameter {n!r}")
+            raise ValueError(f"{getattr(fn, '__name__', fn)} has no parameter {n!r}")  # fn may be a partial
         out[n] = REQUIRED if p.default is inspect.Parameter.empty else p.default
     return out
 

@@ -10,7 +10,7 @@ def test_registration():
     m = get_method("breadcrumbs")
     assert m.base == "required" and not m.random
     assert m.model_params == {"weight": 1.0, "density": 1.0, "gamma": 0.01}
-    assert m.global_params == {"normalize": False, "lambda": 1.0}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "int8_mask": False}
     assert "2312.06795" in m.paper
 
 
@@ -25,7 +25,7 @@ def test_mask_keeps_the_middle_band(merge):
 
 def test_default_gamma_drops_top_percent(merge):
     tau = torch.arange(1, 101, dtype=torch.float32)  # 100 entries: the top 1% is the single 100
-    out = merge("breadcrumbs", [tau], torch.zeros(100))
+    out = merge("breadcrumbs", [tau], torch.zeros(100), density=[0.99])  # density 1 (default) prunes nothing
     expected = tau.clone()
     expected[99] = 0.0
     assert torch.equal(out, expected)

@@ -11,12 +11,12 @@ def test_registration():
     m = get_method("breadcrumbs_ties")
     assert m.base == "required"
     assert m.model_params == {"weight": 1.0, "density": 1.0, "gamma": 0.01}
-    assert m.global_params == {"normalize": True, "lambda": 1.0}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "int8_mask": False}
     assert "2312.06795" in m.paper and "2306.01708" in m.paper
 
 
 def test_masks_then_disjoint_mean(merge):
-    out = merge("breadcrumbs_ties", XS, BASE, density=[0.5, 0.5], gamma=[0.25, 0.25])
+    out = merge("breadcrumbs_ties", XS, BASE, density=[0.5, 0.5], gamma=[0.25, 0.25], normalize=True)
     # (0): nothing -> 0; (1): -3/1; (2): (2+3)/2; (3): 2/1
     assert torch.equal(out, torch.tensor([0.0, -3.0, 2.5, 2.0]))
 

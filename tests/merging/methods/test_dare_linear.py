@@ -16,7 +16,7 @@ def test_registration():
     m = get_method("dare_linear")
     assert m.base == "required" and m.random
     assert m.model_params == {"weight": 1.0, "density": 1.0}
-    assert m.global_params == {"normalize": False, "lambda": 1.0}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False}
     assert "2311.03099" in m.paper
 
 
@@ -63,7 +63,7 @@ def test_density_out_of_range(merge, gen):
 
 def test_keep_probability_is_density_to_two_to_the_minus_16(gen):
     """Coins come from 16-bit integers: p = round(density * 2**16) / 2**16, survivors scaled by 1/p."""
-    from modelcypher.merging.methods._sparsify import drop_and_rescale
+    from modelcypher.merging.methods._drop import drop_and_rescale
 
     n, density = 1 << 20, 0.3
     p = round(density * 2**16) / 2**16  # 19661 / 65536

@@ -11,14 +11,14 @@ XS = [BASE + TAU1, BASE + TAU2]
 def test_registration():
     m = get_method("dare_ties")
     assert m.base == "required" and m.random
-    assert m.global_params == {"normalize": True, "lambda": 1.0}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False}
     assert "2311.03099" in m.paper and "2306.01708" in m.paper
 
 
 def test_density_one_is_ties(merge, gen):
     # sum = [[4,-1],[2,3]]: (0,0) both agree -> 2; (0,1) only tau1's -2; (1,0) only tau1's 3;
     # (1,1) both -> 1.5
-    out = merge("dare_ties", XS, BASE, rng=gen(0))
+    out = merge("dare_ties", XS, BASE, rng=gen(0), normalize=True)
     assert torch.allclose(out, torch.tensor([[2.0, -2.0], [3.0, 1.5]]))
     assert torch.equal(out, merge("ties", XS, BASE))
 

@@ -9,8 +9,8 @@ XS = [torch.tensor([[1.0, -2.0], [3.0, 1.0]]), torch.tensor([[3.0, 1.0], [-1.0, 
 def test_registration():
     m = get_method("della")
     assert m.base == "required" and m.random
-    assert m.model_params == {"weight": 1.0, "density": 1.0, "epsilon": 0.1}
-    assert m.global_params == {"normalize": True, "lambda": 1.0}
+    assert m.model_params == {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
+    assert m.global_params == {"normalize": True, "lambda": 1.0, "rescale": True, "int8_mask": False}
     assert "2406.11617" in m.paper
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from modelcypher.merging.methods._sparsify import magprune_keep_prob
+from modelcypher.merging.methods._drop import magprune_keep_prob
 from modelcypher.merging.registry import get_method
 
 ROW = torch.tensor([0.1, -0.4, 0.3, 0.2, -0.5])
@@ -11,8 +11,8 @@ P = torch.tensor([0.3, 0.6, 0.5, 0.4, 0.7])
 def test_registration():
     m = get_method("della_linear")
     assert m.base == "required" and m.random
-    assert m.model_params == {"weight": 1.0, "density": 1.0, "epsilon": 0.1}
-    assert m.global_params == {"normalize": False, "lambda": 1.0}
+    assert m.model_params == {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False}
     assert "2406.11617" in m.paper
 
 

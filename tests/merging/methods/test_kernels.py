@@ -40,7 +40,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_disjoint_merge(weights, normalize, with_base):
-    from modelcypher.merging.methods._sparsify import disjoint_merge_
+    from modelcypher.merging.methods._consensus import disjoint_merge_
 
     g = torch.Generator().manual_seed(len(weights) * 4 + 2 * normalize + with_base)
     cs = [_special(g, (23, 19)) * w for w in weights]  # contributions c_i = w_i d_i
@@ -100,7 +100,7 @@ def test_registered_methods(method, dtype):
 @pytest.mark.parametrize("density", [0.3, 1.0])
 def test_dare_on_raw_blocks(density):
     """DARE's drop reads bfloat16 blocks as stored: the coins and the result of their float32 values."""
-    from modelcypher.merging.methods._sparsify import dropped_contribution
+    from modelcypher.merging.methods._drop import dropped_contribution
 
     g = torch.Generator().manual_seed(5)
     base, x = torch.randn(33, 17, generator=g).to(BF16), torch.randn(33, 17, generator=g).to(BF16)
@@ -112,7 +112,7 @@ def test_dare_on_raw_blocks(density):
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_dare_ties_with_every_kind_of_density(dtype):
     """Densities 0 (nothing kept, no coins), 1 (everything, no coins) and between, special values."""
-    from modelcypher.merging.methods._sparsify import dropped_merge
+    from modelcypher.merging.methods._consensus import dropped_merge
 
     g = torch.Generator().manual_seed(11)
     base = torch.randn(37, 13, generator=g).to(dtype)
@@ -142,7 +142,7 @@ def test_window_loops_agree_with_the_torch_formula(dtypes):
     """Both loops of the counting pass (AVX-512 where the CPU has it, and the portable one) give what
     window_bits gives: the count above, and the window's entries in flat order (lengths off the
     16-entry steps, special values, equal magnitudes)."""
-    from modelcypher.merging.methods._sparsify import magnitude_bits, window_bits
+    from modelcypher.merging.methods._trim import magnitude_bits, window_bits
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(4099, generator=g).to(dtypes[1])

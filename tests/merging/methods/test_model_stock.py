@@ -13,7 +13,7 @@ X2 = torch.tensor([2.0, 1.0 + 3.0**0.5])
 def test_registration():
     m = get_method("model_stock")
     assert m.base == "required" and m.min_models == 2
-    assert m.global_params == {"filter_wise": False}
+    assert m.model_params == {"weight": 1.0} and m.global_params == {"filter_wise": False}
     assert "2403.19522" in m.paper
 
 
@@ -45,7 +45,7 @@ def test_filter_wise(merge):
 
 
 def test_degenerate_cases_give_base(merge):
-    # negative cosine -> clamped to 0 -> base; a zero delta has no angle -> cos 0 -> base
+    # cos = -1 for two models: 1 + cos = 0, t has no finite value -> base; a zero delta has no angle -> base
     assert torch.equal(merge("model_stock", [BASE + 1.0, BASE - 2.0], BASE), BASE)
     assert torch.equal(merge("model_stock", [BASE.clone(), X1], BASE), BASE)
     assert torch.equal(merge("model_stock", [BASE.clone(), BASE.clone()], BASE), BASE)

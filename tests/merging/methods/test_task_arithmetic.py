@@ -10,7 +10,7 @@ X2 = torch.tensor([0.0, 1.0])  # tau2 = [-1, 0]
 def test_registration():
     m = get_method("task_arithmetic")
     assert m.base == "required"
-    assert m.global_params == {"normalize": False, "lambda": 1.0}
+    assert m.global_params == {"normalize": False, "lambda": 1.0, "int8_mask": False}
     assert "2212.04089" in m.paper
 
 

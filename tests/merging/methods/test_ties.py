@@ -27,7 +27,7 @@ def test_registration():
     m = get_method("ties")
     assert m.base == "required"
     assert m.model_params == {"weight": 1.0, "density": 1.0}
-    assert m.global_params == {"normalize": True, "lambda": 1.0}
+    assert m.global_params == {"normalize": True, "lambda": 1.0, "int8_mask": False}
     assert "2306.01708" in m.paper
 
 
@@ -98,7 +98,7 @@ def test_streamed_blocks_equal_the_whole_tensor(merge, density, with_base):
 @pytest.mark.parametrize("k", [0, 1, 5, 50, 199, 200, 407])
 def test_top_k_cuts_match_a_stable_sort(k):
     """The streamed cut keeps the k largest magnitudes, equal magnitudes by smaller flat index."""
-    from modelcypher.merging.methods._sparsify import cut_mask_, magnitude_bits, top_k_cuts
+    from modelcypher.merging.methods._trim import cut_mask_, magnitude_bits, top_k_cuts
 
     g = torch.Generator().manual_seed(k)
     t = _quantized(g, (37, 11), levels=5)
@@ -118,7 +118,7 @@ def test_top_k_cuts_match_a_stable_sort(k):
 
 def _kept_by_cut(t, k, rows, high=None):
     """The entries the streamed cut keeps (flat bools), over blocks of ``rows`` rows."""
-    from modelcypher.merging.methods import _sparsify as sp
+    from modelcypher.merging.methods import _trim as sp
 
     blocks = [sp.magnitude_bits(t[a:a + rows]) for a in range(0, t.shape[0], rows)]
     (cut,) = sp.top_k_cuts(lambda: ({0: b} for b in blocks), [k], t.numel(), high=high or sp.high_counts)
@@ -140,7 +140,7 @@ def _stable_top_k(t, k):
 def test_sampled_window_finds_the_cut_in_two_passes(k, monkeypatch):
     """With a sample smaller than the tensor, the window around the sampled k-th holds the true k-th
     (no histogram pass), and the cut is exact, ties broken by flat order."""
-    from modelcypher.merging.methods import _sparsify as sp
+    from modelcypher.merging.methods import _trim as sp
 
     monkeypatch.setattr(sp, "SAMPLE", 256)
     g = torch.Generator().manual_seed(k)
@@ -154,7 +154,7 @@ def test_sampled_window_finds_the_cut_in_two_passes(k, monkeypatch):
 def test_a_window_that_misses_falls_back_to_histograms(monkeypatch):
     """A sample that misrepresents the tensor (every sampled entry large, all others small) places the
     window wrong; the histogram passes still give the exact cut."""
-    from modelcypher.merging.methods import _sparsify as sp
+    from modelcypher.merging.methods import _trim as sp
 
     monkeypatch.setattr(sp, "SAMPLE", 64)
     t = torch.full((37, 11), 1e-3) * torch.arange(1, 408).reshape(37, 11) / 407
@@ -184,7 +184,7 @@ def _where_consensus(deltas, weights, normalize):
 def test_float_agreement_matches_boolean_masks_bit_for_bit(weights, normalize):
     """The consensus built from float agreement factors equals the boolean-mask formula to the bit,
     zeros' signs, infinities and NaN included."""
-    from modelcypher.merging.methods._sparsify import sign_consensus
+    from modelcypher.merging.methods._consensus import sign_consensus
 
     g = torch.Generator().manual_seed(len(weights) + normalize)
     ds = [_quantized(g, (13, 17), levels=3) for _ in range(3)]

@@ -1,7 +1,8 @@
 """Fused CPU loops for the TIES family (registers nothing).
 
-The torch formulas in :mod:`._sparsify` take one pass over memory per operation: a TIES block is some
-thirty of them, each cheap, together several times the cost of reading the models. Here the same
+The torch formulas in :mod:`._trim`, :mod:`._drop` and :mod:`._consensus` take one pass over memory
+per operation: a TIES block is some thirty of them, each cheap, together several times the cost of
+reading the models. Here the same
 arithmetic runs as compiled loops (``_loops.c``, built at install time; single-threaded, called
 through ctypes, which releases the GIL, so that the runner's worker threads overlap): the trim's cut
 (a sample, then the count and gather around the sampled window, and a radix select among those; the
@@ -105,7 +106,7 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def high_counts(x: Tensor, b: Tensor) -> Tensor:
-    """:func:`._sparsify.high_counts` of the magnitude bits of ``x - b``."""
+    """:func:`._trim.high_counts` of the magnitude bits of ``x - b``."""
     hist = torch.zeros(1 << 15, dtype=torch.int64)
     fx, fb = _flat(x), _flat(b)
     library().high_counts(*_arg(fx), *_arg(fb), fb.size, hist.data_ptr())
@@ -113,7 +114,7 @@ def high_counts(x: Tensor, b: Tensor) -> Tensor:
 
 
 def low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
-    """:func:`._sparsify.low_counts` of the magnitude bits of ``x - b``."""
+    """:func:`._trim.low_counts` of the magnitude bits of ``x - b``."""
     hist = torch.zeros(1 << 16, dtype=torch.int64)
     fx, fb = _flat(x), _flat(b)
     library().low_counts(*_arg(fx), *_arg(fb), fb.size, bucket, hist.data_ptr())
@@ -121,7 +122,7 @@ def low_counts(x: Tensor, b: Tensor, bucket: int) -> Tensor:
 
 
 def sample_magnitudes(x: Tensor, b: Tensor, stride: int) -> Tensor:
-    """:func:`._sparsify.sample_bits` of the magnitude bits of ``x - b``."""
+    """:func:`._trim.sample_bits` of the magnitude bits of ``x - b``."""
     fx, fb = _flat(x), _flat(b)
     out = torch.empty((fb.size + stride - 1) // stride, dtype=torch.int32)
     library().sample_magnitudes(*_arg(fx), *_arg(fb), fb.size, stride, out.data_ptr())
@@ -129,7 +130,7 @@ def sample_magnitudes(x: Tensor, b: Tensor, stride: int) -> Tensor:
 
 
 def window(x: Tensor, b: Tensor, lo: int, hi: int, loop: str = "window") -> tuple[int, Tensor]:
-    """:func:`._sparsify.window_bits` of the magnitude bits of ``x - b`` (``loop``: the C function; the
+    """:func:`._trim.window_bits` of the magnitude bits of ``x - b`` (``loop``: the C function; the
     tests also run ``window_portable``, which CPUs without AVX-512 get)."""
     fx, fb = _flat(x), _flat(b)
     above, out = np.zeros(1, np.int64), torch.empty(fb.size + 16, dtype=torch.int32)  # 16 to spare
@@ -151,7 +152,7 @@ def _check(status: int) -> None:
 
 
 def consensus(cs: list[Tensor], weights, normalize: bool, lambda_: float = 1.0, base: Tensor | None = None) -> Tensor:
-    """:func:`._sparsify.disjoint_merge_` of the contributions ``cs``, then ``merged * lambda_ + base``
+    """:func:`._consensus.disjoint_merge_` of the contributions ``cs``, then ``merged * lambda_ + base``
     when a base is given."""
     flat = [_flat(c) for c in cs]
     out = np.empty(flat[0].size, np.float32)
@@ -180,7 +181,7 @@ def ties_merge(xs: list[Tensor], b: Tensor, cuts, seen: list[int], weights, norm
 def dare_merge(xs: list[Tensor], b: Tensor, draws: list[Tensor | None], levels: list[int], scales: list[float],
                weights, normalize: bool, lambda_: float) -> Tensor:
     """DARE-TIES on one block in one loop: each ``x_i - b`` kept where its 16-bit coins (``draws[i]``,
-    int64, four coins each, as :func:`._sparsify.bernoulli_mask` reads them) fall below ``levels[i]``
+    int64, four coins each, as :func:`._drop.bernoulli_mask` reads them) fall below ``levels[i]``
     (out of 2**16: 0 keeps none, 2**16 all, with no draws), rescaled by ``scales[i]``; then
     :func:`consensus` with the base."""
     flat, fb = [_flat(x) for x in xs], _flat(b)

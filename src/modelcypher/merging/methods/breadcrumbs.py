@@ -7,14 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import (
-    apply_delta,
-    band_mask,
-    check_fraction,
-    per_model,
-    task_vectors,
-    weighted_sum,
-)
+from modelcypher.merging.methods._consensus import combine
+from modelcypher.merging.methods._inputs import fractions, per_model
+from modelcypher.merging.methods._task import task_vectors
+from modelcypher.merging.methods._trim import band_mask
 from modelcypher.merging.registry import register
 
 BREADCRUMBS_PAPER = (
@@ -27,39 +23,39 @@ def breadcrumb_deltas(
     xs: Sequence[Tensor], base: Tensor | None, density: Sequence[float] | float,
     gamma: Sequence[float] | float,
 ) -> list[Tensor]:
-    """``tau_i`` masked to the magnitude-rank band ``[gamma_i n, (gamma_i + density_i) n)``."""
+    """``tau_i`` masked to its magnitude-rank band (:func:`~modelcypher.merging.methods._trim.band_mask`)."""
     n = len(xs)
-    dens = per_model(density, n, "density")
-    gam = per_model(gamma, n, "gamma")
-    check_fraction(dens, "density")
-    check_fraction(gam, "gamma")
+    dens = fractions(density, n, "density")
+    gam = fractions(gamma, n, "gamma")
     out = []
     for tau, d, g in zip(task_vectors(xs, base), dens, gam, strict=True):
         out.append(torch.where(band_mask(tau, d, g), tau, torch.zeros((), device=tau.device)))
     return out
 
 
-@register(
-    "breadcrumbs",
-    base="required",
-    paper=BREADCRUMBS_PAPER,
-    model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},
-    global_params={"normalize": False, "lambda": 1.0},
-)
+# breadcrumbs and breadcrumbs_ties: one method but for how the masked task vectors are merged
+BREADCRUMBS = {"base": "required", "model_params": ("weight", "density", "gamma"),
+               "global_params": ("normalize", "lambda", "int8_mask")}
+
+
+@register("breadcrumbs", paper=BREADCRUMBS_PAPER, **BREADCRUMBS)
 def breadcrumbs(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
     density: Sequence[float] | float = 1.0, gamma: Sequence[float] | float = 0.01,
-    normalize: bool = False, lambda_: float = 1.0,
+    normalize: bool = False, lambda_: float = 1.0, int8_mask: bool = False, how: str = "sum",
 ) -> Tensor:
     """Model Breadcrumbs.
 
     Rank the entries of ``tau_i = x_i - base`` by magnitude over the whole tensor (rank 0 = largest,
-    ties by flat index); ``d_i`` keeps ranks in ``[round(gamma_i n), round((gamma_i + density_i) n))``
-    -- the top ``gamma`` fraction (outliers, default 0.01) and everything past the next ``density``
-    fraction (default 1.0, clipped at ``n``) are zeroed. ``result = base + lambda_ * sum_i w_i d_i``
-    (divided by ``sum_i w_i`` when ``normalize``, default False).
+    ties by flat index); with ``k = int(density_i n)``, ``d_i`` keeps ranks ``[lo, lo + k)`` where
+    ``lo = min(int(gamma_i n), n - k)``: the top ``gamma`` fraction (outliers, default 0.01) and
+    everything past the next ``density`` fraction are zeroed; ``density`` 1 (default) keeps every entry
+    (mergekit's rule). ``result = base + lambda_ * sum_i w_i d_i`` (divided by ``sum_i w_i`` when
+    ``normalize``, default False); with ``how="elect"`` (``breadcrumbs_ties``), TIES' sign election and
+    disjoint merge instead of the sum (:func:`~modelcypher.merging.methods._consensus.combine`).
+    ``int8_mask`` is accepted and changes nothing: mergekit stores its sign mask in int8 to
+    save memory, and the mask's values, so the result, are the same.
     """
     w = per_model(weight, len(xs), "weight")
     with torch.no_grad():
-        deltas = breadcrumb_deltas(xs, base, density, gamma)
-        return apply_delta(base, weighted_sum(deltas, w, normalize), lambda_)
+        return combine(how, breadcrumb_deltas(xs, base, density, gamma), base, w, normalize, lambda_)

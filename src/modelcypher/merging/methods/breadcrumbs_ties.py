@@ -1,34 +1,19 @@
-"""``breadcrumbs_ties``: Model Breadcrumbs masks, then TIES sign election and disjoint merge."""
+"""``breadcrumbs_ties``: Model Breadcrumbs masks, then TIES sign election and disjoint merge.
+
+``result = base + lambda_ * tau`` with, for the masked ``c_i = w_i d_i``, ``s = sign(sum_i c_i)``,
+``A = {i : c_i * s > 0}``, ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``) or the bare
+sum (default, as mergekit). Parameters and masks as ``breadcrumbs``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from functools import partial
 
-import torch
-from torch import Tensor
-
-from modelcypher.merging.methods._sparsify import apply_delta, per_model, sign_consensus
-from modelcypher.merging.methods.breadcrumbs import BREADCRUMBS_PAPER, breadcrumb_deltas
+from modelcypher.merging.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_PAPER, breadcrumbs
 from modelcypher.merging.methods.ties import TIES_PAPER
 from modelcypher.merging.registry import register
 
-
-@register(
-    "breadcrumbs_ties",
-    base="required",
-    paper=f"{BREADCRUMBS_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
-    model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},
-    global_params={"normalize": True, "lambda": 1.0},
-)
-def breadcrumbs_ties(
-    xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
-    density: Sequence[float] | float = 1.0, gamma: Sequence[float] | float = 0.01,
-    normalize: bool = True, lambda_: float = 1.0,
-) -> Tensor:
-    """Breadcrumbs masks (see ``breadcrumbs``) + TIES: with ``c_i = w_i d_i``,
-    ``s = sign(sum_i c_i)``, ``A = {i : c_i * s > 0}``, ``tau = sum_{i in A} c_i / sum_{i in A} w_i``
-    (``normalize``, default True) or the bare sum; ``result = base + lambda_ * tau``."""
-    w = per_model(weight, len(xs), "weight")
-    with torch.no_grad():
-        deltas = breadcrumb_deltas(xs, base, density, gamma)
-        return apply_delta(base, sign_consensus(deltas, w, normalize), lambda_)
+breadcrumbs_ties = register(
+    "breadcrumbs_ties", paper=f"{BREADCRUMBS_PAPER}. Sign election and disjoint merge from {TIES_PAPER}",
+    **BREADCRUMBS,
+)(partial(breadcrumbs, how="elect"))

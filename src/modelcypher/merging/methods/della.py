@@ -1,38 +1,15 @@
-"""``della``: DELLA-Merging (MagPrune, then TIES sign election and disjoint merge)."""
+"""``della``: DELLA-Merging (MagPrune, then TIES sign election and disjoint merge).
+
+MagPrune each task vector as ``della_linear``; then with ``c_i = w_i d_i``, ``s = sign(sum_i c_i)``,
+``A = {i : c_i * s > 0}``, ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``, default True,
+as mergekit) or the bare sum; ``result = base + lambda_ * tau``. Other parameters as ``della_linear``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from functools import partial
 
-import torch
-from torch import Tensor
-
-from modelcypher.merging.methods._sparsify import apply_delta, per_model, sign_consensus
-from modelcypher.merging.methods.della_linear import DELLA_PAPER, della_deltas
+from modelcypher.merging.methods.della_linear import DELLA, della_linear
 from modelcypher.merging.registry import register
 
-
-@register(
-    "della",
-    rowwise=True,
-    base="required",
-    paper=DELLA_PAPER,
-    model_params={"weight": 1.0, "density": 1.0, "epsilon": 0.1},
-    global_params={"normalize": True, "lambda": 1.0},
-    random=True,
-)
-def della(
-    xs: Sequence[Tensor], base: Tensor | None, *, rng: torch.Generator,
-    weight: Sequence[float] | float = 1.0, density: Sequence[float] | float = 1.0,
-    epsilon: Sequence[float] | float = 0.1, normalize: bool = True, lambda_: float = 1.0,
-) -> Tensor:
-    """DELLA: MagPrune each task vector (see ``della_linear``), then elect and fuse as in TIES: with
-    ``c_i = w_i d_i``, ``s = sign(sum_i c_i)``, ``A = {i : c_i * s > 0}``,
-    ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` (``normalize``, default True) or the bare sum;
-    ``result = base + lambda_ * tau``. Defaults: ``weight`` 1, ``density`` 1, ``epsilon`` 0.1,
-    ``lambda_`` 1.
-    """
-    w = per_model(weight, len(xs), "weight")
-    with torch.no_grad():
-        deltas = della_deltas(xs, base, density, epsilon, rng)
-        return apply_delta(base, sign_consensus(deltas, w, normalize), lambda_)
+della = register("della", **DELLA)(partial(della_linear, how="elect", normalize=True))

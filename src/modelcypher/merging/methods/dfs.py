@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import as_rows, check_shapes, f32, per_model, task_vectors
+from modelcypher.merging.methods._inputs import as_rows, check_shapes, f32, per_model
+from modelcypher.merging.methods._task import task_vectors
 from modelcypher.merging.registry import register
 
 
@@ -22,8 +23,8 @@ from modelcypher.merging.registry import register
         "design doc; NOT the data-flow-space (DFS) layer routing of Akiba, Shing, Tang, Sun, Ha, "
         "'Evolutionary Optimization of Model Merging Recipes', 2024, arXiv:2403.13187"
     ),
-    model_params={"weight": 1.0},
-    global_params={"eps": 1e-6},
+    model_params=("weight",),
+    global_params=("eps",),
 )
 def dfs(
     xs: Sequence[Tensor], base: Tensor | None = None, *, weight: Sequence[float] | float = 1.0,

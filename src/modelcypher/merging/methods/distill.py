@@ -29,7 +29,7 @@ vector (float32) and one model in memory: a method for models that fit in memory
 from __future__ import annotations
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import f32
+from modelcypher.merging.methods._inputs import f32
 from modelcypher.merging.registry import register
 
 
@@ -38,7 +38,7 @@ from modelcypher.merging.registry import register
     base="required",
     paper="learned coefficients after AdaMerging (arXiv 2310.02575), fitted by distillation after "
           "ProDistill (arXiv 2502.12706)",
-    global_params={"steps": 300, "lr": 0.01, "init": 1.0, "sequences": "blocks"},
+    global_params=("steps", "lr", "init", "sequences"),
     stats=("distill",),
 )
 def distill(xs, base, *, distill=None, steps: int = 300, lr: float = 0.01, init: float = 1.0,

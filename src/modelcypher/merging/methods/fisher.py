@@ -26,10 +26,13 @@ task vectors shrinks each task's update about ``T``-fold. With ``lambda`` 1 the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import scale_from_base
+from modelcypher.merging.methods._inputs import per_model
+from modelcypher.merging.methods._task import scale_from_base
 from modelcypher.merging.registry import register
 
 
@@ -37,20 +40,18 @@ from modelcypher.merging.registry import register
     "fisher",
     base="optional",
     paper="Merging Models with Fisher-Weighted Averaging (arXiv 2111.09832)",
-    model_params={"weight": 1.0},
-    global_params={"epsilon": 1e-8, "normalize": False, "lambda": 1.0},
+    model_params=("weight",),
+    global_params=("epsilon", "normalize", "lambda"),
     stats=("fisher",),
 )
-def fisher(xs, base=None, *, fisher=None, weight=None, epsilon: float = 1e-8, normalize: bool = False,
-           lambda_: float = 1.0, base_fisher=None):
+def fisher(xs, base=None, *, fisher=None, weight: Sequence[float] | float = 1.0, epsilon: float = 1e-8,
+           normalize: bool = False, lambda_: float = 1.0, base_fisher=None):
     return scale_from_base(_fisher(xs, fisher, weight, epsilon, normalize), base, lambda_, "fisher")
 
 
 def _fisher(xs, fisher, weight, epsilon: float, normalize: bool) -> torch.Tensor:
     n = len(xs)
-    w = [1.0] * n if weight is None else [float(v) for v in weight]
-    if len(w) != n:
-        raise UserError(f"fisher: {len(w)} weights for {n} models")
+    w = per_model(weight, n, "weight")
     if any(v < 0 for v in w) or sum(w) <= 0:
         raise UserError(f"fisher: weights must be non-negative and not all zero, got {w}")
     xs = [x.float() for x in xs]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from modelcypher.merging.methods._task import mean_update
 from modelcypher.merging.methods.tsv import NEGLIGIBLE, svd_dtype
 from modelcypher.merging.registry import register
 
@@ -35,12 +36,12 @@ def isotropic(delta: torch.Tensor) -> torch.Tensor:
     base="required",
     paper="No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
           "(Iso-C; Marczak et al., ICML 2025, arXiv 2502.04959)",
-    global_params={"lambda": 1.0},
+    global_params=("lambda",),
 )
 def iso_c(xs, base, *, lambda_: float = 1.0):
     b = base.float()
     if b.dim() != 2:
-        return b + float(lambda_) * torch.stack([x.float() - b for x in xs]).mean(0)
+        return mean_update(xs, base, lambda_)
     dt = svd_dtype(b)
     bd = base.to(dt)
     delta = sum(x.to(dt) - bd for x in xs)

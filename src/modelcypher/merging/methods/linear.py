@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from modelcypher.merging.methods._sparsify import check_shapes, f32, per_model, weighted_sum
+from modelcypher.merging.methods._inputs import check_shapes, f32, per_model
+from modelcypher.merging.methods._task import weighted_sum
 from modelcypher.merging.registry import register
 
 
@@ -20,8 +21,8 @@ from modelcypher.merging.registry import register
         "increasing inference time; Wortsman, Ilharco, Gadre, Roelofs, Gontijo-Lopes, Morcos, Namkoong, "
         "Farhadi, Carmon, Kornblith, Schmidt; 2022; arXiv:2203.05482"
     ),
-    model_params={"weight": 1.0},
-    global_params={"normalize": True},
+    model_params=("weight",),
+    global_params=("normalize",),
 )
 def linear(
     xs: Sequence[Tensor], base: Tensor | None = None, *, weight: Sequence[float] | float = 1.0,

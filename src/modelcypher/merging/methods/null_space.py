@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods._task import mean_update
 from modelcypher.merging.methods.regmean import resolve_layout
 from modelcypher.merging.registry import register
 
@@ -118,7 +119,7 @@ def null_space_filter(
     "null_space",
     base="required",
     paper="Null-space filtering of task vectors (after MINGLE, arXiv 2509.21413)",
-    global_params={"lambda": 1.0, "rank_threshold": 1e-4, "reference": "others", "layout": "auto"},
+    global_params=("lambda", "rank_threshold", "reference", "layout"),
     stats=("gram",),
     reports=True,
 )
@@ -134,7 +135,7 @@ def null_space(
         raise UserError("null_space: reference='base' needs the base model's Gram (base_gram) for this weight")
     have = base_gram is not None if reference == "base" else grams_given
     if b.dim() != 2 or not have:
-        return b + float(lambda_) * torch.stack([x.float() - b for x in xs]).mean(0)
+        return mean_update(xs, base, lambda_)
     filtered, kept = null_space_filter(
         xs, base, gram, rank_threshold=float(rank_threshold), reference=reference, layout=layout,
         base_gram=base_gram,

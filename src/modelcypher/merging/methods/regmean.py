@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import scale_from_base
+from modelcypher.merging.methods._task import scale_from_base
 from modelcypher.merging.registry import register
 
 LAYOUTS = ("auto", "linear", "conv1d")
@@ -88,7 +88,7 @@ def regmean_matrix(
     "regmean",
     paper="Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean, arXiv 2212.09849)",
     base="optional",
-    global_params={"alpha": 0.9, "ridge": 1e-6, "layout": "auto", "lambda": 1.0},
+    global_params=("alpha", "ridge", "layout", "lambda"),
     stats=("gram",),
 )
 def regmean(xs, base=None, *, gram=None, alpha: float = 0.9, ridge: float = 1e-6, layout: str = "auto",

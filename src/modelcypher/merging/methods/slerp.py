@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import f32
+from modelcypher.merging.methods._inputs import f32
 from modelcypher.merging.registry import register
 
 #: Below this norm a tensor has no usable direction and slerp falls back to lerp.

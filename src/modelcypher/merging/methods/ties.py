@@ -8,18 +8,15 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
-from modelcypher.merging.methods._sparsify import (
-    check_fraction,
-    check_shapes,
-    count,
-    f32,
-    per_model,
+from modelcypher.merging.methods._consensus import trimmed_merge
+from modelcypher.merging.methods._inputs import check_shapes, f32, fractions, per_model
+from modelcypher.merging.methods._trim import (
     tau_high_counts,
     tau_low_counts,
     tau_sample,
     tau_window,
+    top_count,
     top_k_cuts,
-    trimmed_merge,
 )
 from modelcypher.merging.registry import register
 
@@ -33,7 +30,7 @@ Blocks = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
 
 def ties_blocks(
     passes: Blocks, numel: int, *, weight: Sequence[float], density: Sequence[float],
-    normalize: bool = True, lambda_: float = 1.0,
+    normalize: bool = True, lambda_: float = 1.0, int8_mask: bool = False,
 ) -> Iterator[Tensor]:
     """TIES on a tensor of ``numel`` entries seen in blocks of rows: ``passes()`` yields each block's
     ``(xs, base)`` in order, once per call (float32, or as stored: the arithmetic is float32's);
@@ -47,9 +44,8 @@ def ties_blocks(
     n = len(weight)
     with torch.no_grad():
         w = per_model(weight, n, "weight")
-        dens = per_model(density, n, "density")
-        check_fraction(dens, "density")
-        ks = [count(d, numel) for d in dens]
+        dens = fractions(density, n, "density")
+        ks = [top_count(d, numel) for d in dens]
         ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
         # 1-2. trim: the cut of each task vector tau_i = x_i - base, from the bits of |tau_i|
         cuts = top_k_cuts(lambda: ({i: (xs[i], b) for i in ranked} for xs, b in passes()), ks, numel,
@@ -66,19 +62,20 @@ def ties_blocks(
     "ties",
     base="required",
     paper=TIES_PAPER,
-    model_params={"weight": 1.0, "density": 1.0},
-    global_params={"normalize": True, "lambda": 1.0},
+    model_params=("weight", "density"),
+    global_params=("normalize", "lambda", "int8_mask"),
     stream=ties_blocks,
     raw=True,
 )
 def ties(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
-    density: Sequence[float] | float = 1.0, normalize: bool = True, lambda_: float = 1.0,
+    density: Sequence[float] | float = 1.0, normalize: bool = True, lambda_: float = 1.0, int8_mask: bool = False,
 ) -> Tensor:
     """TIES-Merging.
 
-    1. trim: ``tau_i = x_i - base``; ``d_i`` keeps the ``round(density_i * n)`` largest-magnitude
-       entries of ``tau_i`` (whole tensor; equal magnitudes: smaller flat index first), zeros the rest;
+    1. trim: ``tau_i = x_i - base``; ``d_i`` keeps the ``int(density_i * n)`` largest-magnitude
+       entries of ``tau_i`` (at least one for a positive density, all at density 1, as mergekit;
+       whole tensor; equal magnitudes: smaller flat index first), zeros the rest;
     2. elect: ``c_i = w_i d_i``, ``s = sign(sum_i c_i)`` per element;
     3. disjoint merge: ``A = {i : c_i * s > 0}``; ``tau = sum_{i in A} c_i / sum_{i in A} w_i`` if
        ``normalize`` (default True) else ``sum_{i in A} c_i``; 0 where ``A`` is empty;

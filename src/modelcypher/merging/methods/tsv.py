@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods._task import mean_update
 from modelcypher.merging.registry import register
 
 NEGLIGIBLE = 1e-6  # singular values below this share of the task's largest are treated as zero
@@ -72,13 +73,13 @@ def tsv_merge_matrix(deltas: list[torch.Tensor], fraction: float | None = None) 
     "tsv",
     base="required",
     paper="Task Singular Vectors: Reducing Task Interference in Model Merging (arXiv 2412.00081)",
-    global_params={"lambda": 1.0, "fraction": None},
+    global_params=("lambda", "fraction"),
 )
 def tsv(xs, base, *, lambda_: float = 1.0, fraction: float | None = None):
     """TSV-M. ``fraction``: share of each task's singular components kept (default ``1/T``)."""
     b = base.float()
     if b.dim() != 2:
-        return b + float(lambda_) * torch.stack([x.float() - b for x in xs]).mean(0)
+        return mean_update(xs, base, lambda_)
     dt = svd_dtype(b)
     merged = tsv_merge_matrix([x.to(dt) - base.to(dt) for x in xs], fraction)
     return b + float(lambda_) * merged

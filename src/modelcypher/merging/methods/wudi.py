@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods._task import mean_update
 from modelcypher.merging.registry import register
 
 LAYOUTS = ("linear", "conv1d")
@@ -71,15 +72,15 @@ def wudi_optimize(taus: list[torch.Tensor], steps: int = 300, lr: float = 1e-5) 
     "wudi",
     base="required",
     paper="Whoever Started the Interference Should End It (WUDI-Merging, arXiv 2503.08099)",
-    global_params={"lambda": 1.0, "steps": 300, "lr": 1e-5, "layout": "linear"},
+    global_params=("lambda", "steps", "lr", "layout"),
 )
 def wudi(xs, base, *, lambda_: float = 1.0, steps: int = 300, lr: float = 1e-5, layout: str = "linear"):
     if layout not in LAYOUTS:
         raise UserError(f"wudi: layout must be one of {LAYOUTS}, got {layout!r}")
+    if base.dim() != 2:
+        return mean_update(xs, base, lambda_)
     b = base.float()
     taus = [x.float() - b for x in xs]
-    if b.dim() != 2:
-        return b + float(lambda_) * torch.stack(taus).mean(0)
     if layout == "conv1d":
         taus = [t.T for t in taus]
     tau_m = wudi_optimize(taus, steps=int(steps), lr=float(lr))
