@@ -31,14 +31,14 @@ def vectors(xs: Sequence[Tensor], base: Tensor | None) -> list[Tensor]:
 
 
 def gram(passes: Blocks) -> Tensor:
-    """``G_ij = <v_i, v_j>`` (float64, ``k x k``) of the flattened :func:`vectors` of each block, summed
-    over a pass."""
+    """``G_ij = <v_i, v_j>`` (float64, ``k x k``, on the CPU: the coefficients are worked out there) of
+    the flattened :func:`vectors` of each block, summed over a pass."""
     g = None
     for xs, base in passes():
         v = torch.stack(vectors(xs, base)).reshape(len(xs), -1).to(torch.float64)
         part = v @ v.T
         g = part if g is None else g + part
-    return g
+    return g.cpu()
 
 
 def combine(passes: Blocks, coeffs: Sequence[float]) -> Iterator[Tensor]:
