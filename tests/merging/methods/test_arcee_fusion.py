@@ -40,3 +40,19 @@ def test_each_entry_is_the_model_or_the_base_by_the_tukey_rule(merge):
     take = importance(x, b) >= q2 + 1.5 * (q3 - q1)
     assert 0 < int(take.sum()) < n
     assert torch.equal(out, torch.where(take, x, b))
+
+
+def test_streamed_blocks_equal_the_whole_tensor(merge, streamed):
+    g = torch.Generator().manual_seed(1)
+    # (400, 300): over the 65536 entries sampled to place the quartiles; tiny ones: the lower quartile is the
+    # smallest entry
+    for shape in [(400, 300), (40, 30), (3, 1), (1, 4), (9, 2)]:
+        b = torch.randn(shape, generator=g)
+        x = b + torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g)
+        whole = merge("arcee_fusion", [x], b)
+        imp = importance(x, b).reshape(-1).sort().values
+        n = imp.numel()
+        q1, q2, q3 = (imp[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+        assert torch.equal(whole, torch.where(importance(x, b) >= q2 + 1.5 * (q3 - q1), x, b))
+        for rows in (1, 7):
+            assert torch.equal(streamed("arcee_fusion", [x], b, rows), whole)
