@@ -54,3 +54,26 @@ def test_no_change_gives_the_base(merge):
 def test_select_topk_out_of_range_is_refused():
     with pytest.raises(UserError, match="select_topk"):
         get_method("sce").fn(XS, BASE, select_topk=1.5)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
+def test_streamed_blocks_equal_the_whole_tensor(merge, streamed, select_topk):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 250, generator=g)  # over the 65536 entries sampled to place the cut
+    xs = [base + torch.randn(300, 250, generator=g) for _ in range(3)]
+    whole = merge("sce", xs, base, select_topk=select_topk)
+    kept = (whole != base).sum()
+    assert int(kept) <= int(select_topk * base.numel()) + 1
+    for rows in (7, 300):
+        got = streamed("sce", xs, base, rows, select_topk=select_topk, int8_mask=False)
+        assert torch.allclose(got, whole, atol=1e-6)
+
+
+def test_equal_variances_are_selected_in_flat_order(merge, streamed):
+    # every entry has variance 1: the 0.5 * 8 = 4 selected are the first four; each sums to 0, so +
+    # is elected and the first model's 1 is taken there
+    base = torch.zeros(4, 2)
+    xs = [torch.ones(4, 2), -torch.ones(4, 2)]
+    expected = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    assert torch.equal(merge("sce", xs, base, select_topk=0.5), expected)
+    assert torch.equal(streamed("sce", xs, base, 1, select_topk=0.5, int8_mask=False), expected)
