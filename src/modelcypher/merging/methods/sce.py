@@ -76,8 +76,8 @@ def sce_blocks(passes: Blocks, numel: int, *, select_topk: float, int8_mask: boo
 @register(
     "sce",
     base="required",
-    paper=("FuseChat: Knowledge Fusion of Chat Models (SCE: Select, Calculate, Erase); Wan, Zhong, Yang, Chen, "
-           "Quan, Bi, Shi; 2024; arXiv:2408.07990"),
+    paper=("FuseChat: Knowledge Fusion of Chat Models (SCE: Select, Calculate, Erase); Wan, Zhong, Yang, Chen, Quan; "
+           "2024; arXiv:2408.07990"),
     global_params=("select_topk", "int8_mask"),
     stream=sce_blocks,
 )
