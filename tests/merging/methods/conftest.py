@@ -41,3 +41,20 @@ def gen():
         return g
 
     return make
+
+
+def _streamed(name, xs, base, rows, **params):
+    """The method's ``stream`` fed blocks of ``rows`` rows (as the runner does), results concatenated."""
+    method = get_method(name)
+    n = xs[0].shape[0]
+
+    def passes():
+        for a in range(0, n, rows):
+            yield [x[a:a + rows] for x in xs], None if base is None else base[a:a + rows]
+
+    return torch.cat(list(method.stream(passes, xs[0].numel(), **params)))
+
+
+@pytest.fixture
+def streamed():
+    return _streamed
