@@ -86,8 +86,6 @@ def weighted(method: str, extra: str = "", globals_: str = "", base: bool = True
     return text if base else text.replace("base_model: {base}\n", "")
 
 
-GRADIENT_AFTER_LAYERS = ("a gradient gives the tensors after the layers (final norm, lm_head) its first value in "
-                         "mergekit, its last here")
 
 UNWEIGHTED = """
 merge_method: {method}
@@ -111,8 +109,6 @@ parameters: {{{{{globals}}}}}
 dtype: float32
 """
 
-NEGATIVE_COSINE = ("model_stock: a negative mean cosine gives a negative t (extrapolation away from the models) in "
-                   "mergekit; here t is clamped to 0 (the base)")
 
 SLERP_THRESHOLD = ("slerp: mergekit falls back to lerp where cos > 0.9995 (a fixed threshold, ~1.8 degrees); here "
                    "where cos > 1 - 1e-6, so the norm weights (~1 degree apart) differ by ~5e-5")
@@ -122,26 +118,17 @@ EXISTING = {
     "linear_not_normalized": weighted("linear", globals_="normalize: false", base=False),
     "task_arithmetic": weighted("task_arithmetic", globals_="lambda: 0.8"),
     "ties_density_half": weighted("ties", ", density: 0.5"),
-    "ties_density_0.3": pytest.param(weighted("ties", ", density: 0.3"), marks=xfail(
-        "TIES trim keeps int(density * n) entries in mergekit, round(density * n) here: 9 vs 10 of a norm's 32")),
+    "ties_density_0.3": weighted("ties", ", density: 0.3"),
     "dare_ties_density_1_normalize_false": weighted("dare_ties", ", density: 1.0", "normalize: false"),
-    "dare_ties_default_normalize": pytest.param(weighted("dare_ties", ", density: 1.0"), marks=xfail(
-        "dare_ties' normalize defaults to false in mergekit, true here")),
+    "dare_ties_default_normalize": weighted("dare_ties", ", density: 1.0"),
     "dare_linear_density_1": weighted("dare_linear", ", density: 1.0"),
-    "breadcrumbs_default_density": pytest.param(weighted("breadcrumbs"), marks=xfail(
-        "breadcrumbs at its default density 1.0 prunes nothing in mergekit; here it drops the top gamma")),
+    "breadcrumbs_default_density": weighted("breadcrumbs"),
     # gamma n and density n whole numbers for every tensor size (32 ... 3104 entries): the bands agree
     "breadcrumbs_whole_band": weighted("breadcrumbs", ", density: 0.75, gamma: 0.0625"),
     "breadcrumbs_ties_whole_band": weighted("breadcrumbs_ties", ", density: 0.75, gamma: 0.0625", "normalize: false"),
-    "breadcrumbs_ties_default_normalize": pytest.param(
-        weighted("breadcrumbs_ties", ", density: 0.75, gamma: 0.0625"), marks=xfail(
-            "breadcrumbs_ties' normalize defaults to false in mergekit, true here")),
-    "breadcrumbs_density_0.8": pytest.param(weighted("breadcrumbs", ", density: 0.8, gamma: 0.1"), marks=xfail(
-        "breadcrumbs' band: mergekit keeps int(density n) entries after dropping int(gamma n) outliers "
-        "(fewer outliers when the two overflow n); here ranks [round(gamma n), round((gamma + density) n))")),
-    "breadcrumbs_ties_normalize_true": pytest.param(
-        weighted("breadcrumbs_ties", ", density: 0.8, gamma: 0.1", "normalize: true"), marks=xfail(
-            "breadcrumbs' band rounding, as for breadcrumbs_density_0.8")),
+    "breadcrumbs_ties_default_normalize": weighted("breadcrumbs_ties", ", density: 0.75, gamma: 0.0625"),
+    "breadcrumbs_density_0.8": weighted("breadcrumbs", ", density: 0.8, gamma: 0.1"),
+    "breadcrumbs_ties_normalize_true": weighted("breadcrumbs_ties", ", density: 0.8, gamma: 0.1", "normalize: true"),
     "della_density_1": weighted("della", ", density: 1.0"),
     # mergekit ignores DOT_THRESHOLD (its threshold is fixed at 0.9995); set here to match it
     "slerp": """
@@ -170,13 +157,13 @@ parameters:
   DOT_THRESHOLD: 0.9995
 dtype: float32
 """,
-    "slerp_gradient": pytest.param("""
+    "slerp_gradient": """
 merge_method: slerp
 base_model: {base}
 models: [{{model: {a}}}]
 parameters: {{t: [0.1, 0.9], DOT_THRESHOLD: 0.9995}}
 dtype: float32
-""", marks=xfail(GRADIENT_AFTER_LAYERS)),
+""",
     "slerp_slices": """
 merge_method: slerp
 base_model: {base}
@@ -189,9 +176,8 @@ dtype: float32
 """,
     "model_stock_positive_cosines": NEAR.format(method="model_stock", globals=""),
     "model_stock_filter_wise_positive_cosines": NEAR.format(method="model_stock", globals="filter_wise: true"),
-    "model_stock_negative_cosines": pytest.param(unweighted("model_stock"), marks=xfail(NEGATIVE_COSINE)),
-    "model_stock_filter_wise_negative_cosines": pytest.param(unweighted("model_stock", "filter_wise: true"),
-                                                             marks=xfail(NEGATIVE_COSINE)),
+    "model_stock_negative_cosines": unweighted("model_stock"),
+    "model_stock_filter_wise_negative_cosines": unweighted("model_stock", "filter_wise: true"),
     "passthrough_one_model": """
 merge_method: passthrough
 models: [{{model: {a}}}]
@@ -204,14 +190,13 @@ slices:
   - sources: [{{model: {a}, layer_range: [1, 3]}}]
 dtype: float32
 """,
-    "passthrough_frankenmerge": pytest.param("""
+    "passthrough_frankenmerge": """
 merge_method: passthrough
 slices:
   - sources: [{{model: {a}, layer_range: [0, 2]}}]
   - sources: [{{model: {b}, layer_range: [1, 3]}}]
 dtype: float32
-""", marks=xfail("passthrough: the final norm and lm_head come from the last slice's model in mergekit, the "
-                 "first's here")),
+""",
     "della_linear_density_1": weighted("della_linear", ", density: 1.0"),
 }
 
@@ -242,7 +227,7 @@ models:
 parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}
 dtype: float32
 """,
-    "nuslerp_gradient_weight": pytest.param("""
+    "nuslerp_gradient_weight": """
 merge_method: nuslerp
 base_model: {base}
 models:
@@ -250,7 +235,7 @@ models:
   - {{model: {b}, parameters: {{weight: 0.5}}}}
 parameters: {{nuslerp_flatten: false}}
 dtype: float32
-""", marks=xfail(GRADIENT_AFTER_LAYERS)),
+""",
     "multislerp_base": weighted("multislerp"),
     "multislerp_no_base": weighted("multislerp", globals_="normalize_weights: false", base=False),
     "karcher_three": """

@@ -78,26 +78,24 @@ def open_model(ref: str, config_dir: Path | None) -> Checkpoint | AdaptedCheckpo
         raise
 
 
-def _value_at(value: Any, layer: int | None, depth: int, before_layers: bool) -> Any:
-    """A gradient (list) is spread evenly over the layers; tensors outside the layers take its first
-    value when they come before them (embeddings) and its last when they come after (final norm, head)."""
+def _value_at(value: Any, layer: int | None, depth: int) -> Any:
+    """A gradient (list) is spread evenly over the layers; tensors outside the layers (embeddings, final
+    norm, head) take its first value, as mergekit gives them."""
     if not isinstance(value, list):
         return value
-    if len(value) == 1:
+    if len(value) == 1 or layer is None:
         return value[0]
-    if layer is None:
-        return value[0] if before_layers else value[-1]
     x = layer / max(depth - 1, 1) * (len(value) - 1)
     return float(np.interp(x, np.arange(len(value)), value))
 
 
-def _param(value: ParamValue, name: str, layer: int | None, depth: int, before: bool) -> Any:
+def _param(value: ParamValue, name: str, layer: int | None, depth: int) -> Any:
     if isinstance(value, list) and value and isinstance(value[0], Filtered):
         for f in value:
             if f.filter is None or f.filter in name:
-                return _value_at(f.value, layer, depth, before)
+                return _value_at(f.value, layer, depth)
         return None
-    return _value_at(value, layer, depth, before)
+    return _value_at(value, layer, depth)
 
 
 def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -> None:
@@ -182,12 +180,10 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
 
     family = family_of(ref_ck.config)
     vocab = set(family.vocab_tensors)
-    embeds = {inp for inp, _ in family.tied} | {v for v in vocab if "embed" in v or "wte" in v}
     tasks, trunc_rows = [], None
     for out_n, layer, srcs, base_n in layers:
         srcs = [(e, n) for e, n in srcs if not (uses_base and idx[e.model] == base)]
-        before = out_n in embeds or "embed" in out_n or ".wpe." in out_n
-        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, before, family.conv1d)
+        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, family.conv1d)
         sources = [(idx[e.model], _find(models[idx[e.model]], n, f"model {e.model}")) for e, n in srcs]
         base_src = (base, _find(models[base], base_n, f"base model {names[base]}")) if uses_base else None
         _check_count(method, len(sources))
@@ -251,10 +247,19 @@ def _layer_plan(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int],
         return plan, num_layers(models[idx[entries[0].model] if base is None else base].config) or 0
     blocks = _blocks(cfg, models, idx)
     # Tensors outside the layers come from the base model when the method has no use for a base
-    # (passthrough), else they are merged over the first block's models.
-    outside = ([ModelEntry(model=cfg.base_model)] if base is not None and not uses_base
-               else [e for e, _ in blocks[0].sources])
-    plan = [(n, None, [(e, n) for e in outside], n if uses_base else None)
+    # (passthrough with a base_model). Else the embeddings come from the first block's models and what
+    # follows the layers (final norm, head) from the last block's, as mergekit does: the final norm
+    # belongs to the residual stream of the layers just before it.
+    fam = family_of(models[0].config)
+    embeds = {inp for inp, _ in fam.tied} | {v for v in fam.vocab_tensors if "embed" in v or "wte" in v}
+
+    def outside(n: str) -> list[ModelEntry]:
+        if base is not None and not uses_base:
+            return [ModelEntry(model=cfg.base_model)]
+        first = n in embeds or "embed" in n or ".wpe." in n
+        return [e for e, _ in blocks[0 if first else -1].sources]
+
+    plan = [(n, None, [(e, n) for e in outside(n)], n if uses_base else None)
             for n in out_names if layer_index(n) is None]
     src_layers = []  # the source layer behind each output layer
     for b in blocks:
@@ -340,7 +345,7 @@ def _data_files(cfg: MergeConfig, method: Method, entries: list[ModelEntry], idx
 
 
 def _task_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry], name: str,
-                 layer: int | None, depth: int, before: bool, conv1d: tuple[str, ...] = ()) -> dict[str, Any]:
+                 layer: int | None, depth: int, conv1d: tuple[str, ...] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, default in method.model_params.items():
         if key == "data":
@@ -348,7 +353,7 @@ def _task_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry], na
         vals = []
         for e in entries:
             v = e.parameters.get(key, cfg.parameters.get(key))
-            v = None if v is None else _param(v, name, layer, depth, before)
+            v = None if v is None else _param(v, name, layer, depth)
             vals.append(default if v is None else v)
         out[key] = vals
     for key, default in method.global_params.items():
@@ -356,7 +361,7 @@ def _task_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry], na
             out[key] = "conv1d" if name.endswith(conv1d) else "linear"
             continue
         v = cfg.parameters.get(key)
-        v = None if v is None else _param(v, name, layer, depth, before)
+        v = None if v is None else _param(v, name, layer, depth)
         if v is None and default is REQUIRED:
             raise UserError(f"parameter {key!r} has no value for tensor {name!r} (no filter matches it)")
         out["lambda_" if key == "lambda" else key] = default if v is None else v
