@@ -26,8 +26,6 @@ FC = "transformer.h.0.mlp.c_fc.weight"
 ATTN = "transformer.h.1.attn.c_attn.weight"
 WTE = "transformer.wte.weight"
 
-PARAM_TYPES = ("trace: merging/plan.py does not check a parameter's value against the method's signature "
-               "(a string where a number belongs reaches the method)")
 CASES: dict[str, object] = {}
 XFAIL: dict[str, str] = {}
 
@@ -369,8 +367,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), FC
 
 
-@case("wrong-merge-int-into-float", xfail="wrong: the plan copies an integer tensor into a float model (call "
-      "Checkpoint.is_float across the sources in merging/plan.py, where `copy` is decided)")
+@case("wrong-merge-int-into-float")
 def _(w, cid):
     w.edit_tensors(1, lambda sd: sd.update({FC: sd[FC].round().to(torch.int32)}))
     cfg = {"merge_method": "linear", "models": [{"model": str(w.m[1]), "parameters": {"weight": 0.5}},
@@ -430,20 +427,19 @@ def _(w, cid):
     return argv, "colour"
 
 
-@case("trace-merge-models-empty-no-base", xfail="trace: merging/plan.py indexes the first model of an empty "
-      "models list (plan.py, the reference model)")
+@case("trace-merge-models-empty-no-base")
 def _(w, cid):
     return w.merge(cfg={"merge_method": "linear", "models": []}), "models"
 
 
-@case("trace-merge-weight-string", xfail=PARAM_TYPES)
+@case("trace-merge-weight-string")
 def _(w, cid):
     cfg = {"merge_method": "linear", "models": [{"model": str(w.m[1]), "parameters": {"weight": "abc"}},
                                                 {"model": str(w.m[2])}]}
     return w.merge(cfg=cfg), "weight"
 
 
-@case("trace-merge-t-string", xfail=PARAM_TYPES)
+@case("trace-merge-t-string")
 def _(w, cid):
     cfg = {"merge_method": "slerp", "base_model": str(w.m[0]), "parameters": {"t": "half"},
            "models": [{"model": str(w.m[1])}]}

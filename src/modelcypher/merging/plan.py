@@ -111,6 +111,9 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
             if where != "parameters" and key in method.global_params and key not in method.model_params:
                 raise UserError(f"{where}: {key!r} is a global parameter of {method.name}; set it under "
                                 "the top-level 'parameters'")
+            text = next((v for v in _values(params[key]) if isinstance(v, str)), None)
+            if text is not None and key != "data" and not isinstance(known[key], str):
+                raise UserError(f"{where}: parameter {key!r} takes a number, not {text!r}")
     for key, default in known.items():
         if default is REQUIRED:
             missing = [e.model for e in entries if key not in e.parameters and key not in cfg.parameters]
@@ -118,6 +121,13 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
                 missing = ["the top-level parameters"]
             if missing:
                 raise UserError(f"merge_method {method.name} needs parameter {key!r} (missing for {missing[0]})")
+
+
+def _values(value: ParamValue) -> list:
+    """Every value a parameter's setting holds: a scalar, a gradient's entries, each filter's values."""
+    if isinstance(value, list):
+        return [v for x in value for v in (_values(x.value) if isinstance(x, Filtered) else _values(x))]
+    return [value]
 
 
 def resolve_name(ck: Checkpoint, name: str) -> str | None:
@@ -141,6 +151,8 @@ class _Block:
 def check_config(cfg: MergeConfig) -> Method:
     """What can be checked without opening a model: the method, its base and its parameters."""
     method = get_method(cfg.merge_method)
+    if not _entries(cfg):
+        raise UserError("models: no model to merge; list at least one")
     if method.base == "required" and cfg.base_model is None:
         raise UserError(f"merge_method {method.name} needs a base_model")
     _check_params(method, cfg, _entries(cfg))
@@ -318,6 +330,11 @@ def _task(out_n: str, sources: list[tuple[int, str]], base_src: tuple[int, str] 
     shape = ((rows,) + tuple(shape0[1:])) if rows else tuple(shape0)
     in_dtype = models[everyone[0][0]].dtype(everyone[0][1])
     copy = not in_dtype.is_floating_point
+    mixed = [names[mi] for mi, n in everyone if models[mi].dtype(n).is_floating_point == copy]
+    if mixed:
+        kinds = ("an integer", "a floating-point") if copy else ("a floating-point", "an integer")
+        raise UserError(f"tensor {out_n!r} is {kinds[0]} tensor in {names[everyone[0][0]]} but {kinds[1]} one in "
+                        f"{mixed[0]}: it can be neither merged nor copied")
     task = TensorTask(out_n, tuple(sources), base_src, params, shape, in_dtype if copy else out_dtype, copy)
     return task, rows
 
