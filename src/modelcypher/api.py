@@ -17,12 +17,13 @@ from modelcypher.checkpoint.writer import atomic_dir, parse_size
 from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
+from modelcypher.measure.compare import compare_models
 from modelcypher.merging.config import MergeConfig, parse_config
 from modelcypher.merging.plan import Plan, check_config, make_plan
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
 
-__all__ = ["align_checkpoint", "barrier_curve", "merge", "plan_merge"]
+__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "merge", "plan_merge"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:

@@ -124,6 +124,36 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: str | None, report: dict) -> None:
+    import json
+
+    from modelcypher.measure.diagnose import finite
+
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+
+
+def _probes(path: str | None) -> str | None:
+    from modelcypher.hf import read_text
+
+    return read_text(path) if path else None
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from modelcypher.measure.compare import compare_models, plot_maps, render
+
+    report = compare_models(args.model_a, args.model_b, _probes(args.probes), max_anchors=args.max_anchors,
+                            k=args.k, top_k=args.top_k, device=args.device)
+    print(render(report))
+    _write_json(args.json, report)
+    if args.plot:
+        paths = plot_maps(report, args.plot)
+        print(f"wrote {len(paths)} heatmaps into {args.plot}")
+    return 0
+
+
 # The alignment flags come from the fields of AlignOptions (modelcypher.options), one flag per field, so
 # each default and help text is stated once; a verb may spell a flag its own way (barrier --align, --probe).
 def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None = None,
@@ -202,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="k for top-k energy and subspace overlap")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_diagnose)
+
+    c = sub.add_parser("compare", help="layer-by-layer representation maps of two models (any families)")
+    c.add_argument("model_a")
+    c.add_argument("model_b")
+    c.add_argument("--probes", help="probe text (default: the corpus shipped with the package)")
+    c.add_argument("--json", help="write the report (all matrices) as JSON here")
+    c.add_argument("--plot", help="write PNG heatmaps into this directory")
+    c.add_argument("--max-anchors", type=int, default=1024, help="words of the probe text used (default 1024)")
+    c.add_argument("-k", type=int, default=10, help="neighbours for the mutual k-NN overlap (default 10)")
+    c.add_argument("--top-k", type=int, default=8, help="active dimensions per anchor in the intersection map")
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=_compare)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")

@@ -1,0 +1,77 @@
+"""Models for the across-family tests: small Llama-style and GPT-2 models that read the zoo's
+character-level Shakespeare tokenizer, and exact copies of them under hidden symmetries (a rotated
+residual stream, permuted units and heads, a wider residual, another family's record)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from modelcypher.align.transform import apply, fold_norms, random_alignment
+from modelcypher.arch.families import spec_for
+from modelcypher.zoo import chartok, shakespeare
+
+
+def tokenizer():
+    return chartok.build_char_tokenizer(shakespeare.vocab())
+
+
+def probe_text(chars: int = 6000, genre: str = "comedy", start: int = 20000) -> str:
+    return shakespeare.text(genre)[start:start + chars]
+
+
+def save(model: torch.nn.Module, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def llama(path: Path, seed: int = 0, *, hidden: int = 32, layers: int = 3, inter: int = 64, heads: int = 4,
+          kv: int = 2, family: str = "llama", init: float = 0.02) -> Path:
+    """A Llama-style model with random norm gains (so that folding them is not a no-op)."""
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=len(tokenizer()), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128,
+                 head_dim=hidden // heads, initializer_range=init, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = cls[1](cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape))
+    return save(model, path)
+
+
+def gpt2(path: Path, seed: int = 0, *, hidden: int = 32, layers: int = 2, heads: int = 4) -> Path:
+    torch.manual_seed(seed)
+    cfg = tf.GPT2Config(vocab_size=len(tokenizer()), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128)
+    return save(tf.GPT2LMHeadModel(cfg).eval(), path)
+
+
+def load(path: Path) -> torch.nn.Module:
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def with_state(model: torch.nn.Module, sd: dict, config: dict | None = None) -> torch.nn.Module:
+    cfg = type(model.config).from_dict({**model.config.to_dict(), **(config or {})})
+    out = type(model)(cfg).eval()
+    out.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    return out
+
+
+def folded(src: Path, dst: Path) -> Path:
+    """The same function with every norm gain folded into its readers."""
+    model = load(src)
+    sd, config = fold_norms(model.state_dict(), model.config.to_dict())
+    return save(with_state(model, sd, config), dst)
+
+
+def rotated(src: Path, dst: Path, seed: int = 1) -> Path:
+    """The same function under a random element of the family's symmetry group (norms folded, the
+    residual rotated, MLP units and heads permuted, value/output and query/key bases rotated)."""
+    model = load(src)
+    config = model.config.to_dict()
+    sd, config = apply(model.state_dict(), config, random_alignment(spec_for(config), seed=seed))
+    return save(with_state(model, sd, config), dst)
