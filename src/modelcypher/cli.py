@@ -154,6 +154,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift(args: argparse.Namespace) -> int:
+    from modelcypher.hf import read_text
+    from modelcypher.measure.drift import drift, plot_drift, read_task, render
+
+    task = read_task(args.task) if args.task else None
+    report = drift(args.model_b, args.changed, read_text(args.data), task, device=args.device)
+    print(render(report))
+    _write_json(args.json, report)
+    if args.plot:
+        print(f"wrote {plot_drift(report, args.plot)}")
+    return 0
+
+
 # The alignment flags come from the fields of AlignOptions (modelcypher.options), one flag per field, so
 # each default and help text is stated once; a verb may spell a flag its own way (barrier --align, --probe).
 def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None = None,
@@ -244,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=8, help="active dimensions per anchor in the intersection map")
     c.add_argument("--device", default="auto")
     c.set_defaults(func=_compare)
+
+    r = sub.add_parser("drift", help="three-space report of a changed model (or adapter) against its base")
+    r.add_argument("model_b", help="the base model")
+    r.add_argument("changed", help="the changed model, or a PEFT adapter directory for the base")
+    r.add_argument("--data", required=True, help="control text (the KL of next-token distributions is taken on it)")
+    r.add_argument("--task", help="task file: 'prompt<TAB>answer' or 'name[input]answer' lines (exact match)")
+    r.add_argument("--json", help="write the report as JSON here")
+    r.add_argument("--plot", help="write one PNG of the three spaces here")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=_drift)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")
