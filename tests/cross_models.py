@@ -75,3 +75,41 @@ def rotated(src: Path, dst: Path, seed: int = 1) -> Path:
     config = model.config.to_dict()
     sd, config = apply(model.state_dict(), config, random_alignment(spec_for(config), seed=seed))
     return save(with_state(model, sd, config), dst)
+
+
+def as_qwen2(src: Path, dst: Path) -> Path:
+    """A Llama checkpoint under Qwen2's record: the same weights, zero query/key/value biases."""
+    model = load(src)
+    c = model.config
+    cfg = tf.Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=False)
+    out = tf.Qwen2ForCausalLM(cfg).eval()
+    sd = dict(model.state_dict())
+    for k, v in out.state_dict().items():
+        if k.endswith("_proj.bias"):
+            sd[k] = torch.zeros_like(v)
+    out.load_state_dict(sd, strict=True)
+    return save(out, dst)
+
+
+def lora(base: Path, dst: Path, targets: list[str], r: int = 4, seed: int = 5, std: float = 0.3) -> Path:
+    """A PEFT LoRA adapter for ``base`` with random (nonzero) factors."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                   fan_in_fan_out="c_attn" in targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(dst)
+    return dst
+
+
+def with_adapter(base: Path, adapter: Path) -> torch.nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load(base), adapter).eval()

@@ -22,8 +22,9 @@ from modelcypher.merging.config import MergeConfig, parse_config
 from modelcypher.merging.plan import Plan, check_config, make_plan
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
+from modelcypher.transfer.move import transfer_adapter
 
-__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "merge", "plan_merge"]
+__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "merge", "plan_merge", "transfer_adapter"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:

@@ -167,6 +167,21 @@ def _drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from modelcypher.transfer.move import transfer_adapter
+
+    report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
+                              rank=args.rank, method=args.map, max_anchors=args.max_anchors, device=args.device,
+                              overwrite=args.overwrite)
+    errs = [m["update_error"] for m in report["modules"]]
+    print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
+          f"({report['anchors']} anchors, {report['map']} maps); update error on the anchors: mean "
+          f"{sum(errs) / len(errs):.3g}, max {max(errs):.3g}; wrote {report['output']}")
+    for c in report["correspondence"]:
+        print(f"  block {c['block_a']} of A -> block {c['block_b']} of B")
+    return 0
+
+
 # The alignment flags come from the fields of AlignOptions (modelcypher.options), one flag per field, so
 # each default and help text is stated once; a verb may spell a flag its own way (barrier --align, --probe).
 def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None = None,
@@ -267,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", help="write one PNG of the three spaces here")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=_drift)
+
+    t = sub.add_parser("transfer", help="move a PEFT LoRA adapter from model A to model B (any supported family)")
+    t.add_argument("adapter", help="the PEFT LoRA adapter directory made for model A")
+    t.add_argument("--from", required=True, dest="model_a", help="model A, the adapter's base")
+    t.add_argument("--to", required=True, dest="model_b", help="model B, the new base")
+    t.add_argument("-o", "--output", required=True, help="output adapter directory (must not exist)")
+    t.add_argument("--probes", help="probe text (default: the corpus shipped with the package)")
+    t.add_argument("--rank", type=int, default=16, help="rank of the moved updates (default 16)")
+    t.add_argument("--map", default="orthogonal", choices=("orthogonal", "ridge"),
+                   help="maps between the spaces: orthogonal Procrustes (default) or ridge regression")
+    t.add_argument("--max-anchors", type=int, default=4096, help="words of the probe text used (default 4096)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=_transfer)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")
