@@ -113,3 +113,32 @@ def with_adapter(base: Path, adapter: Path) -> torch.nn.Module:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load(base), adapter).eval()
+
+
+def lifted(src: Path, dst: Path, width: int, seed: int = 2) -> Path:
+    """A Llama checkpoint with folded norms (gains all ones) lifted to a wider residual stream: ``x -> x R``
+    with ``R`` ``[d, width]`` of orthonormal rows; readers ``W R``, writers ``R^T W``, every norm gain
+    ``sqrt(d / width)`` and epsilon ``eps d / width``, so that each RMSNorm sees the same normalized
+    vector: the same function, exactly."""
+    model = load(src)
+    c = model.config
+    d = c.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    r = torch.linalg.qr(torch.randn(width, d, generator=g, dtype=torch.float64))[0].T  # [d, width]
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.double()
+        if k.endswith("norm.weight"):
+            assert torch.allclose(v, torch.ones_like(v)), "fold the norms first"
+            out[k] = torch.full((width,), (d / width) ** 0.5, dtype=torch.float64)
+        elif k.endswith(("o_proj.weight", "down_proj.weight")):
+            out[k] = r.T @ v
+        elif v.dim() == 2 and v.shape[1] == d:  # embeddings, head, and every projection reading the residual
+            out[k] = v @ r
+        else:
+            out[k] = v
+    cfg = tf.LlamaConfig.from_dict({**c.to_dict(), "hidden_size": width, "head_dim": c.head_dim,
+                                    "rms_norm_eps": c.rms_norm_eps * d / width})
+    wide = tf.LlamaForCausalLM(cfg).eval()
+    wide.load_state_dict({k: v.float() for k, v in out.items()}, strict=True)
+    return save(wide, dst)

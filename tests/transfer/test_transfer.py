@@ -51,6 +51,19 @@ def test_exact_case_reproduces_the_adapted_logits_on_a_hidden_symmetric_qwen2_co
     assert saved["r"] == 4 and "model.layers.0.self_attn.q_proj" in saved["target_modules"]
 
 
+def test_exact_case_on_a_wider_residual_stream(models, tmp_path):
+    root, a, adapter, _ = models
+    b = cm.lifted(cm.rotated(a, tmp_path / "rot", seed=11), tmp_path / "wide", 48)
+    ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
+    assert torch.allclose(logits(cm.load(b), ids), logits(cm.load(a), ids), atol=1e-4)  # the lift is exact
+    rep = transfer_adapter(adapter, a, b, tmp_path / "moved", text=(root / "probes.txt").read_text(), device="cpu")
+    resid = [m for k, m in rep["maps"].items() if k.endswith(":resid_attn")]
+    assert all(m["shape"] == [32, 48] and m["scale"] == pytest.approx(1.5**0.5) for m in resid)
+    want = logits(cm.with_adapter(a, adapter), ids)
+    got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-3
+
+
 def test_across_families_writes_an_adapter_peft_loads_for_b(models, tmp_path):
     root, a, adapter, _ = models
     g = cm.gpt2(root / "gpt2-b", hidden=48, layers=2)
