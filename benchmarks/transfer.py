@@ -201,8 +201,8 @@ def main() -> None:
                               "weights_subspace_overlap_mean": sum(w["subspace_overlap"] for w in three["weights"])
                               / max(1, len(three["weights"]))}
         sweep = []
-        for r in (2, 4, 8):
-            for n_anchors in (300, 1000, 4000):
+        for r in (2, 8):
+            for n_anchors in (300, 4000):
                 out = work / f"sweep-{target.name}-{r}-{n_anchors}"
                 try:
                     transfer_adapter(lora_a, a, target, out, text=probes, rank=r, max_anchors=n_anchors, device="cpu")

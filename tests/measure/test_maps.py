@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from modelcypher.measure.maps import cka, gromov_wasserstein, intersection_jaccard, layer_correspondence, mutual_knn
+from modelcypher.measure.maps import (
+    cka,
+    feature_hsic,
+    gromov_wasserstein,
+    intersection_jaccard,
+    layer_correspondence,
+    mutual_knn,
+)
 
 
 def hsic_u_statistic(k: torch.Tensor, l: torch.Tensor) -> float:
@@ -31,6 +38,7 @@ def test_cka_equals_the_u_statistic_on_hand_made_matrices():
     k, l = x @ x.T, y @ y.T
     want = hsic_u_statistic(k, l) / np.sqrt(hsic_u_statistic(k, k) * hsic_u_statistic(l, l))
     assert cka(x, y) == pytest.approx(want, abs=1e-12)
+    assert feature_hsic(x, y) == pytest.approx(hsic_u_statistic(k, l), abs=1e-10)
     assert 0 < abs(want) < 1
 
 

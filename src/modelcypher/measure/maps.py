@@ -24,19 +24,18 @@ import torch
 from modelcypher.align.solvers import solve_lap
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    return x @ x.T
-
-
-def unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Song et al.'s unbiased HSIC of two ``n x n`` Gram matrices (``n >= 4``)."""
-    n = k.shape[0]
-    k = k.double().clone().fill_diagonal_(0)
-    l = l.double().clone().fill_diagonal_(0)
-    ones = torch.ones(n, dtype=torch.float64)
-    kl = k @ l
-    term = torch.trace(kl) + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2.0 * (ones @ kl @ ones) / (n - 2)
+def feature_hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Song et al.'s unbiased HSIC of the linear kernels ``K = x x^T``, ``L = y y^T`` (diagonals zeroed:
+    ``K~``, ``L~``), ``[tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2 1'K~L~1 / (n-2)] / (n(n-3))``, without
+    forming either ``n x n`` kernel: every term in ``O(n d^2)`` (``tr(K~L~) = |x^T y|^2 - sum_i |x_i|^2
+    |y_i|^2``, ``K~1 = x (x^T 1) - diag(K)``)."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    kd, ld = x.square().sum(1), y.square().sum(1)
+    k1 = x @ x.sum(0) - kd  # K~ 1
+    l1 = y @ y.sum(0) - ld
+    trace = (x.T @ y).square().sum() - (kd * ld).sum()
+    term = trace + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
     return term / (n * (n - 3))
 
 
@@ -49,9 +48,8 @@ def cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """
     if x.shape[0] != y.shape[0] or x.shape[0] < 4:
         raise ValueError("cka needs the same n >= 4 anchors on both sides")
-    k, l = _gram(x), _gram(y)
-    den = (unbiased_hsic(k, k) * unbiased_hsic(l, l)).sqrt()
-    return float(unbiased_hsic(k, l) / den) if den > 0 else float("nan")
+    den = (feature_hsic(x, x) * feature_hsic(y, y)).sqrt()
+    return float(feature_hsic(x, y) / den) if den > 0 else float("nan")
 
 
 def knn_sets(x: torch.Tensor, k: int) -> torch.Tensor:
