@@ -18,12 +18,15 @@ from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
 from modelcypher.checkpoint.writer import parse_size
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
+from modelcypher.measure.compare import compare_models
 from modelcypher.merging.config import MergeConfig, parse_config
 from modelcypher.merging.plan import Plan, check_config, make_plan, open_model
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
+from modelcypher.transfer.move import transfer_adapter
 
-__all__ = ["align_checkpoint", "barrier_curve", "extract_lora", "merge", "plan_merge"]
+__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "extract_lora", "merge", "plan_merge",
+           "transfer_adapter"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:

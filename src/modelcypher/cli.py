@@ -144,6 +144,66 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probes(path: str | None) -> str | None:
+    from modelcypher.hf import read_text
+
+    return read_text(path) if path else None
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from modelcypher.checkpoint.guard import check_output_file, check_output_folder, write_json
+    from modelcypher.measure.compare import compare_models, plot_maps, render
+
+    inputs = [args.model_a, args.model_b] + ([args.probes] if args.probes else [])
+    if args.json:  # before any work: a bad output path fails at once
+        check_output_file(args.json, inputs)
+    if args.plot:
+        check_output_folder(args.plot, inputs)
+    report = compare_models(args.model_a, args.model_b, _probes(args.probes), max_anchors=args.max_anchors,
+                            k=args.k, top_k=args.top_k, device=args.device)
+    print(render(report))
+    if args.json:
+        print(f"wrote {write_json(args.json, report, inputs)}")
+    if args.plot:
+        paths = plot_maps(report, args.plot)
+        print(f"wrote {len(paths)} heatmaps into {args.plot}")
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from modelcypher.checkpoint.guard import check_output_file, write_json
+    from modelcypher.hf import read_text
+    from modelcypher.measure.drift import drift, plot_drift, read_task, render
+
+    inputs = [args.model_b, args.changed, args.data] + ([args.task] if args.task else [])
+    for out in (args.json, args.plot):  # before any work: a bad output path fails at once
+        if out:
+            check_output_file(out, inputs)
+    task = read_task(args.task) if args.task else None
+    report = drift(args.model_b, args.changed, read_text(args.data), task, device=args.device)
+    print(render(report))
+    if args.json:
+        print(f"wrote {write_json(args.json, report, inputs)}")
+    if args.plot:
+        print(f"wrote {plot_drift(report, args.plot)}")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from modelcypher.transfer.move import transfer_adapter
+
+    report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
+                              rank=args.rank, method=args.map, max_anchors=args.max_anchors, device=args.device,
+                              overwrite=args.overwrite)
+    errs = [m["update_error"] for m in report["modules"]]
+    print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
+          f"({report['anchors']} anchors, {report['map']} maps); update error on the anchors: mean "
+          f"{sum(errs) / len(errs):.3g}, max {max(errs):.3g}; wrote {report['output']}")
+    for c in report["correspondence"]:
+        print(f"  block {c['block_a']} of A -> block {c['block_b']} of B")
+    return 0
+
+
 # The alignment flags come from the fields of AlignOptions (modelcypher.options), one flag per field, so
 # each default and help text is stated once; a verb may spell a flag its own way (barrier --align, --probe).
 def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None = None,
@@ -258,6 +318,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor embeddings and the output head too (default: kept whole as modules_to_save)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     x.set_defaults(func=_extract_lora)
+
+    c = sub.add_parser("compare", help="layer-by-layer representation maps of two models (any families)")
+    c.add_argument("model_a")
+    c.add_argument("model_b")
+    c.add_argument("--probes", help="probe text (default: the corpus shipped with the package)")
+    c.add_argument("--json", help="write the report (all matrices) as JSON here")
+    c.add_argument("--plot", help="write PNG heatmaps into this directory")
+    c.add_argument("--max-anchors", type=_positive_int, default=1024,
+                   help="words of the probe text used (default 1024)")
+    c.add_argument("-k", type=_positive_int, default=10, help="neighbours for the mutual k-NN overlap (default 10)")
+    c.add_argument("--top-k", type=_positive_int, default=8,
+                   help="active dimensions per anchor in the intersection map")
+    c.add_argument("--device", default="auto", type=_device)
+    c.set_defaults(func=_compare)
+
+    r = sub.add_parser("drift", help="three-space report of a changed model (or adapter) against its base")
+    r.add_argument("model_b", help="the base model")
+    r.add_argument("changed", help="the changed model, or a PEFT adapter directory for the base")
+    r.add_argument("--data", required=True, help="control text (the KL of next-token distributions is taken on it)")
+    r.add_argument("--task", help="task file: 'prompt<TAB>answer' or 'name[input]answer' lines (exact match)")
+    r.add_argument("--json", help="write the report as JSON here")
+    r.add_argument("--plot", help="write one PNG of the three spaces here")
+    r.add_argument("--device", default="auto", type=_device)
+    r.set_defaults(func=_drift)
+
+    t = sub.add_parser("transfer", help="move a PEFT LoRA adapter from model A to model B (any supported family)")
+    t.add_argument("adapter", help="the PEFT LoRA adapter directory made for model A")
+    t.add_argument("--from", required=True, dest="model_a", help="model A, the adapter's base")
+    t.add_argument("--to", required=True, dest="model_b", help="model B, the new base")
+    t.add_argument("-o", "--output", required=True, help="output adapter directory (must not exist)")
+    t.add_argument("--probes", help="probe text (default: the corpus shipped with the package)")
+    t.add_argument("--rank", type=_positive_int, default=16, help="rank of the moved updates (default 16)")
+    t.add_argument("--map", default="orthogonal", choices=("orthogonal", "ridge"),
+                   help="maps between the spaces: orthogonal Procrustes (default) or ridge regression")
+    t.add_argument("--max-anchors", type=_positive_int, default=4096,
+                   help="words of the probe text used (default 4096)")
+    t.add_argument("--device", default="auto", type=_device)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=_transfer)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")

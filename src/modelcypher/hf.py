@@ -12,6 +12,7 @@ importing it would double the start-up time of every command that merges.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,21 @@ def load_tokenizer(model_dir: Path, purpose: str = "to read the text with"):
     model_dir = Path(model_dir)
     if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
         raise UserError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...) {purpose}")
-    from transformers import AutoTokenizer
+    import transformers
 
+    cls = transformers.AutoTokenizer
+    # A generic tokenizer.json saved with the model is what it reads, but AutoTokenizer swaps in the model
+    # type's own class (for qwen2 one that drops whitespace), so a generic saved class is loaded as itself.
+    saved = model_dir / "tokenizer_config.json"
+    if saved.is_file() and (model_dir / "tokenizer.json").is_file():
+        try:
+            name = json.loads(saved.read_text()).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if name in ("TokenizersBackend", "PreTrainedTokenizerFast") and hasattr(transformers, name):
+            cls = getattr(transformers, name)
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return cls.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer
         raise UserError(f"{model_dir}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 

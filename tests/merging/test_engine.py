@@ -66,7 +66,7 @@ def test_slerp_gradient_and_filters_follow_the_layer_index(tmp_path):
     torch.testing.assert_close(so[q.format(1)], slerp([s1[q.format(1)]], s0[q.format(1)], t=0.5))
     torch.testing.assert_close(so["model.layers.0.mlp.up_proj.weight"], s1["model.layers.0.mlp.up_proj.weight"])
     torch.testing.assert_close(so["model.embed_tokens.weight"], s0["model.embed_tokens.weight"])  # before layers
-    torch.testing.assert_close(so["lm_head.weight"], s0["lm_head.weight"])  # outside the layers: first value, as mergekit
+    torch.testing.assert_close(so["lm_head.weight"], s0["lm_head.weight"])  # outside the layers: the first value
 
 
 def test_passthrough_slices_stack_layers_and_relayer_the_config(tmp_path):

@@ -20,11 +20,10 @@ from modelcypher.align.pipeline import check_pair, match, spec_of
 from modelcypher.align.transform import fold_norms
 from modelcypher.arch.families import family_of
 from modelcypher.checkpoint import Checkpoint
-from modelcypher.checkpoint.guard import atomic_file
 from modelcypher.errors import UserError
 from modelcypher.hf import causal_lm, context_length, resolve_device, token_ids, untied_model
 from modelcypher.measure.loss import lm_loss
-from modelcypher.measure.plot import pyplot
+from modelcypher.measure.plot import pyplot, save_png
 from modelcypher.options import AlignOptions
 
 StateDict = Mapping[str, torch.Tensor]
@@ -149,8 +148,4 @@ def plot_barrier(result: dict, png: str | Path, title: str | None = None) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    png = Path(png)
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return png
+    return save_png(fig, png, dpi=120)

@@ -49,11 +49,10 @@ import numpy as np
 import torch
 
 from modelcypher.arch.families import layer_index
-from modelcypher.checkpoint.guard import atomic_file
 from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
 from modelcypher.measure.interference import NEGLIGIBLE, overlap_excess, recommend
-from modelcypher.measure.plot import pyplot
+from modelcypher.measure.plot import pyplot, save_png
 from modelcypher.merging.config import parse_config
 from modelcypher.merging.plan import Plan, make_plan, resolve_name
 
@@ -528,10 +527,7 @@ def plot_heatmaps(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     def save(fig, name):
         path = out_dir / name
         fig.tight_layout()
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_png(fig, path))
 
     height = max(3.0, 0.3 * len(groups) + 1.5)
     if pairs:

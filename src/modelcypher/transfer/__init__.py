@@ -1,0 +1,1 @@
+"""Moving adapters across model families: maps between two models' spaces fitted on shared anchors."""

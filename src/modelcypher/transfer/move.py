@@ -1,0 +1,275 @@
+"""``modelcypher transfer``: a PEFT LoRA adapter made for model A, moved to model B (another family,
+width, depth or tokenizer) without training.
+
+1. Both models read the same probe text; anchors are its words (``measure.anchors``). Hooks pool, per
+   block, what every adapted module reads and writes (:data:`.spaces.KINDS`).
+2. The layer correspondence (``measure.maps.layer_correspondence`` on the CKA of the hidden states)
+   pairs each block of A with a block of B.
+3. Per pair of blocks and space, a map fitted on the anchors (:func:`.spaces.fit_map`). The normed
+   residual is mapped with the norm gains taken out (``z = (u - beta) / g``), since a symmetry of the
+   residual stream rotates ``z``, not ``u``.
+4. Each update ``dW_A = B_A A_A`` (``[out, in]``) becomes ``dW_B = Q_out^T dW_A P_in^T``: ``P_in`` takes a
+   row of B's input space to A's, ``Q_out`` a row of A's output space to B's. Updates landing on one
+   module of B are summed and re-factorized to rank ``r``; the adapter is written for B's module names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modelcypher.arch.families import family_of, layer_index, ties_embeddings
+from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.peft import LoraAdapter, lora_config, write_adapter
+from modelcypher.errors import UserError
+from modelcypher.hf import resolve_device
+from modelcypher.measure.anchors import default_probes, pool, segments
+from modelcypher.measure.compare import MAX_SEGMENT_CHARS, MIN_ANCHORS, Side, common, enough, open_side
+from modelcypher.measure.maps import cka, layer_correspondence
+from modelcypher.transfer.spaces import KINDS, Roles, SpaceMap, fit_map, refactor, roles_of
+
+REPORT_FILE = "transfer_report.json"
+
+
+@dataclass
+class Update:
+    """One adapted module of A: ``delta = left @ right`` in ``[out, in]`` layout."""
+
+    name: str
+    block: int
+    kind: str  # q, k, v, o, mlp_in, mlp_out
+    index: int  # which mlp_in module (up/gate), else 0
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+def module_kinds(roles: Roles, suffix: str) -> list[tuple[str, int]]:
+    """The (kind, mlp_in index) a module of a block plays; GPT-2's c_attn plays q, k and v."""
+    if roles.fused_qkv and suffix == roles.q:
+        return [("q", 0), ("k", 0), ("v", 0)]
+    found = [(k, 0) for k in ("q", "k", "v", "o", "mlp_out") if getattr(roles, k) == suffix]
+    found += [("mlp_in", i) for i, m in enumerate(roles.mlp_in) if m == suffix]
+    return found
+
+
+def read_updates(adapter: LoraAdapter, roles: Roles) -> list[Update]:
+    out = []
+    if adapter.full:
+        name = next(iter(adapter.full))
+        raise UserError(f"{adapter.path}: saves tensor {name!r} whole (modules_to_save); only LoRA factors of "
+                        "attention and MLP projections can be transferred")
+    for name, f in adapter.factors.items():
+        block = layer_index(name)
+        prefix = roles.block.format(block) if block is not None else None
+        kinds = module_kinds(roles, name[len(prefix):-len(".weight")]) if prefix and name.startswith(prefix) else []
+        if f.embedding or not kinds:
+            raise UserError(f"{adapter.path}: cannot transfer the update of {name!r}: only attention and MLP "
+                            "projections inside blocks are transferred")
+        left = adapter.tensor(f.b).double() * f.scale  # [out, r]: PEFT keeps Linear's layout for Conv1D too
+        right = adapter.tensor(f.a).double()  # [r, in]
+        rows = left.shape[0] // len(kinds)
+        for j, (kind, index) in enumerate(kinds):
+            out.append(Update(name, block, kind, index, left[j * rows:(j + 1) * rows], right))
+    return out
+
+
+def hooks(side: Side, roles: Roles, n_blocks: int) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Per block: the inputs of the residual readers, attention output and MLP neurons; the outputs of
+    the query, key and value projections."""
+    mods = dict(side.model.named_modules())
+    out = {}
+    for i in range(n_blocks):
+        blk = roles.block.format(i)
+        out[f"{i}.resid_attn"] = (mods[blk + roles.q], "input")
+        out[f"{i}.resid_mlp"] = (mods[blk + roles.mlp_in[0]], "input")
+        out[f"{i}.attn"] = (mods[blk + roles.o], "input")
+        out[f"{i}.mlp"] = (mods[blk + roles.mlp_out], "input")
+        for kind in ("q", "k", "v"):
+            out[f"{i}.{kind}"] = (mods[blk + getattr(roles, kind)], "output")
+    return out
+
+
+def split_qkv(pooled: dict[str, torch.Tensor], roles: Roles, n_blocks: int, widths: tuple[int, int, int]) -> None:
+    """GPT-2's fused c_attn output, cut into its query, key and value thirds."""
+    if not roles.fused_qkv:
+        return
+    for i in range(n_blocks):
+        full = pooled[f"{i}.q"]
+        a, b, _ = widths
+        pooled[f"{i}.q"], pooled[f"{i}.k"], pooled[f"{i}.v"] = full[:, :a], full[:, a:a + b], full[:, a + b:]
+
+
+def norm_params(ck: Checkpoint, roles: Roles, block: int, norm: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    full = roles.block.format(block) + norm
+    # the original gpt2 checkpoints store the base model's tensors without its prefix
+    base = next((n for n in (full, full.partition(".")[2]) if n + ".weight" in ck), None)
+    if base is None:
+        raise UserError(f"{ck.path}: no tensor {full}.weight (the norm before block {block}'s projections)")
+    b = ck.get(base + ".bias").double() if roles.norm_bias and base + ".bias" in ck else None
+    return ck.get(base + ".weight").double(), b
+
+
+def qkv_widths(config: dict) -> tuple[int, int, int]:
+    d = config.get("hidden_size") or config.get("n_embd")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    hd = config.get("head_dim") or d // heads
+    kv = config.get("num_key_value_heads") or heads
+    return heads * hd, kv * hd, kv * hd
+
+
+class Maps:
+    """The maps between A's block ``i`` and B's block ``j`` spaces, fitted on demand and kept."""
+
+    def __init__(self, xa: dict, xb: dict, states: tuple[list, list], cks: tuple[Checkpoint, Checkpoint],
+                 roles: tuple[Roles, Roles], method: str):
+        self.xa, self.xb, self.states, self.cks, self.roles, self.method = xa, xb, states, cks, roles, method
+        self.cache: dict[tuple[int, int, str], SpaceMap] = {}
+        self.gains: dict[tuple[int, int, str], tuple] = {}
+
+    def space(self, i: int, j: int, space: str) -> SpaceMap:
+        key = (i, j, space)
+        if key not in self.cache:
+            if space == "resid":
+                self.cache[key] = fit_map(self.states[0][i], self.states[1][j], self.method)
+            elif space.startswith("resid_"):
+                norm = "attn_norm" if space == "resid_attn" else "mlp_norm"
+                (ga, ba), (gb, bb) = (norm_params(ck, r, k, getattr(r, norm))
+                                      for ck, r, k in zip(self.cks, self.roles, (i, j), strict=True))
+                za = (self.xa[f"{i}.{space}"] - (0 if ba is None else ba)) / ga.clamp_min(1e-12)
+                zb = (self.xb[f"{j}.{space}"] - (0 if bb is None else bb)) / gb.clamp_min(1e-12)
+                self.cache[key] = fit_map(za, zb, self.method)
+                self.gains[key] = (ga, gb)
+            else:
+                self.cache[key] = fit_map(self.xa[f"{i}.{space}"], self.xb[f"{j}.{space}"], self.method,
+                                          scaled=space != "mlp")
+        return self.cache[key]
+
+    def p_in(self, i: int, j: int, space: str) -> torch.Tensor:
+        """``[in_b, in_a]``: a row of B's input space in A's."""
+        m = self.space(i, j, space)
+        if space.startswith("resid_"):
+            ga, gb = self.gains[(i, j, space)]
+            return (m.backward() / gb.clamp_min(1e-12)[:, None]) * ga[None, :]
+        return m.backward()
+
+    def q_out(self, i: int, j: int, space: str) -> torch.Tensor:
+        """``[out_a, out_b]``: a row of A's output space in B's (MLP neurons unscaled: the scale fitted after
+        the nonlinearity is not the scale before it)."""
+        m = self.space(i, j, space)
+        return m.t if space == "mlp" else m.forward()
+
+
+def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str, str]:
+    """B's module (name) for a kind, and which part of its rows (``all``, or q/k/v of a fused one)."""
+    if kind == "mlp_in":
+        name = roles.mlp_in[min(index, len(roles.mlp_in) - 1)]
+    else:
+        name = getattr(roles, kind)
+    part = kind if roles.fused_qkv and kind in ("q", "k", "v") else "all"
+    return roles.block.format(block) + name, part
+
+
+def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str | Path, out: str | Path, *,
+                     text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
+                     max_anchors: int = 4096, device: str = "auto", overwrite: bool = False) -> dict:
+    """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
+    if method not in ("orthogonal", "ridge"):
+        raise UserError(f"--map {method!r}: expected orthogonal or ridge")
+    adapter = LoraAdapter(adapter_dir)
+    ck_a, ck_b = Checkpoint(model_a), Checkpoint(model_b)
+    roles_a, roles_b = roles_of(ck_a.config, str(model_a)), roles_of(ck_b.config, str(model_b))
+    fam = family_of(ck_a.config)
+    tied = [head for _, head in fam.tied] if ties_embeddings(ck_a.config) else []
+    adapter.check_base(ck_a.names, ck_a.shape, str(model_a), conv1d=fam.conv1d, tied=tied)
+    updates = read_updates(adapter, roles_a)
+    text = default_probes() if text is None else text
+    enough(segments(text, MAX_SEGMENT_CHARS), MIN_ANCHORS, "transfer")
+
+    dev = resolve_device(device)
+    sides = [open_side(model_a, dev), open_side(model_b, dev)]
+    segs = segments(text, min(MAX_SEGMENT_CHARS, *(s.context for s in sides)))
+    n_blocks = [s.model.config.num_hidden_layers for s in sides]
+    pooled = [pool(s.model, s.tokenizer, segs, s.context, hooks(s, r, n), dev)
+              for s, r, n in zip(sides, (roles_a, roles_b), n_blocks, strict=True)]
+    keep = common(pooled, max_anchors, MIN_ANCHORS, "transfer")
+    xa, xb = ({k: v[keep] for k, v in p.hooked.items()} for p in pooled)
+    split_qkv(xa, roles_a, n_blocks[0], qkv_widths(ck_a.config))
+    split_qkv(xb, roles_b, n_blocks[1], qkv_widths(ck_b.config))
+    widest = max(v.shape[1] for v in (*xa.values(), *xb.values()))
+    if len(keep) < widest:
+        raise UserError(f"transfer: the probe text gives {len(keep)} anchors (words both models read), fewer than "
+                        f"the widest space it maps ({widest} dimensions): give a --probes text of at least "
+                        f"{widest} words (several times that for models that are not exact copies)")
+    states = tuple([h[keep] for h in p.states] for p in pooled)
+
+    sim = [[cka(x, y) for x in states[0]] for y in states[1]]  # rows: layers of B, columns: layers of A
+    corr = layer_correspondence(sim)
+    block_of = {p["b"] - 1: max(p["a"] - 1, 0) for p in corr if p["b"] >= 1}
+    maps = Maps(xa, xb, states, (ck_a, ck_b), (roles_a, roles_b), method)
+
+    parts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    sources: dict[str, list] = defaultdict(list)
+    for u in updates:
+        i, j = u.block, block_of[u.block]
+        space_in, space_out = KINDS[u.kind]
+        p_in, q_out = maps.p_in(i, j, space_in), maps.q_out(i, j, space_out)
+        name, part = target_module(roles_b, j, u.kind, u.index)
+        parts[name][part].append((q_out.T @ u.left, u.right @ p_in.T))
+        # what A's update does on its anchors, carried into B's output space: the target of B's update
+        sources[name].append((part, xa[f"{i}.{space_in}"] @ (u.left @ u.right).T @ q_out, f"{j}.{space_in}",
+                              f"A{i}->B{j}:{space_in}", f"A{i}->B{j}:{space_out}"))
+
+    qkv_b = qkv_widths(ck_b.config)
+    factors, rows = {}, []
+    for name, by_part in sorted(parts.items()):
+        lefts, rights = [], []
+        for part, pairs in by_part.items():
+            for left, right in pairs:
+                if part != "all":  # a third of a fused q/k/v projection: zero rows elsewhere
+                    lo = {"q": 0, "k": qkv_b[0], "v": qkv_b[0] + qkv_b[1]}[part]
+                    full = torch.zeros(sum(qkv_b), left.shape[1], dtype=left.dtype)
+                    full[lo:lo + left.shape[0]] = left
+                    left = full
+                lefts.append(left)
+                rights.append(right)
+        r_max = sum(x.shape[1] for x in lefts) if rank is None else rank
+        b_f, a_f, dropped = refactor(torch.cat(lefts, 1), torch.cat(rights, 0), r_max)
+        factors[name] = (a_f, b_f)
+        rows.append(module_report(name, sources[name], xb, b_f @ a_f, qkv_b, dropped))
+    if not factors:
+        raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
+    ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
+    r0 = max(ranks.values())
+    config = lora_config(target_modules=sorted(factors), r=r0, lora_alpha=r0,
+                         rank_pattern={n: r for n, r in ranks.items() if r != r0},
+                         alpha_pattern={n: r for n, r in ranks.items() if r != r0},
+                         fan_in_fan_out=roles_b.conv1d, base_model_name_or_path=str(model_b))
+    report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
+              "anchors": len(keep), "map": method, "rank": r0,
+              "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
+              "modules": rows,
+              "maps": {f"A{i}->B{j}:{s}": m.summary() for (i, j, s), m in maps.cache.items()}}
+    entries, tensors = [], {}
+    for n, (a_f, b_f) in factors.items():
+        for key, t in ((f"{n}.lora_A.weight", a_f), (f"{n}.lora_B.weight", b_f)):
+            entries.append((key, tuple(t.shape), torch.float32))
+            tensors[key] = t.float().contiguous()
+    write_adapter(out, config, entries, tensors.__getitem__, overwrite=overwrite,
+                  extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})
+    return report
+
+
+def module_report(name: str, sources: list, xb: dict, delta_b: torch.Tensor, qkv_b, dropped: float) -> dict:
+    """How well B's new update reproduces, on B's anchors, A's update carried into B's output space."""
+    produced = xb[sources[0][2]] @ delta_b.T
+    target = torch.zeros_like(produced)
+    for part, effect, *_ in sources:
+        lo = {"all": 0, "q": 0, "k": qkv_b[0], "v": qkv_b[0] + qkv_b[1]}[part]
+        target[:, lo:lo + effect.shape[1]] += effect
+    err = float((produced - target).norm() / target.norm().clamp_min(1e-300))
+    return {"module": name, "update_error": err, "truncated_energy": dropped,
+            "maps": sorted({m for src in sources for m in src[3:]})}
