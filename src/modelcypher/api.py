@@ -15,6 +15,7 @@ from modelcypher.align.prealign import prealign
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.checkpoint.writer import atomic_dir, parse_size
 from modelcypher.errors import UserError
+from modelcypher.evolve.search import run_search
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
 from modelcypher.merging.config import MergeConfig, parse_config
@@ -22,7 +23,7 @@ from modelcypher.merging.plan import Plan, check_config, make_plan
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
 
-__all__ = ["align_checkpoint", "barrier_curve", "merge", "plan_merge"]
+__all__ = ["align_checkpoint", "barrier_curve", "evolve", "merge", "plan_merge"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:
@@ -72,3 +73,13 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
                           max_shard_size=shard_bytes, progress=progress, stats=stats)
         shutil.rmtree(tmp / ".aligned", ignore_errors=True)
     return replace(plan, reports=reports)
+
+
+def evolve(search_file: str | Path, out: str | Path, *, workers: int = 1, ray_address: str | None = None,
+           resume: bool = False, progress=None) -> dict:
+    """Search a merge method's parameters by CMA-ES on Ray actors (``search_file``: models, space,
+    objective, optimizer). ``out`` receives the state (after every generation), ``report.json``,
+    ``fitness.png`` and ``best.yaml``, a merge config of the best candidate. ``ray_address``: ``auto`` or
+    HOST:PORT of a running cluster (default: an embedded local Ray); ``resume`` continues the search in
+    ``out``; ``progress`` is called with a line per generation. Returns the report."""
+    return run_search(search_file, out, workers=workers, ray_address=ray_address, resume=resume, progress=progress)

@@ -49,6 +49,16 @@ def _print_kept(plan) -> None:
         print(f"  layer {layer:>3}: " + "  ".join(f"{m:.3f}" for m in means))
 
 
+def _evolve(args: argparse.Namespace) -> int:
+    from modelcypher.api import evolve
+
+    report = evolve(args.search, args.output, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
+                    progress=lambda line: print(line, flush=True))
+    print(f"best fitness {report['best_fitness']:.6g} after {report['evaluations']} candidates; wrote "
+          f"{Path(args.output) / 'best.yaml'}, report.json and fitness.png")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from modelcypher.zoo.demo import run_demo
 
@@ -202,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="k for top-k energy and subspace overlap")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_diagnose)
+
+    e = sub.add_parser("evolve", help="search a merge method's parameters by CMA-ES (Ray workers); writes best.yaml")
+    e.add_argument("search", help="search file (models, merge_method, search space, objective, optimizer)")
+    e.add_argument("-o", "--output", required=True, help="search directory: state, report, plot, best.yaml")
+    e.add_argument("--workers", type=int, default=1, help="Ray actors scoring candidates (default 1)")
+    e.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster: auto or HOST:PORT (default: an embedded local Ray)")
+    e.add_argument("--resume", action="store_true", help="continue the search in the output directory")
+    e.set_defaults(func=_evolve)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")
