@@ -50,8 +50,3 @@ def local_ray():
     yield ray
     ray.shutdown()
 
-
-def write_search(root: Path, name: str, text: str) -> Path:
-    path = root / name
-    path.write_text(text)
-    return path

@@ -55,19 +55,17 @@ class Search(BaseModel):
 
     @property
     def bounds(self) -> dict[str, Bounds]:
-        return {k: Bounds.model_validate(v) for k, v in (self.model_extra or {}).items()}
+        """Each searched parameter's bounds; a mistake is one line naming ``search.<parameter>``."""
+        out = {}
+        for k, v in (self.model_extra or {}).items():
+            try:
+                out[k] = Bounds.model_validate(v)
+            except ValidationError as e:
+                raise UserError(f"search.{k}: {_first_line(e)} (expected {{min: ..., max: ...}})") from None
+        return out
 
     @model_validator(mode="after")
-    def _bounds(self) -> Search:
-        for k, v in (self.model_extra or {}).items():
-            if not isinstance(v, dict):
-                raise ValueError(f"{k}: expected bounds {{min: ..., max: ...}}")
-            try:
-                Bounds.model_validate(v)
-            except ValidationError as e:
-                err = e.errors()[0]
-                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-                raise ValueError(f"{k}.{'.'.join(map(str, err['loc']))}: {msg}".replace(f"{k}.:", f"{k}:")) from None
+    def _filters(self) -> Search:
         if len(set(self.filters)) != len(self.filters) or any(not f for f in self.filters):
             raise ValueError("filters: expected distinct, non-empty substrings of tensor names")
         return self

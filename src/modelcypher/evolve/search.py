@@ -26,7 +26,7 @@ from modelcypher.errors import UserError
 from modelcypher.evolve.config import SearchConfig, parse_search
 from modelcypher.evolve.objective import Objective
 from modelcypher.evolve.space import Space, build_space, recipe, template
-from modelcypher.evolve.worker import Pool, Result, ray_session
+from modelcypher.evolve.worker import Pool, Result, check_address, ray_session
 from modelcypher.measure.plot import pyplot
 
 STATE, REPORT, BEST, PLOT = "state.json", "report.json", "best.yaml", "fitness.png"
@@ -178,6 +178,7 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
     space, _ = build_space(cfg, config_dir)
     plan, _ = template(space, cfg, config_dir)  # every mistake in the models surfaces before Ray starts
     Objective(cfg.objective, config_dir, plan.models[plan.tokenizer_from].path, plan.out_config)
+    check_address(ray_address)
     identity = {"search": cfg.model_dump(mode="json"), "genes": space.labels()}
     if resume:
         state = _load_state(out, identity)

@@ -28,7 +28,7 @@ from modelcypher.errors import UserError
 from modelcypher.evolve.config import Bounds, SearchConfig
 from modelcypher.merging.config import MergeConfig
 from modelcypher.merging.plan import Plan, check_config, make_plan
-from modelcypher.merging.registry import Method
+from modelcypher.merging.registry import Method, get_method
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def build_space(cfg: SearchConfig, config_dir: Path | None) -> tuple[Space, Merg
     """The genes of ``cfg.search`` (bounds checked against each parameter's domain), and the merge
     config without the searched values (what stays fixed)."""
     base_cfg = MergeConfig.model_validate(cfg.merge_dict())
-    method = check_config(base_cfg)
+    method = get_method(base_cfg.merge_method)
     if method.stats:
         raise UserError(f"merge_method {method.name} computes data statistics; the search runs data-free methods "
                         "(e.g. task_arithmetic, ties, dare_ties, slerp, linear)")
@@ -142,7 +142,9 @@ def build_space(cfg: SearchConfig, config_dir: Path | None) -> tuple[Space, Merg
             for f in filters:
                 for g in range(groups):
                     genes.append(Gene(name, model, f, g, b.min, b.max))
-    return Space(tuple(genes), depth, granularity, filters), base_cfg
+    space = Space(tuple(genes), depth, granularity, filters)
+    check_config(MergeConfig.model_validate(recipe(space, cfg, [g.lo for g in genes])))  # base, other parameters
+    return space, base_cfg
 
 
 def _form(space: Space, per: dict[tuple[str | None, int], float]):

@@ -75,8 +75,10 @@ class Evaluator:
         return os.getpid()
 
 
-def _answers(address: str) -> None:
+def check_address(address: str | None) -> None:
     """A HOST:PORT that does not accept a connection fails at once (Ray would wait minutes)."""
+    if address in (None, "auto"):
+        return
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
@@ -92,8 +94,7 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
     already runs one. What is started here is shut down here."""
     import ray  # a second to import: only the verb that searches pays it
 
-    if address not in (None, "auto"):
-        _answers(address)
+    check_address(address)
     if ray.is_initialized():
         yield
         return
