@@ -158,6 +158,10 @@ def test_a_search_killed_after_a_generation_resumes_to_the_uninterrupted_result(
     assert resumed["best_fitness"] == whole["best_fitness"]
     assert resumed["best_values"] == whole["best_values"]
     assert resumed["generations"][-1]["best_so_far"] == whole["generations"][-1]["best_so_far"]
+    # the number of generations is a budget, not the search: a finished search runs on when given more
+    longer = evolve(write_search(zoo, "s-kill.yaml", SEARCH.replace("generations: 2", "generations: 4")),
+                    tmp_path / "cut", resume=True)
+    assert longer["generations"][:3] == resumed["generations"] and len(longer["generations"]) == 4
 
 
 DIES_ONCE = '''

@@ -73,6 +73,16 @@ def _penalty(results: list[Result]) -> float:
     return max(ok) + 1.0 + abs(max(ok)) if ok else 1.0
 
 
+def _without_budget(identity: Any) -> Any:
+    """The identity of a search, its number of generations aside: a resumed search may run longer or
+    stop sooner (the generations it records do not depend on how many follow)."""
+    if not isinstance(identity, dict):
+        return identity
+    out = json.loads(json.dumps(identity))
+    out.get("search", {}).get("optimizer", {}).pop("generations", None)
+    return out
+
+
 def _load_state(out: Path, identity: dict) -> dict:
     path = out / STATE
     if not path.is_file():
@@ -81,7 +91,7 @@ def _load_state(out: Path, identity: dict) -> dict:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
-    diff = _difference(state.get("identity"), identity)
+    diff = _difference(_without_budget(state.get("identity")), _without_budget(identity))
     if diff:
         raise UserError(f"--resume: {out} holds another search ({diff})")
     return state
@@ -193,6 +203,7 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
     _replay(opt, state, out)
     say = progress or (lambda s: None)
     total = cfg.optimizer.generations
+    state["identity"] = identity  # the budget as last given
     if len(state["generations"]) < total:
         with ray_session(ray_address, workers):
             t0 = time.perf_counter()
