@@ -236,7 +236,8 @@ def main(argv=None) -> int:
         res["search"] = run_search(args, base, fts, own_val, own_test, tok, data, log)
         write(res)
     if args.part in ("all", "search", "references"):
-        res["references"] = {m: run_reference(m, base, fts, own_test, tok, data) for m in ("task_arithmetic", "ties", "distill")}
+        res["references"] = {m: run_reference(m, base, fts, own_test, tok, data)
+                             for m in ("task_arithmetic", "ties", "distill")}
         write(res)
     if args.part in ("all", "scaling"):
         res["scaling"] = run_scaling(base, fts, own_val, data, log)

@@ -52,6 +52,8 @@ SPACES = {
     "ties": SEARCH.replace("task_arithmetic", "ties").replace("lambda: {min: 0.5, max: 1.5}",
                                                               "density: {min: 0.1, max: 0.9}"),
     "dare_ties": SEARCH.replace("task_arithmetic", "dare_ties").replace("layer_granularity: 2", "layer_granularity: 3"),
+    "fisher": SEARCH.replace("task_arithmetic", "fisher")
+    .replace("models: [ft-a, ft-b]", "models: [ft-a, ft-b]\nparameters: {data: heldout.txt}"),
     "slerp": SEARCH.replace("task_arithmetic", "slerp").replace("models: [ft-a, ft-b]", "models: [ft-a]")
     .replace("weight: {min: 0.0, max: 1.5}", "t: {min: 0.0, max: 1.0}").replace("  lambda: {min: 0.5, max: 1.5}\n", ""),
 }
@@ -65,10 +67,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", sorted(SPACES))
 def test_a_candidate_in_memory_equals_the_merge_of_its_recipe(zoo, tmp_path, method):
     """Same tensors, bit for bit: the recipe (per-layer lists under filters) plans to the values the
-    candidate used, and the engine computes them the same way in memory and on disk."""
+    candidate used, and the engine computes them the same way in memory and on disk (Fisher with its
+    data statistics, computed once for the search)."""
     search = write_search(zoo, f"s-{method}.yaml", SPACES[method])
     cfg = parse_search(search)
-    ev = Evaluator(cfg, zoo, "cpu")
+    ev = Evaluator(cfg, zoo, "cpu", stats_at=tmp_path / "candidate")
     values = ev.space.values(np.random.default_rng(1).random(len(ev.space.genes)))
     assert len(set(values)) == len(values)  # every gene its own value: a mix-up would show
     rec = recipe(ev.space, cfg, values)
@@ -240,7 +243,7 @@ BAD = [
     ((("seed: 0}", "seed: 0, popsize: 3}"),), "optimizer.popsize: unknown key"),
     ((("loss: heldout.txt", "loss: missing.txt"),), "objective text 'missing.txt': not found"),
     ((("models: [ft-a, ft-b]", "models: [ft-a, ft-b]\nparameters: {lambda: 1.0}"),), "search.lambda: also fixed"),
-    ((("merge_method: task_arithmetic", "merge_method: fisher"),), "fisher computes data statistics"),
+    ((("merge_method: task_arithmetic", "merge_method: distill"),), "distill fits its coefficients to data"),
 ]
 
 

@@ -56,10 +56,12 @@ def with_values(task: TensorTask, slots: dict, values: list[float]) -> TensorTas
     return replace(task, params=params)
 
 
-def merged_state(plan: Plan, slots: list[dict], values: list[float], device: torch.device) -> dict[str, torch.Tensor]:
-    """Every output tensor of the candidate ``values``, as ``modelcypher merge`` of its recipe writes it."""
+def merged_state(plan: Plan, slots: list[dict], values: list[float], device: torch.device,
+                 stats=None) -> dict[str, torch.Tensor]:
+    """Every output tensor of the candidate ``values``, as ``modelcypher merge`` of its recipe writes it
+    (``stats``: the data statistics of a method that needs them)."""
     out = {}
     for task, s in zip(plan.tasks, slots, strict=True):
-        parts = [y for _, y in compute_blocks(plan, with_values(task, s, values), device, RANDOM_SEED, False)]
+        parts = [y for _, y in compute_blocks(plan, with_values(task, s, values), device, RANDOM_SEED, False, stats)]
         out[task.name] = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out

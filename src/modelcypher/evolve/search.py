@@ -26,7 +26,8 @@ from modelcypher.errors import UserError
 from modelcypher.evolve.config import SearchConfig, parse_search
 from modelcypher.evolve.objective import Objective
 from modelcypher.evolve.space import Space, build_space, recipe, template
-from modelcypher.evolve.worker import Pool, Result, check_address, ray_session
+from modelcypher.evolve.worker import Pool, Result, check_address, data_statistics, ray_session
+from modelcypher.hf import resolve_device
 from modelcypher.measure.plot import pyplot
 
 STATE, REPORT, BEST, PLOT = "state.json", "report.json", "best.yaml", "fitness.png"
@@ -199,6 +200,9 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
         out.mkdir(parents=True, exist_ok=True)
         state = {"identity": identity, "config_dir": str(config_dir.resolve()), "generations": []}
         _write_json(out / STATE, state)
+    stats_at = out / "data"  # a method's data statistics, cached in DIR/data.stats
+    if plan.method.stats:
+        data_statistics(plan, stats_at, resolve_device("auto"))  # once, here, before the workers read them
     opt = optimizer(space, cfg)
     _replay(opt, state, out)
     say = progress or (lambda s: None)
@@ -207,7 +211,7 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
     if len(state["generations"]) < total:
         with ray_session(ray_address, workers):
             t0 = time.perf_counter()
-            pool = Pool(cfg, config_dir, workers)
+            pool = Pool(cfg, config_dir, workers, stats_at)
             state.setdefault("startup_seconds", []).append(time.perf_counter() - t0)
             try:
                 for g in range(len(state["generations"]), total):

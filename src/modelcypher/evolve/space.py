@@ -29,6 +29,7 @@ from modelcypher.evolve.config import Bounds, SearchConfig
 from modelcypher.merging.config import MergeConfig
 from modelcypher.merging.plan import Plan, check_config, make_plan
 from modelcypher.merging.registry import Method, get_method
+from modelcypher.merging.stats import JOINT
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,9 @@ def build_space(cfg: SearchConfig, config_dir: Path | None) -> tuple[Space, Merg
     config without the searched values (what stays fixed)."""
     base_cfg = MergeConfig.model_validate(cfg.merge_dict())
     method = get_method(base_cfg.merge_method)
-    if method.stats:
-        raise UserError(f"merge_method {method.name} computes data statistics; the search runs data-free methods "
-                        "(e.g. task_arithmetic, ties, dare_ties, slerp, linear)")
+    if set(method.stats) & JOINT:
+        raise UserError(f"merge_method {method.name} fits its coefficients to data with its parameters; "
+                        "they are not searched (search e.g. task_arithmetic, ties, fisher or regmean)")
     bounds = cfg.search.bounds
     if not bounds:
         raise UserError("search: no parameter to search; give at least one with bounds, e.g. "

@@ -23,6 +23,7 @@ from modelcypher.evolve.config import SearchConfig
 from modelcypher.evolve.objective import Objective
 from modelcypher.evolve.space import build_space, template
 from modelcypher.hf import build_model, resolve_device
+from modelcypher.merging.stats import collect
 
 OBJECT_STORE_BYTES = 200 * 2**20  # candidates and results are a few numbers: a small store is plenty
 RETRIES = 3  # a candidate whose actor died this many times is scored as failed
@@ -40,19 +41,23 @@ class Evaluator:
     """Scores candidates of one search: plans once, holds the models on ``device``, reads the
     objective's data once."""
 
-    def __init__(self, cfg: SearchConfig, config_dir: Path | None, device: str = "auto", threads: int | None = None):
+    def __init__(self, cfg: SearchConfig, config_dir: Path | None, device: str = "auto", threads: int | None = None,
+                 stats_at: Path | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.space, _ = build_space(cfg, config_dir)
         plan, self.slots = template(self.space, cfg, config_dir)
+        # A method's data statistics do not depend on the searched values: computed once (cached in
+        # ``stats_at``.stats, where the search computes them before starting its workers).
+        self.stats = data_statistics(plan, stats_at, self.device) if plan.method.stats else None
         self.plan = held(plan, self.device)
         tok_dir = plan.models[plan.tokenizer_from].path
         self.objective = Objective(cfg.objective, config_dir, tok_dir, plan.out_config)
         self.weights = [t.weight for t in cfg.objective]
 
     def state(self, values: list[float]) -> dict[str, torch.Tensor]:
-        return merged_state(self.plan, self.slots, values, self.device)
+        return merged_state(self.plan, self.slots, values, self.device, self.stats)
 
     def model(self, values: list[float]) -> torch.nn.Module:
         return build_model(self.plan.out_config, self.state(values)).to(self.device).eval()
@@ -73,6 +78,13 @@ class Evaluator:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def data_statistics(plan, stats_at: Path | None, device: torch.device):
+    """The data statistics of ``plan``'s method, computed or read from their cache beside ``stats_at``."""
+    if stats_at is None:
+        raise UserError(f"merge_method {plan.method.name} needs data statistics: give the evaluator a cache place")
+    return collect(plan, stats_at, device, log=lambda _: None)
 
 
 def check_address(address: str | None) -> None:
@@ -117,7 +129,7 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
 class Pool:
     """``workers`` evaluator actors (a GPU each when the cluster has them, else a CPU each)."""
 
-    def __init__(self, cfg: SearchConfig, config_dir: Path | None, workers: int):
+    def __init__(self, cfg: SearchConfig, config_dir: Path | None, workers: int, stats_at: Path | None = None):
         import ray
 
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -125,7 +137,7 @@ class Pool:
         self._threads = max(1, int(cpus // max(workers, 1))) if not gpus else None
         opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         self._cls = ray.remote(Evaluator).options(**opts)
-        self._args = (cfg, config_dir, "auto", self._threads)
+        self._args = (cfg, config_dir, "auto", self._threads, stats_at)
         self.actors = [self._start() for _ in range(workers)]
         self.restarts = 0
         ray.get([a.pid.remote() for a in self.actors])  # every actor has loaded the models
