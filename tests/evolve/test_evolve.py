@@ -265,3 +265,13 @@ def test_a_ray_address_that_does_not_answer_is_named(zoo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("modelcypher: error: --ray-address 127.0.0.1:9: no Ray cluster answers there")
     assert err.count("\n") == 1
+
+
+def test_a_value_per_layer_is_read_exactly_at_any_depth():
+    """A recipe's per-layer lists must give each layer its own value bit for bit; interpolating at
+    ``layer / (depth - 1) * (depth - 1)`` does not (1 / 49 * 49 < 1 in floating point)."""
+    from modelcypher.merging.plan import _value_at
+
+    for depth in (2, 3, 7, 50, 97):
+        values = [float(v) for v in np.random.default_rng(depth).random(depth)]
+        assert [_value_at(values, layer, depth, False) for layer in range(depth)] == values
