@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.evolve.config import SearchConfig, parse_search
 from modelcypher.evolve.objective import Objective
@@ -171,10 +172,7 @@ def _outputs(out: Path, state: dict, space: Space, cfg: SearchConfig) -> dict:
 
 
 def _abs(ref: str, config_dir: str | None) -> Path:
-    for root in (Path.cwd(), Path(config_dir) if config_dir else None):
-        if root is not None and (root / ref).exists():
-            return (root / ref).resolve()
-    return Path(ref)
+    return resolve_path(ref, Path(config_dir) if config_dir else None).resolve()
 
 
 def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ray_address: str | None = None,

@@ -68,10 +68,10 @@ class Evaluator:
             with torch.no_grad():
                 terms = self.objective.score(self.model(values))
         except Exception as e:  # a candidate fails with its error; the search decides what follows
-            msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            if not isinstance(e, UserError):
-                msg += f" (at {traceback.extract_tb(e.__traceback__)[-1].filename.rsplit('/', 1)[-1]}:" \
-                       f"{traceback.extract_tb(e.__traceback__)[-1].lineno})"
+            msg = str(e)
+            if not isinstance(e, UserError):  # where it was raised: the user's function, or ours
+                at = traceback.extract_tb(e.__traceback__)[-1]
+                msg = f"{type(e).__name__}: {e} (at {Path(at.filename).name}:{at.lineno})"
             return Result(None, None, msg, time.perf_counter() - t0)
         fitness = sum(w * x for w, x in zip(self.weights, terms, strict=True))
         return Result(fitness, terms, None, time.perf_counter() - t0)
