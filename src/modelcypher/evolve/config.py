@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from modelcypher.errors import UserError
 from modelcypher.merging.config import ModelEntry, ParamValue
+from modelcypher.merging.config import _first_line as first_error_line
 
 
 class Strict(BaseModel):
@@ -61,7 +62,7 @@ class Search(BaseModel):
             try:
                 out[k] = Bounds.model_validate(v)
             except ValidationError as e:
-                raise UserError(f"search.{k}: {_first_line(e)} (expected {{min: ..., max: ...}})") from None
+                raise UserError(f"search.{k}: {first_error_line(e)} (expected {{min: ..., max: ...}})") from None
         return out
 
     @model_validator(mode="after")
@@ -133,17 +134,6 @@ class SearchConfig(Strict):
         return self.model_dump(include=set(keys), exclude_none=True)
 
 
-def _first_line(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "missing key"
-    return f"{loc}: {msg}" if loc else msg
-
-
 def parse_search(path: str | Path) -> SearchConfig:
     """The search file at ``path``; any mistake is one UserError line naming the file and key."""
     path = Path(path)
@@ -158,4 +148,4 @@ def parse_search(path: str | Path) -> SearchConfig:
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(f"{path}: {_first_line(e)}") from None
+        raise UserError(f"{path}: {first_error_line(e)}") from None
