@@ -85,9 +85,9 @@ def run_search(args, base, fts, own_val, own_test, tok, data, log) -> dict:
     out = WORK / "search"
     if out.exists() and not args.resume:
         shutil.rmtree(out)
-    t0 = time.perf_counter()
     report = evolve(search, out, workers=args.workers, resume=args.resume, progress=log)
-    wall = time.perf_counter() - t0
+    # the recorded generations and actor start-ups (a resumed search's wall time is spread over its runs)
+    wall = report["seconds"] + sum(report["startup_seconds"])
     best = test_score(out / "best.yaml", WORK / "best-merged", tok, data, own_test)
     shutil.copyfile(out / "fitness.png", RESULTS / "evolve_fitness.png")
     start = report["generations"][0]
