@@ -1,5 +1,5 @@
 """Evaluating candidates: an :class:`Evaluator` loads the models once and scores candidates merged in
-memory; on Ray, one evaluator per actor (a GPU each when the cluster has GPUs), and :func:`evaluate_all`
+memory; on Ray, one evaluator per actor (a GPU each when the cluster has GPUs), and :meth:`Pool.evaluate_all`
 hands a generation's candidates to whichever actor is free, retrying on another the candidate whose
 actor died."""
 
