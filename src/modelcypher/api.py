@@ -16,6 +16,7 @@ from modelcypher.align.pipeline import align_checkpoint
 from modelcypher.align.prealign import prealign
 from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
 from modelcypher.checkpoint.writer import parse_size
+from modelcypher.evolve.search import run_search
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
 from modelcypher.measure.compare import compare_models
@@ -25,7 +26,7 @@ from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
 from modelcypher.transfer.move import transfer_adapter
 
-__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "extract_lora", "merge", "plan_merge",
+__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "evolve", "extract_lora", "merge", "plan_merge",
            "transfer_adapter"]
 
 
@@ -86,3 +87,13 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
     and the share of each update's energy kept (also written to the adapter's extract_report.json)."""
     return _extract_lora(finetune, base, out, rank=rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
                          overwrite=overwrite, log=log)
+
+
+def evolve(search_file: str | Path, out: str | Path, *, workers: int = 1, ray_address: str | None = None,
+           resume: bool = False, progress=None) -> dict:
+    """Search a merge method's parameters by CMA-ES on Ray actors (``search_file``: models, space,
+    objective, optimizer). ``out`` receives the state (after every generation), ``report.json``,
+    ``fitness.png`` and ``best.yaml``, a merge config of the best candidate. ``ray_address``: ``auto`` or
+    HOST:PORT of a running cluster (default: an embedded local Ray); ``resume`` continues the search in
+    ``out``; ``progress`` is called with a line per generation. Returns the report."""
+    return run_search(search_file, out, workers=workers, ray_address=ray_address, resume=resume, progress=progress)

@@ -65,6 +65,16 @@ def _extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evolve(args: argparse.Namespace) -> int:
+    from modelcypher.api import evolve
+
+    report = evolve(args.search, args.output, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
+                    progress=lambda line: print(line, flush=True))
+    print(f"best fitness {report['best_fitness']:.6g} after {report['evaluations']} candidates; wrote "
+          f"{Path(args.output) / 'best.yaml'}, report.json and fitness.png")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from modelcypher.zoo.demo import run_demo
 
@@ -311,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("finetune", help="the fine-tuned model directory")
     x.add_argument("--base", required=True, help="the base model directory it was tuned from")
     x.add_argument("-o", "--output", required=True, help="output adapter directory (must not exist)")
-    x.add_argument("--rank", type=int, default=32, help="LoRA rank per module (default 32)")
+    x.add_argument("--rank", type=_positive_int, default=32, help="LoRA rank per module (default 32)")
     x.add_argument("--sv-epsilon", type=float, default=0.0,
                    help="drop singular values at or below this share of the largest (default 0: keep --rank)")
     x.add_argument("--embed-lora", action="store_true",
@@ -357,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", type=_device)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_transfer)
+
+    e = sub.add_parser("evolve", help="search a merge method's parameters by CMA-ES (Ray workers); writes best.yaml")
+    e.add_argument("search", help="search file (models, merge_method, search space, objective, optimizer)")
+    e.add_argument("-o", "--output", required=True, help="search directory: state, report, plot, best.yaml")
+    e.add_argument("--workers", type=_positive_int, default=1, help="Ray actors scoring candidates (default 1)")
+    e.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster: auto or HOST:PORT (default: an embedded local Ray)")
+    e.add_argument("--resume", action="store_true", help="continue the search in the output directory")
+    e.set_defaults(func=_evolve)
 
     d = sub.add_parser("demo", help="train small Shakespeare models, merge them, print a table (offline)")
     d.add_argument("--workdir", default=None, help="where models are kept (default: a temporary directory)")

@@ -12,7 +12,7 @@ def test_help_imports_neither_torch_nor_transformers():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip().splitlines()[-1] == "False False"
-    for verb in ("merge", "align", "barrier", "diagnose", "demo"):
+    for verb in ("merge", "align", "barrier", "diagnose", "evolve", "demo"):
         assert verb in r.stdout
 
 

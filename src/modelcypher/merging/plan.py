@@ -85,6 +85,8 @@ def _value_at(value: Any, layer: int | None, depth: int) -> Any:
         return value
     if len(value) == 1 or layer is None:
         return value[0]
+    if len(value) == depth:  # one value per layer: its own, exactly (the interpolation below may round)
+        return float(value[layer])
     x = layer / max(depth - 1, 1) * (len(value) - 1)
     return float(np.interp(x, np.arange(len(value)), value))
 
