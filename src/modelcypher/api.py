@@ -10,7 +10,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from modelcypher.align.pipeline import align_checkpoint
+from modelcypher.align.pipeline import align_checkpoint, align_universe
 from modelcypher.align.prealign import prealign
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.checkpoint.writer import atomic_dir, parse_size
@@ -22,7 +22,7 @@ from modelcypher.merging.plan import Plan, check_config, make_plan
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
 
-__all__ = ["align_checkpoint", "barrier_curve", "merge", "plan_merge"]
+__all__ = ["align_checkpoint", "align_universe", "barrier_curve", "merge", "plan_merge"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:

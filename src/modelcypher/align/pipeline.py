@@ -24,7 +24,7 @@ import torch
 
 from modelcypher.align.activation_matching import match_activations
 from modelcypher.align.equivalence import check_equivalent
-from modelcypher.align.learned_matching import match_learned
+from modelcypher.align.learned_matching import match_learned, refine_universe
 from modelcypher.align.sampling import self_probes
 from modelcypher.align.transform import (
     Alignment,
@@ -37,6 +37,7 @@ from modelcypher.align.transform import (
     validate,
     working_dtype,
 )
+from modelcypher.align.universe import match_universe
 from modelcypher.align.weight_matching import match_weights, resolve_residual
 from modelcypher.arch.families import family_of, layer_index, num_layers, relayer_config, spec_for, with_layer
 from modelcypher.arch.symmetry import NormFold, SymmetrySpec
@@ -205,22 +206,33 @@ def match_by_activations(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec,
     return found, {"residual": residual, "tokens": len(ids)}
 
 
-def match_by_learning(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
-                      device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
-    """Weight matching with every basis, then the rotations refined by Adam on the midpoint's loss, on
-    the probe text or, without one, on text sampled from the two models."""
+def learning_batches(cks: tuple[Checkpoint, ...], spec: SymmetrySpec, opts: AlignOptions, device: torch.device,
+                     text: str | None) -> tuple[list[torch.Tensor], int, str]:
+    """Learned matching's batches: the probe text (``text``, else the file ``opts.data``) or, without one,
+    text sampled from the models; with the token count and what they are."""
+    if opts.data is None and text is None:
+        rows = sampled_probes(cks, opts.probe_tokens, opts.seed, device)
+        count = "two" if len(cks) == 2 else str(len(cks))
+        return list(rows.split(PROBE_BATCH)), rows.numel(), f"text sampled from the {count} models"
+    ids = probe_ids(cks[0], spec, opts, text)
+    return probe_batches(ids, context_length(cks[0].config, PROBE_CONTEXT)), len(ids), "text"
+
+
+def learned_residual(spec: SymmetrySpec, opts: AlignOptions) -> str:
     residual = resolve_residual(spec, opts.residual)
     if residual != "orthogonal":
         raise UserError(f"learned matching refines an orthogonal residual, which {spec.family} "
                         f"{'does not admit' if not spec.residual_orthogonal_ok else 'was not given'} "
                         f"(--residual {opts.residual}): use --method weight")
-    if opts.data is None and text is None:
-        rows = sampled_probes((ck_a, ck_b), opts.probe_tokens, opts.seed, device)
-        batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "text sampled from the two models"
-    else:
-        ids = probe_ids(ck_a, spec, opts, text)
-        batches = probe_batches(ids, context_length(ck_a.config, PROBE_CONTEXT))
-        tokens, probes = len(ids), "text"
+    return residual
+
+
+def match_by_learning(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
+                      device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
+    """Weight matching with every basis, then the rotations refined by Adam on the midpoint's loss, on
+    the probe text or, without one, on text sampled from the two models."""
+    learned_residual(spec, opts)
+    batches, tokens, probes = learning_batches((ck_a, ck_b), spec, opts, device, text)
     init, facts = match_by_weights(ck_b, ck_a, spec, opts.model_copy(update={"vo": True, "qk": True}), device)
     sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
     found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=opts.steps, lr=opts.lr,
@@ -241,6 +253,29 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOpt
         raise UserError(f"{opts.method} matching of a {spec.family} model needs feature vectors, not text: use "
                         "--method weight, or modelcypher.align in Python")
     return MATCHERS[opts.method](ck_b, ck_a, spec, opts, device, text)
+
+
+def match_to_universe(cks: list[Checkpoint], spec: SymmetrySpec, opts: AlignOptions, device: torch.device,
+                      text: str | None = None) -> tuple[list[Alignment], dict]:
+    """Every model's transform onto the universe of all of them (``align.universe``): weight matching,
+    and for ``learned`` (with every basis) the rotations then refined on the loss of Dirichlet mixtures."""
+    if opts.method == "activation":
+        raise UserError("universe matching is weight or learned matching: use --method weight or learned")
+    residual = learned_residual(spec, opts) if opts.method == "learned" else resolve_residual(spec, opts.residual)
+    bases = opts.method == "learned"
+    views = [CheckpointView(ck, spec, folded=residual == "orthogonal") for ck in cks]
+    found = match_universe(views, spec, residual=residual, vo=opts.vo or bases, qk=opts.qk or bases,
+                           max_sweeps=opts.max_sweeps, restarts=opts.restarts, seed=opts.seed, max_rounds=opts.rounds,
+                           prepared=True)
+    facts = {"residual": residual, "rounds": len(found.movement), "movement": found.movement}
+    if opts.method != "learned":
+        return found.alignments, facts
+    batches, tokens, probes = learning_batches(tuple(cks), spec, opts, device, text)
+    states = [{n: ck.get(n) for n in ck.names} for ck in cks]
+    alignments, losses = refine_universe(states, cks[0].config, found.alignments, batches, alpha=opts.alpha,
+                                         steps=opts.steps, lr=opts.lr, seed=opts.seed, device=device)
+    return alignments, {**facts, "tokens": tokens, "probes": probes, "steps": opts.steps,
+                        "mixture_loss": [losses[0], losses[-1]]}
 
 
 def probe_ids(ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions, text: str | None) -> torch.Tensor:
@@ -414,7 +449,10 @@ def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path,
 
     Returns a report: the objective per sweep (weight matching), seconds, and the largest logit gap.
     """
-    opts = options or AlignOptions.of(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+    opts = options_of(options, settings)
+    if opts.universe:
+        raise UserError("universe matching aligns several models onto their universe: use align_universe "
+                        "(modelcypher align M1 M2 M3 --universe -o DIR), not --to")
     t0 = time.perf_counter()
     out = Path(out)
     ck_b, ck_a, spec = open_pair(model_b, model_a)
@@ -428,6 +466,47 @@ def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path,
         "method": opts.method, "device": str(device), **facts, "max_logit_gap": gap,
         "seconds": {"match": t1 - t0, **seconds, "total": time.perf_counter() - t0},
     }
+
+
+def options_of(options: AlignOptions | None, settings: dict) -> AlignOptions:
+    return options or AlignOptions.of(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+
+
+def output_name(i: int, model: Path) -> str:
+    """The folder of model ``i``'s aligned copy: its index (names may repeat) and its name."""
+    return f"{i:02d}-{model.name}"
+
+
+def align_universe(models: list[str | Path], out: str | Path, options: AlignOptions | None = None, *,
+                   device: str | torch.device = "cpu", overwrite: bool = False, **settings) -> dict:
+    """Align two or more checkpoints of one family onto their shared universe (``align.universe``) and
+    write each one's aligned copy to ``out/NN-name``, a checkpoint of its family computing its input's
+    function (each checked on random inputs); ``out`` appears whole or not at all.
+
+    Returns a report: the universe's movement per round, each output and its largest logit gap.
+    """
+    opts = options_of(options, settings)
+    t0 = time.perf_counter()
+    if len(models) < 2:
+        raise UserError(f"universe matching needs at least two models, got {len(models)}: "
+                        f"{', '.join(map(str, models))}")
+    cks = [Checkpoint(m) for m in models]
+    spec = spec_of(cks[0])
+    for ck in cks[1:]:
+        check_pair(cks[0], ck)
+    out = Path(out)
+    check_output(out, [ck.path for ck in cks], overwrite)
+    device = resolve_device(device)
+    alignments, facts = match_to_universe(cks, spec, opts, device)
+    t1 = time.perf_counter()
+    outputs, gaps = [], []
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for i, (ck, alignment) in enumerate(zip(cks, alignments, strict=True)):
+            gaps.append(write_verified(ck, spec, alignment, tmp / output_name(i, ck.path))[0])
+            outputs.append(str(out / output_name(i, ck.path)))
+    return {"models": [str(ck.path) for ck in cks], "outputs": outputs, "family": spec.family,
+            "method": opts.method, "device": str(device), **facts, "max_logit_gap": max(gaps),
+            "seconds": {"match": t1 - t0, "total": time.perf_counter() - t0}}
 
 
 def fold_checkpoint(model: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
