@@ -33,13 +33,13 @@ def save_dir(path: Path, config: dict, sd: dict[str, torch.Tensor], tokenizer_fr
     return path
 
 
-def zoo_gpt2(path: Path, seed: int = 0, n_embd: int = 32) -> Path:
+def zoo_gpt2(path: Path, seed: int = 0, n_embd: int = 32, n_head: int = 4) -> Path:
     """A random 2-layer character-level GPT-2 saved by the zoo (model and tokenizer)."""
     from modelcypher.zoo import chartok, gpt2
 
     tok = chartok.build_char_tokenizer(sorted(set(TEXT)))
     torch.manual_seed(seed)
-    model = gpt2.make_model(gpt2.TrainConfig(n_layer=2, n_head=4, n_embd=n_embd, block_size=64), tok)
+    model = gpt2.make_model(gpt2.TrainConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=64), tok)
     model.load_state_dict(randomize(model.state_dict(), seed))
     return gpt2.save(model, tok, path)
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch
 from modelcypher.align.activation_matching import match_activations
 from modelcypher.align.equivalence import check_equivalent
 from modelcypher.align.learned_matching import match_learned, refine_universe
+from modelcypher.align.lift import check_widths, lift_config, lift_tensor, lifted_shape, segments
 from modelcypher.align.sampling import self_probes
 from modelcypher.align.transform import (
     Alignment,
@@ -143,13 +146,6 @@ def check_pair(ck_a: Checkpoint, ck_b: Checkpoint) -> None:
         for n in x.names:
             if n not in y and n not in heads:
                 raise UserError(f"tensor {n!r} is in {x.path} but not in {y.path}")
-
-
-def open_pair(model_b: str | Path, model_a: str | Path) -> tuple[Checkpoint, Checkpoint, SymmetrySpec]:
-    ck_b, ck_a = Checkpoint(model_b), Checkpoint(model_a)
-    spec = spec_of(ck_a)
-    check_pair(ck_a, ck_b)
-    return ck_b, ck_a, spec
 
 
 # ----------------------------------------------------------------------------- probe text
@@ -414,8 +410,9 @@ def copy_files(src: Path, dst: Path) -> None:
 
 
 def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out: Path, *,
-                   overwrite: bool = False) -> tuple[float, dict]:
-    """Write ``ck`` transformed by ``alignment`` to ``out`` (atomically), only if it proves equivalent.
+                   overwrite: bool = False, original: Checkpoint | None = None) -> tuple[float, dict]:
+    """Write ``ck`` transformed by ``alignment`` to ``out`` (atomically), only if it proves equivalent
+    (to ``ck``, and to ``original`` when given: the narrow model ``ck`` was lifted from).
 
     Returns the largest logit gap and the seconds spent writing and checking.
     """
@@ -424,7 +421,9 @@ def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out
         write_transformed(ck, spec, alignment, tmp)
         t1 = time.perf_counter()
         gap = verify(ck, Checkpoint(tmp), spec)
-        copy_files(ck.path, tmp)
+        if original is not None:
+            gap = max(gap, verify(original, Checkpoint(tmp), spec_of(original)))
+        copy_files((original or ck).path, tmp)
         t2 = time.perf_counter()
     return gap, {"write": t1 - t0, "check": t2 - t1}
 
@@ -435,6 +434,62 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
             raise UserError(f"{out}: the output may not be (inside) the input model {p}")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; choose another output or pass --overwrite")
+
+
+# ----------------------------------------------------------------------------- different widths
+
+
+def needs_lift(ck_b: Checkpoint, ck_a: Checkpoint) -> bool:
+    """Whether B is a narrower model of A's family (a wider B, or other differences, are one line)."""
+    if ck_b.config.get("model_type") != ck_a.config.get("model_type") or family_of(ck_a.config).symmetry is None:
+        return False
+    return check_widths(spec_of(ck_b), spec_of(ck_a), str(ck_b.path), str(ck_a.path))
+
+
+def write_lifted(ck: Checkpoint, config_wide: dict, out_dir: Path, max_shard_size: int = 5 * 10**9) -> float:
+    """Write ``ck`` lifted into the widths of ``config_wide`` (``align.lift``: norms folded, residual
+    ``x -> x T``, zero MLP units and heads) to ``out_dir``, streamed tensor by tensor, and check it computes
+    ``ck``'s function; returns the largest logit gap."""
+    spec = spec_of(ck)
+    config = lift_config(ck.config, config_wide)
+    config["tie_word_embeddings"] = False  # the lifted head is (d/D) head T, the embedding E T
+    view = CheckpointView(ck, spec, folded=True)
+    names = list(view)
+    shapes = {n: tuple(ck.shape(view.alias.get(n, n))) for n in names}
+    plans, lengths = segments(spec, spec_for(config, names), shapes)
+    entries = [(n, lifted_shape(shapes[n], lengths.get(n, {})), ck.dtype(view.alias.get(n, n))) for n in names]
+    writer = ShardedWriter(out_dir, entries, max_shard_size)
+    for name in writer.order:
+        writer.write(name, lift_tensor(view[name], name, plans.get(name, {}), lengths.get(name, {})).contiguous())
+    writer.finish()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_files(ck.path, out_dir)
+    return verify(ck, Checkpoint(out_dir), spec)
+
+
+@contextmanager
+def lifted(ck_b: Checkpoint, ck_a: Checkpoint, near: Path | None = None) -> Iterator[Checkpoint]:
+    """``ck_b``, or, when it is narrower than ``ck_a``, ``ck_b`` lifted into ``ck_a``'s widths in a
+    temporary directory (next to ``near`` when given), removed afterwards."""
+    if not needs_lift(ck_b, ck_a):
+        yield ck_b
+        return
+    if near is not None:
+        near.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lift-", dir=near) as tmp:
+        write_lifted(ck_b, ck_a.config, Path(tmp))
+        yield Checkpoint(tmp)
+
+
+def lift_checkpoint(narrow: str | Path, wide: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
+    """Write ``narrow`` lifted into ``wide``'s widths, unaligned (``align.lift``); returns the logit gap."""
+    ck_n, ck_w = Checkpoint(narrow), Checkpoint(wide)
+    out = Path(out)
+    check_output(out, [ck_n.path, ck_w.path], overwrite)
+    if not needs_lift(ck_n, ck_w):
+        raise UserError(f"{ck_n.path} is not narrower than {ck_w.path}: nothing to lift")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        return write_lifted(ck_n, ck_w.config, tmp)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -455,14 +510,20 @@ def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path,
                         "(modelcypher align M1 M2 M3 --universe -o DIR), not --to")
     t0 = time.perf_counter()
     out = Path(out)
-    ck_b, ck_a, spec = open_pair(model_b, model_a)
-    check_output(out, [ck_a.path, ck_b.path], overwrite)
+    ck_b0, ck_a = Checkpoint(model_b), Checkpoint(model_a)
+    check_output(out, [ck_a.path, ck_b0.path], overwrite)
     device = resolve_device(device)
-    alignment, facts = match(ck_b, ck_a, spec, opts, device)
-    t1 = time.perf_counter()
-    gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite)
+    with lifted(ck_b0, ck_a, out.parent) as ck_b:  # a narrower B is lifted into A's widths first
+        spec = spec_of(ck_a)
+        check_pair(ck_a, ck_b)
+        alignment, facts = match(ck_b, ck_a, spec, opts, device)
+        t1 = time.perf_counter()
+        gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite,
+                                      original=None if ck_b is ck_b0 else ck_b0)
+    if ck_b is not ck_b0:
+        facts["lifted"] = {"from": spec_of(ck_b0).residual.size, "to": spec.residual.size}
     return {
-        "model_a": str(ck_a.path), "model_b": str(ck_b.path), "output": str(out), "family": spec.family,
+        "model_a": str(ck_a.path), "model_b": str(ck_b0.path), "output": str(out), "family": spec.family,
         "method": opts.method, "device": str(device), **facts, "max_logit_gap": gap,
         "seconds": {"match": t1 - t0, **seconds, "total": time.perf_counter() - t0},
     }
