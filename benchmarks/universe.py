@@ -26,16 +26,21 @@ and universe_simplex.png.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from barrier import char_tokenizer as tokenizer  # noqa: E402  (the barrier benchmark's tokenizer, split and keys)
+from barrier import recipe_key  # noqa: E402
+from barrier import shakespeare_splits as splits  # noqa: E402
+
 CACHE = HERE / ".cache" / "universe"
 RESULTS = HERE / "results"
 SEEDS = (0, 1, 2)
@@ -46,22 +51,6 @@ WIDE = dict(n_head=6, n_embd=192, n_inner=768)  # the width pair's wide model: h
 EVAL_TOKENS = 16384
 SIMPLEX_STEPS = 6  # points per edge of the simplex grid, less one
 LEARN = dict(steps=300, lr=1e-3, tokens=32768, alpha=0.1)
-
-
-def recipe_key(recipe: dict, seed: int) -> str:
-    return hashlib.sha256(json.dumps([recipe, seed], sort_keys=True).encode()).hexdigest()[:10]
-
-
-def splits() -> tuple[str, str, str]:
-    from modelcypher.zoo import shakespeare
-
-    return shakespeare.split(shakespeare.text(), (0.9, 0.05, 0.05))
-
-
-def tokenizer():
-    from modelcypher.zoo import chartok, shakespeare
-
-    return chartok.build_char_tokenizer(shakespeare.vocab())
 
 
 def trained(recipe: dict, seed: int, text: tuple[str, str, str]) -> Path:
@@ -178,7 +167,9 @@ def plot_simplex(result: dict, png: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    m, w, r = result["merges"], result["widths"], result["recipe"]
+    r = result["recipe"]
+    m = result.get("merges") or {"parents": [float("nan")] * 3, "eval_tokens": EVAL_TOKENS, "rows": {}}
+    w = result.get("widths") or {}
     mean = sum(m["parents"]) / 3
     lines = ["# Many models and different widths (seed 004, multi-model merging and rectangular residuals)", "",
              f"Char-level GPT-2s, {r['n_layer']} layers, {r['n_head']} heads, width {r['n_embd']}, MLP {r['n_inner']}, "
@@ -190,7 +181,9 @@ def markdown(result: dict) -> str:
              "| merge of the three (equal weights) | loss | over the parents' mean |", "|---|---|---|"]
     for name, row in m["rows"].items():
         lines.append(f"| {name} | {row['loss']:.4f} | {row['gap']:+.4f} |")
-    u = m["rows"]["universe"]
+    if not m["rows"]:
+        lines.append("| (not measured yet) | | |")
+    u = m["rows"].get("universe", {"rounds": 0, "movement": [], "simplex": []})
     lines += ["", f"Alignment: weight matching with permutations, orthogonal residual (LayerNorm-aware), V-O and Q-K "
               f"bases. Universe matching: {u['rounds']} rounds, the universe's relative movement per round "
               f"{', '.join(f'{x:.2g}' for x in u['movement'])}. Learned refinement: {LEARN['steps']} Adam steps "
@@ -198,12 +191,14 @@ def markdown(result: dict) -> str:
               f"{LEARN['tokens']} tokens sampled from the models themselves (no training text).", "",
               "Simplex (`universe_simplex.png`): the loss at "
               f"{len(u['simplex'])} points of the triangle of the three models, plain and universe-aligned.", ""]
-    goal = m["rows"]["universe + learned"]["gap"]
+    goal = m["rows"].get("universe + learned", {"gap": float("nan")})["gap"]
     lines += [f"Goal (universe + learned within 0.1 nats of the parents' mean): {'met' if goal <= 0.1 else 'not met'} "
               f"({goal:+.3f}).", "", "| pair | barrier without alignment | after weight matching |", "|---|---|---|"]
     for name, row in w.items():
         raw = "lifted, unaligned" if row.get("lifted") else "raw"
         lines.append(f"| {name} | {row['raw']['barrier']:.4f} ({raw}) | {row['aligned']['barrier']:.4f} |")
+    if not w:
+        return "\n".join([*lines, "| (not measured yet) | | |", ""])
     wp, sp = w["width pair (192, 128)"], w["same-width pair (128, 128)"]
     ratio = wp["aligned"]["barrier"] / sp["raw"]["barrier"] if sp["raw"]["barrier"] > 0 else float("nan")
     lines += ["", f"Width pair: the width-128 model (seed {SEEDS[0]}) lifted into the width-192 model's shape "
@@ -221,26 +216,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override the recipe's training steps")
     ap.add_argument("--learn-steps", type=int, help="override learned refinement's Adam steps")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", choices=("merges", "widths"), help="measure only this part; keep the other from "
+                    "results/universe.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.steps:
         RECIPE["steps"] = args.steps
     text = splits()
     narrow = [trained(RECIPE, s, text) for s in SEEDS]
-    wide = trained({**RECIPE, **WIDE}, SEEDS[1], text)
+    wide = None if args.only == "merges" else trained({**RECIPE, **WIDE}, SEEDS[1], text)
     if args.train_only:
         print("trained:", *map(str, narrow + [wide]))
         return
     t0 = time.perf_counter()
-    learn = dict(LEARN, steps=args.learn_steps or LEARN["steps"])
-    LEARN.update(learn)
-    result = {"recipe": RECIPE, "wide": WIDE, "seeds": SEEDS, "learned": LEARN,
-              "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()},
-              "merges": merges(narrow, text, args.device, learn), "widths": widths(narrow, wide, text, args.device)}
-    result["seconds"] = time.perf_counter() - t0
+    LEARN.update(steps=args.learn_steps or LEARN["steps"])
+    old = RESULTS / "universe.json"
+    result = json.loads(old.read_text()) if args.only and old.is_file() else {}
+    result.update({"recipe": RECIPE, "wide": WIDE, "seeds": SEEDS, "learned": LEARN,
+                   "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()}})
+    if args.only != "widths":
+        result["merges"] = merges(narrow, text, args.device, LEARN)
+    if args.only != "merges":
+        result["widths"] = widths(narrow, wide, text, args.device)
+    result["seconds"] = result.get("seconds", 0.0) * bool(args.only) + time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "universe.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_simplex(result, RESULTS / "universe_simplex.png")
+    if "merges" in result:
+        plot_simplex(result, RESULTS / "universe_simplex.png")
     (RESULTS / "universe.md").write_text(markdown(result))
     print(markdown(result))
 
