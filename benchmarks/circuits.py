@@ -110,7 +110,7 @@ def barrier(ck_a, ck_b, alignment, loss) -> float:
 def main() -> None:
     from modelcypher.align.pipeline import CheckpointView, spec_of
     from modelcypher.align.transform import Alignment
-    from modelcypher.align.weight_matching import Matcher, anchors, descend, heads_with_bases, match_weights
+    from modelcypher.align.weight_matching import Matcher, anchors, descend, heads_with_bases, identity, match_weights
     from modelcypher.checkpoint import Checkpoint
     from modelcypher.hf import causal_lm
     from modelcypher.measure.barrier import lm_loss_fn
@@ -125,32 +125,37 @@ def main() -> None:
     ids = encode_ids(text[2], bench.tokenizer())[: bench.EVAL_TOKENS]
     loss = lm_loss_fn(causal_lm(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})[0], ids, torch.device("cpu"))
     rows = {}
+
+    def record(name: str, row: dict) -> None:
+        rows[name] = row
+        print(f"{name:60s} barrier {row['barrier']:.4f} objective {row['objective']:.6g}", flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "circuits.json").write_text(json.dumps({"models": [str(d) for d in dirs], "rows": rows},
+                                                          indent=2) + "\n")
+
     t0 = time.perf_counter()
     wm = match_weights(b, a, spec, residual="orthogonal", vo=True, qk=True, prepared=True)
-    rows["weight matching"] = {**barrier(ck_a, ck_b, wm, loss), "objective": wm.history[-1],
-                               "seconds": time.perf_counter() - t0}
+    record("weight matching", {**barrier(ck_a, ck_b, wm, loss), "objective": wm.history[-1],
+                               "seconds": time.perf_counter() - t0})
     t0 = time.perf_counter()
     r = next(i for i, g in enumerate(spec.groups) if g.kind == "residual")
     q0 = Matcher(a, b, spec, {}).solve(r, "orthogonal", only=anchors(spec))  # the embeddings' Procrustes
     q, history = circuit_rotation(b, a, spec, q0)
     circ = match_weights(b, a, spec, residual="orthogonal", vo=True, qk=True, prepared=True, init={"residual": q})
-    rows["weight matching from the circuit rotation"] = {**barrier(ck_a, ck_b, circ, loss),
-                                                          "objective": circ.history[-1],
-                                                          "circuit_objective": [history[0], history[-1]],
-                                                          "circuit_steps": len(history) - 1,
-                                                          "seconds": time.perf_counter() - t0}
+    record("weight matching from the circuit rotation", {**barrier(ck_a, ck_b, circ, loss),
+                                                         "objective": circ.history[-1],
+                                                         "circuit_objective": [history[0], history[-1]],
+                                                         "circuit_steps": len(history) - 1,
+                                                         "seconds": time.perf_counter() - t0})
     # the circuit rotation held fixed: permutations and bases fitted around it
-    matcher = Matcher(a, b, spec, {"residual": q})
+    matcher = Matcher(a, b, spec, {"residual": q, **{g.name: identity(g, "orthogonal") for g in spec.groups
+                                                     if g.kind in ("perm", "heads", "vo", "qk")}})
     coords = [(i,) for i, g in enumerate(spec.groups) if g.kind == "perm"] + heads_with_bases(spec, {"vo", "qk"})
     hist = [matcher.objective()]
     descend(matcher, coords, "orthogonal", 20, random.Random(0), hist)
     fixed = Alignment(dict(matcher.transforms), hist)
-    rows["circuit rotation, permutations and bases fitted around it"] = {**barrier(ck_a, ck_b, fixed, loss),
-                                                                         "objective": hist[-1]}
-    for name, row in rows.items():
-        print(f"{name:60s} barrier {row['barrier']:.4f} objective {row['objective']:.6g}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "circuits.json").write_text(json.dumps({"models": [str(d) for d in dirs], "rows": rows}, indent=2))
+    record("circuit rotation, permutations and bases fitted around it", {**barrier(ck_a, ck_b, fixed, loss),
+                                                                         "objective": hist[-1]})
 
 
 if __name__ == "__main__":
