@@ -175,8 +175,9 @@ def markdown(result: dict) -> str:
              f"Char-level GPT-2s, {r['n_layer']} layers, {r['n_head']} heads, width {r['n_embd']}, MLP {r['n_inner']}, "
              f"context {r['block_size']}, {r['steps']} steps of {r['batch_size']}x{r['block_size']} tokens on the "
              f"bundled Shakespeare (contiguous 90/5/5 split), float32, seeds {SEEDS}; losses on {m['eval_tokens']} "
-             f"test characters. Run: {result['machine']['platform']}, {result['machine']['threads']} threads, "
-             f"{result['seconds']:.0f} s of measuring.", "",
+             f"test characters. Run: {result['machine']['platform']}, {result['machine']['threads']} thread(s) on "
+             f"{result['machine']['cpus']} shared cores; seconds of measuring: "
+             f"{', '.join(f'{k[8:]} {v:.0f}' for k, v in result.items() if k.startswith('seconds_'))}.", "",
              f"Parents' test losses: {', '.join(f'{x:.4f}' for x in m['parents'])} (mean {mean:.4f}).", "",
              "| merge of the three (equal weights) | loss | over the parents' mean |", "|---|---|---|"]
     for name, row in m["rows"].items():
@@ -216,6 +217,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override the recipe's training steps")
     ap.add_argument("--learn-steps", type=int, help="override learned refinement's Adam steps")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
     ap.add_argument("--only", choices=("merges", "widths"), help="measure only this part; keep the other from "
                     "results/universe.json")
     args = ap.parse_args()
@@ -228,17 +230,23 @@ def main() -> None:
     if args.train_only:
         print("trained:", *map(str, narrow + [wide]))
         return
+    if args.render:
+        result = json.loads((RESULTS / "universe.json").read_text())
+        plot_simplex(result, RESULTS / "universe_simplex.png")
+        (RESULTS / "universe.md").write_text(markdown(result))
+        return
     t0 = time.perf_counter()
     LEARN.update(steps=args.learn_steps or LEARN["steps"])
-    old = RESULTS / "universe.json"
-    result = json.loads(old.read_text()) if args.only and old.is_file() else {}
-    result.update({"recipe": RECIPE, "wide": WIDE, "seeds": SEEDS, "learned": LEARN,
-                   "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()}})
+    parts = {}
     if args.only != "widths":
-        result["merges"] = merges(narrow, text, args.device, LEARN)
+        parts["merges"] = merges(narrow, text, args.device, LEARN)
     if args.only != "merges":
-        result["widths"] = widths(narrow, wide, text, args.device)
-    result["seconds"] = result.get("seconds", 0.0) * bool(args.only) + time.perf_counter() - t0
+        parts["widths"] = widths(narrow, wide, text, args.device)
+    old = RESULTS / "universe.json"
+    result = json.loads(old.read_text()) if args.only and old.is_file() else {}  # the other part, kept
+    result.update({"recipe": RECIPE, "wide": WIDE, "seeds": SEEDS, "learned": LEARN, **parts,
+                   "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()}})
+    result[f"seconds_{args.only or 'all'}"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "universe.json").write_text(json.dumps(result, indent=2) + "\n")
     if "merges" in result:
