@@ -156,7 +156,8 @@ def plot_simplex(result: dict, png: Path) -> None:
         pts = rows[name]["simplex"]
         x = [w1 + w2 / 2 for _, w1, w2, _ in pts]  # model 1 at (0, 0), model 2 at (1, 0), model 3 on top
         y = [w2 * 3**0.5 / 2 for _, w1, w2, _ in pts]
-        sc = ax.tricontourf(x, y, [p[3] for p in pts], levels=20, vmin=lo, vmax=hi, cmap="viridis")
+        levels = [lo + (hi - lo) * k / 24 for k in range(25)]  # one scale for every triangle
+        sc = ax.tricontourf(x, y, [p[3] for p in pts], levels=levels, cmap="viridis")
         ax.scatter(x, y, s=6, c="k")
         ax.set_title(f"{name}\ncentroid {rows[name]['loss']:.3f}", fontsize="small")
         ax.set_aspect("equal")
@@ -192,6 +193,17 @@ def markdown(result: dict) -> str:
               f"{LEARN['tokens']} tokens sampled from the models themselves (no training text).", "",
               "Simplex (`universe_simplex.png`): the loss at "
               f"{len(u['simplex'])} points of the triangle of the three models, plain and universe-aligned.", ""]
+    if u["movement"]:
+        converged = u["movement"][-1] <= 1e-4
+        lines += [f"Universe matching {'converged' if converged else 'did not converge'} (tolerance 1e-4 on the "
+                  f"universe's movement) {'in' if converged else 'within the cap of'} {u['rounds']} rounds"
+                  + ("" if converged else ": between independently trained models the permutations of a round "
+                     "still move (the movement is not monotone), and the rounds stop at the cap") + "."]
+    ul = m["rows"].get("universe + learned", {})
+    if "mixture_loss" in ul:
+        lines += ["", f"Learned refinement: mixture loss on the sampled text {ul['mixture_loss'][0]:.4f} -> "
+                  f"{ul['mixture_loss'][1]:.4f} over its {LEARN['steps']} steps; Dirichlet({LEARN['alpha']:g}) draws "
+                  "sit mostly near the corners, where the loss is already low.", ""]
     goal = m["rows"].get("universe + learned", {"gap": float("nan")})["gap"]
     lines += [f"Goal (universe + learned within 0.1 nats of the parents' mean): {'met' if goal <= 0.1 else 'not met'} "
               f"({goal:+.3f}).", "", "| pair | barrier without alignment | after weight matching |", "|---|---|---|"]
@@ -232,7 +244,8 @@ def main() -> None:
         return
     if args.render:
         result = json.loads((RESULTS / "universe.json").read_text())
-        plot_simplex(result, RESULTS / "universe_simplex.png")
+        if "merges" in result:
+            plot_simplex(result, RESULTS / "universe_simplex.png")
         (RESULTS / "universe.md").write_text(markdown(result))
         return
     t0 = time.perf_counter()
