@@ -140,6 +140,13 @@ def widths(narrow: list[Path], wide: Path, text: tuple[str, str, str], device: s
         out[name] = {"raw": r["raw"], "aligned": r["aligned"], "lambdas": r["lambdas"], "lifted": r.get("lifted"),
                      "seconds": time.perf_counter() - t0}
         print(f"{name}: raw {r['raw']['barrier']:.4f}, aligned {r['aligned']['barrier']:.4f}", flush=True)
+    t0 = time.perf_counter()  # the width pair again, with learned matching on text sampled from the two models
+    r = barrier_curve(wide, narrow[0], text[2], align="learned", steps=LEARN["steps"], lr=LEARN["lr"],
+                      probe_tokens=LEARN["tokens"], max_tokens=EVAL_TOKENS, device=device)
+    out["width pair (192, 128), learned on sampled text"] = {"raw": r["raw"], "aligned": r["aligned"],
+                                                             "lambdas": r["lambdas"], "lifted": r.get("lifted"),
+                                                             "seconds": time.perf_counter() - t0}
+    print(f"width pair, learned: aligned {r['aligned']['barrier']:.4f}", flush=True)
     return out
 
 
@@ -209,11 +216,18 @@ def markdown(result: dict) -> str:
               f"({goal:+.3f}).", "", "| pair | barrier without alignment | after weight matching |", "|---|---|---|"]
     for name, row in w.items():
         raw = "lifted, unaligned" if row.get("lifted") else "raw"
-        lines.append(f"| {name} | {row['raw']['barrier']:.4f} ({raw}) | {row['aligned']['barrier']:.4f} |")
+        if "learned" not in name:
+            lines.append(f"| {name} | {row['raw']['barrier']:.4f} ({raw}) | {row['aligned']['barrier']:.4f} |")
     if not w:
         return "\n".join([*lines, "| (not measured yet) | | |", ""])
     wp, sp = w["width pair (192, 128)"], w["same-width pair (128, 128)"]
     ratio = wp["aligned"]["barrier"] / sp["raw"]["barrier"] if sp["raw"]["barrier"] > 0 else float("nan")
+    learned = w.get("width pair (192, 128), learned on sampled text")
+    if learned:
+        lines += ["", f"With learned matching after the lift (the rotations refined on the midpoint's loss, "
+                  f"{LEARN['steps']} steps on {LEARN['tokens']} tokens sampled from the two models) the width pair's "
+                  f"barrier is {learned['aligned']['barrier']:.4f}, "
+                  f"{learned['aligned']['barrier'] / sp['raw']['barrier']:.0%} of the same-width vanilla barrier."]
     lines += ["", f"Width pair: the width-128 model (seed {SEEDS[0]}) lifted into the width-192 model's shape "
               f"(seed {SEEDS[1]}; 6 heads of 32, MLP 768): residual x -> x T with T = sqrt(192/128) times a "
               "matrix with orthonormal rows fixing the all-ones direction, zero MLP units and heads; then weight "
