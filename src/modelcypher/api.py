@@ -12,7 +12,7 @@ from pathlib import Path
 
 from modelcypher.adapters.extract import ExtractReport
 from modelcypher.adapters.extract import extract_lora as _extract_lora
-from modelcypher.align.pipeline import align_checkpoint
+from modelcypher.align.pipeline import align_checkpoint, align_universe
 from modelcypher.align.prealign import prealign
 from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
 from modelcypher.checkpoint.writer import parse_size
@@ -26,8 +26,8 @@ from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
 from modelcypher.transfer.move import transfer_adapter
 
-__all__ = ["align_checkpoint", "barrier_curve", "compare_models", "evolve", "extract_lora", "merge", "plan_merge",
-           "transfer_adapter"]
+__all__ = ["align_checkpoint", "align_universe", "barrier_curve", "compare_models", "evolve", "extract_lora", "merge",
+           "plan_merge", "transfer_adapter"]
 
 
 def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path | None]:

@@ -83,9 +83,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
-    from modelcypher.align.pipeline import align_checkpoint
+    from modelcypher.align.pipeline import align_checkpoint, align_universe
+    from modelcypher.errors import UserError
 
-    report = align_checkpoint(args.model_b, args.model_a, args.output, _align_options(args), device=args.device,
+    opts = _align_options(args)
+    if opts.universe:
+        if args.model_a is not None:
+            raise UserError("--universe aligns the models onto a universe built from all of them: drop --to")
+        report = align_universe(args.models, args.output, opts, device=args.device, overwrite=args.overwrite)
+        m = report["movement"]
+        how = (f"{report['method']} matching, residual {report['residual']}, {report['rounds']} rounds, the "
+               f"universe's movement {m[0]:.3g} -> {m[-1]:.3g}")
+        if "mixture_loss" in report:
+            x = report["mixture_loss"]
+            how += (f", then mixture loss {x[0]:.4f} -> {x[1]:.4f} in {report['steps']} steps on "
+                    f"{report['tokens']} tokens of {report['probes']}")
+        print(f"aligned {len(report['models'])} models onto their universe ({how}); max logit gap "
+              f"{report['max_logit_gap']:.2g}; wrote {', '.join(report['outputs'])} in "
+              f"{report['seconds']['total']:.1f}s")
+        return 0
+    if args.model_a is None or len(args.models) != 1:
+        raise UserError("align takes one model and --to REFERENCE, or two or more models and --universe")
+    report = align_checkpoint(args.models[0], args.model_a, args.output, opts, device=args.device,
                               overwrite=args.overwrite)
     how = f"{report['method']} matching, residual {report['residual']}"
     if "objective" in report:
@@ -217,14 +236,17 @@ def _transfer(args: argparse.Namespace) -> int:
 # The alignment flags come from the fields of AlignOptions (modelcypher.options), one flag per field, so
 # each default and help text is stated once; a verb may spell a flag its own way (barrier --align, --probe).
 def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None = None,
-                     no_method: str | None = None) -> None:
-    """``no_method``: a first choice of ``method`` meaning "do not align", and the verb's default."""
+                     no_method: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    """``no_method``: a first choice of ``method`` meaning "do not align", and the verb's default;
+    ``skip``: fields the verb has no use for (their defaults hold)."""
     from typing import Literal, get_args, get_origin
 
     from modelcypher.options import AlignOptions
 
     spelled = spelled or {}
     for name, f in AlignOptions.model_fields.items():
+        if name in skip:
+            continue
         flag = spelled.get(name, "--" + name.replace("_", "-"))
         dest = "data_probe" if name == "data" else name
         default = no_method if name == "method" and no_method else f.default
@@ -242,7 +264,7 @@ def _add_align_flags(p: argparse.ArgumentParser, spelled: dict[str, str] | None 
 def _align_options(args: argparse.Namespace):
     from modelcypher.options import AlignOptions
 
-    values = {n: getattr(args, "data_probe" if n == "data" else n) for n in AlignOptions.model_fields}
+    values = {n: getattr(args, "data_probe" if n == "data" else n, None) for n in AlignOptions.model_fields}
     return AlignOptions.of(**values)
 
 
@@ -288,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
 
-    a = sub.add_parser("align", help="permute/rotate model B onto model A; writes an equivalent checkpoint of B")
-    a.add_argument("model_b", help="the model to transform")
-    a.add_argument("--to", required=True, dest="model_a", help="the model to align onto")
-    a.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
+    a = sub.add_parser("align", help="permute/rotate model B onto model A (or several models onto their universe); "
+                       "writes equivalent checkpoints")
+    a.add_argument("models", nargs="+", metavar="MODEL",
+                   help="the model to transform (with --universe: two or more models)")
+    a.add_argument("--to", dest="model_a", help="the model to align onto (not with --universe)")
+    a.add_argument("-o", "--output", required=True,
+                   help="output model directory (with --universe: a directory of NN-name copies; must not exist)")
     _add_align_flags(a)
     a.add_argument("--device", default="auto", type=_device)
     a.add_argument("--overwrite", action="store_true")
@@ -301,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model_a")
     b.add_argument("model_b")
     b.add_argument("--data", required=True, help="held-out text")
-    _add_align_flags(b, {"method": "--align", "data": "--probe"}, no_method="none")
+    _add_align_flags(b, {"method": "--align", "data": "--probe"}, no_method="none",
+                     skip=("universe", "rounds", "alpha"))
     b.add_argument("--points", type=int, default=11, help="interpolation points (>= 11 recommended)")
     b.add_argument("--json", help="write the curves as JSON here (default: stdout)")
     b.add_argument("--plot", help="write a PNG plot here")

@@ -42,6 +42,12 @@ class AlignOptions(BaseModel):
     steps: int = Field(200, ge=1, description="learned matching: Adam steps")
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="learned matching: step size")
     seed: int = Field(0, description="seed of the visiting orders, sampled probes and learned steps")
+    universe: bool = Field(False, description="align every model onto a universe built from all of them "
+                           "(two or more models; cycle-consistent) instead of onto one reference")
+    rounds: int = Field(10, ge=1, description="universe matching: rounds at most (each aligns every model "
+                        "onto the universe, then averages them into the next one)")
+    alpha: float = Field(0.1, gt=0, allow_inf_nan=False, description="learned universe matching: "
+                         "lambda ~ Dirichlet(alpha 1) over the models")
 
     @classmethod
     def of(cls, **values) -> AlignOptions:

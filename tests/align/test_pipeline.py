@@ -33,13 +33,13 @@ def save_dir(path: Path, config: dict, sd: dict[str, torch.Tensor], tokenizer_fr
     return path
 
 
-def zoo_gpt2(path: Path, seed: int = 0, n_embd: int = 32) -> Path:
+def zoo_gpt2(path: Path, seed: int = 0, n_embd: int = 32, n_head: int = 4) -> Path:
     """A random 2-layer character-level GPT-2 saved by the zoo (model and tokenizer)."""
     from modelcypher.zoo import chartok, gpt2
 
     tok = chartok.build_char_tokenizer(sorted(set(TEXT)))
     torch.manual_seed(seed)
-    model = gpt2.make_model(gpt2.TrainConfig(n_layer=2, n_head=4, n_embd=n_embd, block_size=64), tok)
+    model = gpt2.make_model(gpt2.TrainConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=64), tok)
     model.load_state_dict(randomize(model.state_dict(), seed))
     return gpt2.save(model, tok, path)
 
@@ -141,7 +141,8 @@ def bad_pair(tmp_path: Path, case: str) -> tuple[Path, Path, list[str], str]:
         config, sd = tiny_model("llama")
         return a, save_dir(tmp_path / "b", config, sd), [], "models differ in family"
     if case == "shape":
-        return a, zoo_gpt2(tmp_path / "b", n_embd=48), [], "models differ in shape at tensor 'transformer.h.0."
+        # wider, and with larger heads: only head counts may differ between widths (tests/align/test_lift.py)
+        return a, zoo_gpt2(tmp_path / "b", n_embd=48), [], "differ in head size (12 vs 8) at h.0.heads"
     if case == "unknown family":
         a, b = (save_dir(tmp_path / n, {"model_type": "opt"}, {"w": torch.zeros(2)}) for n in ("a2", "b"))
         return a, b, [], "no symmetry spec for model_type 'opt'; supported: llama, mistral"

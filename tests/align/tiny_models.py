@@ -16,11 +16,12 @@ def hf_config(family: str, tie: bool = False, **overrides) -> transformers.Pretr
     if family in ("llama", "mistral", "qwen2"):
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config}[family]
-        return cls(**common, intermediate_size=24, num_key_value_heads=2, max_position_embeddings=64,
-                   tie_word_embeddings=tie, head_dim=8, **overrides)
+        return cls(**{**common, **dict(intermediate_size=24, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=tie, head_dim=8), **overrides})
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                       bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+        return transformers.GPT2Config(**{**dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                                 bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie),
+                                          **overrides})
     if family == "bert":
         return transformers.BertConfig(**common, intermediate_size=24, max_position_embeddings=32,
                                        tie_word_embeddings=tie, pad_token_id=0)

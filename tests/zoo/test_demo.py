@@ -12,6 +12,11 @@ def test_demo_quick_trains_merges_and_prints_the_table(tmp_path):
             if line.startswith(("base", "fine-tune", "merge:"))}
     assert {"base", "fine-tune comedy", "fine-tune tragedy", "merge: ties", "merge: slerp"} <= set(rows)
     assert all(math.isfinite(float(v)) for vals in rows.values() for v in vals)
+    # the geometry: two models from different seeds, their barrier raw and aligned, merged both ways
+    assert "loss barrier between them: raw" in r.stdout and "after data-free weight matching" in r.stdout
+    assert "plain average" in r.stdout and "merge of the aligned pair" in r.stdout
+    assert (tmp_path / "demo" / "barrier.png").is_file()
+    assert (tmp_path / "demo" / "merged-seeds-aligned" / "model.safetensors").is_file()
     for method in ("linear", "ties", "dare_ties", "model_stock"):
         assert (tmp_path / "demo" / f"merged-{method}" / "model.safetensors").is_file()
         assert (tmp_path / "demo" / f"merged-{method}" / "tokenizer.json").is_file()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +25,8 @@ import torch
 
 from modelcypher.align.activation_matching import match_activations
 from modelcypher.align.equivalence import check_equivalent
-from modelcypher.align.learned_matching import match_learned
+from modelcypher.align.learned_matching import match_learned, refine_universe
+from modelcypher.align.lift import check_widths, lift_config, lift_tensor, lifted_shape, segments
 from modelcypher.align.sampling import self_probes
 from modelcypher.align.transform import (
     Alignment,
@@ -36,6 +39,7 @@ from modelcypher.align.transform import (
     validate,
     working_dtype,
 )
+from modelcypher.align.universe import match_universe
 from modelcypher.align.weight_matching import match_weights, resolve_residual
 from modelcypher.arch.families import family_of, layer_index, num_layers, relayer_config, spec_for, with_layer
 from modelcypher.arch.symmetry import NormFold, SymmetrySpec
@@ -145,13 +149,6 @@ def check_pair(ck_a: Checkpoint, ck_b: Checkpoint) -> None:
                 raise UserError(f"tensor {n!r} is in {x.path} but not in {y.path}")
 
 
-def open_pair(model_b: str | Path, model_a: str | Path) -> tuple[Checkpoint, Checkpoint, SymmetrySpec]:
-    ck_b, ck_a = Checkpoint(model_b), Checkpoint(model_a)
-    spec = spec_of(ck_a)
-    check_pair(ck_a, ck_b)
-    return ck_b, ck_a, spec
-
-
 # ----------------------------------------------------------------------------- probe text
 
 
@@ -206,22 +203,33 @@ def match_by_activations(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec,
     return found, {"residual": residual, "tokens": len(ids)}
 
 
-def match_by_learning(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
-                      device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
-    """Weight matching with every basis, then the rotations refined by Adam on the midpoint's loss, on
-    the probe text or, without one, on text sampled from the two models."""
+def learning_batches(cks: tuple[Checkpoint, ...], spec: SymmetrySpec, opts: AlignOptions, device: torch.device,
+                     text: str | None) -> tuple[list[torch.Tensor], int, str]:
+    """Learned matching's batches: the probe text (``text``, else the file ``opts.data``) or, without one,
+    text sampled from the models; with the token count and what they are."""
+    if opts.data is None and text is None:
+        rows = sampled_probes(cks, opts.probe_tokens, opts.seed, device)
+        count = "two" if len(cks) == 2 else str(len(cks))
+        return list(rows.split(PROBE_BATCH)), rows.numel(), f"text sampled from the {count} models"
+    ids = probe_ids(cks[0], spec, opts, text)
+    return probe_batches(ids, context_length(cks[0].config, PROBE_CONTEXT)), len(ids), "text"
+
+
+def learned_residual(spec: SymmetrySpec, opts: AlignOptions) -> str:
     residual = resolve_residual(spec, opts.residual)
     if residual != "orthogonal":
         raise UserError(f"learned matching refines an orthogonal residual, which {spec.family} "
                         f"{'does not admit' if not spec.residual_orthogonal_ok else 'was not given'} "
                         f"(--residual {opts.residual}): use --method weight")
-    if opts.data is None and text is None:
-        rows = sampled_probes((ck_a, ck_b), opts.probe_tokens, opts.seed, device)
-        batches, tokens, probes = list(rows.split(PROBE_BATCH)), rows.numel(), "text sampled from the two models"
-    else:
-        ids = probe_ids(ck_a, spec, opts, text)
-        batches = probe_batches(ids, context_length(ck_a.config, PROBE_CONTEXT))
-        tokens, probes = len(ids), "text"
+    return residual
+
+
+def match_by_learning(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions,
+                      device: torch.device, text: str | None = None) -> tuple[Alignment, dict]:
+    """Weight matching with every basis, then the rotations refined by Adam on the midpoint's loss, on
+    the probe text or, without one, on text sampled from the two models."""
+    learned_residual(spec, opts)
+    batches, tokens, probes = learning_batches((ck_a, ck_b), spec, opts, device, text)
     init, facts = match_by_weights(ck_b, ck_a, spec, opts.model_copy(update={"vo": True, "qk": True}), device)
     sd_b, sd_a = ({n: ck.get(n) for n in ck.names} for ck in (ck_b, ck_a))
     found, losses = match_learned(sd_b, sd_a, ck_b.config, init, batches, steps=opts.steps, lr=opts.lr,
@@ -242,6 +250,29 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOpt
         raise UserError(f"{opts.method} matching of a {spec.family} model needs feature vectors, not text: use "
                         "--method weight, or modelcypher.align in Python")
     return MATCHERS[opts.method](ck_b, ck_a, spec, opts, device, text)
+
+
+def match_to_universe(cks: list[Checkpoint], spec: SymmetrySpec, opts: AlignOptions, device: torch.device,
+                      text: str | None = None) -> tuple[list[Alignment], dict]:
+    """Every model's transform onto the universe of all of them (``align.universe``): weight matching,
+    and for ``learned`` (with every basis) the rotations then refined on the loss of Dirichlet mixtures."""
+    if opts.method == "activation":
+        raise UserError("universe matching is weight or learned matching: use --method weight or learned")
+    residual = learned_residual(spec, opts) if opts.method == "learned" else resolve_residual(spec, opts.residual)
+    bases = opts.method == "learned"
+    views = [CheckpointView(ck, spec, folded=residual == "orthogonal") for ck in cks]
+    found = match_universe(views, spec, residual=residual, vo=opts.vo or bases, qk=opts.qk or bases,
+                           max_sweeps=opts.max_sweeps, restarts=opts.restarts, seed=opts.seed, max_rounds=opts.rounds,
+                           prepared=True)
+    facts = {"residual": residual, "rounds": len(found.movement), "movement": found.movement}
+    if opts.method != "learned":
+        return found.alignments, facts
+    batches, tokens, probes = learning_batches(tuple(cks), spec, opts, device, text)
+    states = [{n: ck.get(n) for n in ck.names} for ck in cks]
+    alignments, losses = refine_universe(states, cks[0].config, found.alignments, batches, alpha=opts.alpha,
+                                         steps=opts.steps, lr=opts.lr, seed=opts.seed, device=device)
+    return alignments, {**facts, "tokens": tokens, "probes": probes, "steps": opts.steps,
+                        "mixture_loss": [losses[0], losses[-1]]}
 
 
 def probe_ids(ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOptions, text: str | None) -> torch.Tensor:
@@ -378,8 +409,9 @@ def copy_files(src: Path, dst: Path) -> None:
 
 
 def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out: Path, *,
-                   overwrite: bool = False) -> tuple[float, dict]:
-    """Write ``ck`` transformed by ``alignment`` to ``out`` (atomically), only if it proves equivalent.
+                   overwrite: bool = False, original: Checkpoint | None = None) -> tuple[float, dict]:
+    """Write ``ck`` transformed by ``alignment`` to ``out`` (atomically), only if it proves equivalent
+    (to ``ck``, and to ``original`` when given: the narrow model ``ck`` was lifted from).
 
     Returns the largest logit gap and the seconds spent writing and checking.
     """
@@ -388,13 +420,71 @@ def write_verified(ck: Checkpoint, spec: SymmetrySpec, alignment: Alignment, out
         write_transformed(ck, spec, alignment, tmp)
         t1 = time.perf_counter()
         gap = verify(ck, Checkpoint(tmp), spec)
-        copy_files(ck.path, tmp)
+        if original is not None:
+            gap = max(gap, verify(original, Checkpoint(tmp), spec_of(original)))
+        copy_files((original or ck).path, tmp)
         t2 = time.perf_counter()
     return gap, {"write": t1 - t0, "check": t2 - t1}
 
 
 def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     check_output_dir(out, inputs, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------- different widths
+
+
+def needs_lift(ck_b: Checkpoint, ck_a: Checkpoint) -> bool:
+    """Whether B is a narrower model of A's family (a wider B, or other differences, are one line)."""
+    if ck_b.config.get("model_type") != ck_a.config.get("model_type") or family_of(ck_a.config).symmetry is None:
+        return False
+    return check_widths(spec_of(ck_b), spec_of(ck_a), str(ck_b.path), str(ck_a.path))
+
+
+def write_lifted(ck: Checkpoint, config_wide: dict, out_dir: Path, max_shard_size: int = 5 * 10**9) -> float:
+    """Write ``ck`` lifted into the widths of ``config_wide`` (``align.lift``: norms folded, residual
+    ``x -> x T``, zero MLP units and heads) to ``out_dir``, streamed tensor by tensor, and check it computes
+    ``ck``'s function; returns the largest logit gap."""
+    spec = spec_of(ck)
+    config = lift_config(ck.config, config_wide)
+    config["tie_word_embeddings"] = False  # the lifted head is (d/D) head T, the embedding E T
+    view = CheckpointView(ck, spec, folded=True)
+    names = list(view)
+    shapes = {n: tuple(ck.shape(view.alias.get(n, n))) for n in names}
+    plans, lengths = segments(spec, spec_for(config, names), shapes)
+    entries = [(n, lifted_shape(shapes[n], lengths.get(n, {})), ck.dtype(view.alias.get(n, n))) for n in names]
+    writer = ShardedWriter(out_dir, entries, max_shard_size)
+    for name in writer.order:
+        writer.write(name, lift_tensor(view[name], name, plans.get(name, {}), lengths.get(name, {})).contiguous())
+    writer.finish()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_files(ck.path, out_dir)
+    return verify(ck, Checkpoint(out_dir), spec)
+
+
+@contextmanager
+def lifted(ck_b: Checkpoint, ck_a: Checkpoint, near: Path | None = None) -> Iterator[Checkpoint]:
+    """``ck_b``, or, when it is narrower than ``ck_a``, ``ck_b`` lifted into ``ck_a``'s widths in a
+    temporary directory (next to ``near`` when given), removed afterwards."""
+    if not needs_lift(ck_b, ck_a):
+        yield ck_b
+        return
+    if near is not None:
+        near.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lift-", dir=near) as tmp:
+        write_lifted(ck_b, ck_a.config, Path(tmp))
+        yield Checkpoint(tmp)
+
+
+def lift_checkpoint(narrow: str | Path, wide: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
+    """Write ``narrow`` lifted into ``wide``'s widths, unaligned (``align.lift``); returns the logit gap."""
+    ck_n, ck_w = Checkpoint(narrow), Checkpoint(wide)
+    out = Path(out)
+    check_output(out, [ck_n.path, ck_w.path], overwrite)
+    if not needs_lift(ck_n, ck_w):
+        raise UserError(f"{ck_n.path} is not narrower than {ck_w.path}: nothing to lift")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        return write_lifted(ck_n, ck_w.config, tmp)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -409,20 +499,70 @@ def align_checkpoint(model_b: str | Path, model_a: str | Path, out: str | Path,
 
     Returns a report: the objective per sweep (weight matching), seconds, and the largest logit gap.
     """
-    opts = options or AlignOptions.of(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+    opts = options_of(options, settings)
+    if opts.universe:
+        raise UserError("universe matching aligns several models onto their universe: use align_universe "
+                        "(modelcypher align M1 M2 M3 --universe -o DIR), not --to")
     t0 = time.perf_counter()
     out = Path(out)
-    ck_b, ck_a, spec = open_pair(model_b, model_a)
-    check_output(out, [ck_a.path, ck_b.path], overwrite)
+    ck_b0, ck_a = Checkpoint(model_b), Checkpoint(model_a)
+    check_output(out, [ck_a.path, ck_b0.path], overwrite)
     device = resolve_device(device)
-    alignment, facts = match(ck_b, ck_a, spec, opts, device)
-    t1 = time.perf_counter()
-    gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite)
+    with lifted(ck_b0, ck_a, out.parent) as ck_b:  # a narrower B is lifted into A's widths first
+        spec = spec_of(ck_a)
+        check_pair(ck_a, ck_b)
+        alignment, facts = match(ck_b, ck_a, spec, opts, device)
+        t1 = time.perf_counter()
+        gap, seconds = write_verified(ck_b, spec, alignment, out, overwrite=overwrite,
+                                      original=None if ck_b is ck_b0 else ck_b0)
+    if ck_b is not ck_b0:
+        facts["lifted"] = {"from": spec_of(ck_b0).residual.size, "to": spec.residual.size}
     return {
-        "model_a": str(ck_a.path), "model_b": str(ck_b.path), "output": str(out), "family": spec.family,
+        "model_a": str(ck_a.path), "model_b": str(ck_b0.path), "output": str(out), "family": spec.family,
         "method": opts.method, "device": str(device), **facts, "max_logit_gap": gap,
         "seconds": {"match": t1 - t0, **seconds, "total": time.perf_counter() - t0},
     }
+
+
+def options_of(options: AlignOptions | None, settings: dict) -> AlignOptions:
+    return options or AlignOptions.of(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+
+
+def output_name(i: int, model: Path) -> str:
+    """The folder of model ``i``'s aligned copy: its index (names may repeat) and its name."""
+    return f"{i:02d}-{model.name}"
+
+
+def align_universe(models: list[str | Path], out: str | Path, options: AlignOptions | None = None, *,
+                   device: str | torch.device = "cpu", overwrite: bool = False, **settings) -> dict:
+    """Align two or more checkpoints of one family onto their shared universe (``align.universe``) and
+    write each one's aligned copy to ``out/NN-name``, a checkpoint of its family computing its input's
+    function (each checked on random inputs); ``out`` appears whole or not at all.
+
+    Returns a report: the universe's movement per round, each output and its largest logit gap.
+    """
+    opts = options_of(options, settings)
+    t0 = time.perf_counter()
+    if len(models) < 2:
+        raise UserError(f"universe matching needs at least two models, got {len(models)}: "
+                        f"{', '.join(map(str, models))}")
+    cks = [Checkpoint(m) for m in models]
+    spec = spec_of(cks[0])
+    for ck in cks[1:]:
+        check_pair(cks[0], ck)
+    out = Path(out)
+    check_output(out, [ck.path for ck in cks], overwrite)
+    device = resolve_device(device)
+    alignments, facts = match_to_universe(cks, spec, opts, device)
+    t1 = time.perf_counter()
+    outputs, gaps = [], []
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for i, (ck, alignment) in enumerate(zip(cks, alignments, strict=True)):
+            gaps.append(write_verified(ck, spec, alignment, tmp / output_name(i, ck.path))[0])
+            outputs.append(str(out / output_name(i, ck.path)))
+    return {"models": [str(ck.path) for ck in cks], "outputs": outputs, "family": spec.family,
+            "method": opts.method, "device": str(device), **facts, "max_logit_gap": max(gaps),
+            "seconds": {"match": t1 - t0, "total": time.perf_counter() - t0}}
 
 
 def fold_checkpoint(model: str | Path, out: str | Path, *, overwrite: bool = False) -> float:

@@ -7,6 +7,9 @@ and the alignment's settings, which is what the merge's statistics are cached by
 
 With an orthogonal residual the aligned models have their norms folded, so the reference is written
 folded too: every model then shares one parameterization, and averaging them is meaningful.
+
+With ``universe: true`` there is no reference: every model, the base included, is aligned onto the
+universe of all of them (``align.universe``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from modelcypher.align.pipeline import align_checkpoint, fold_checkpoint
+from modelcypher.align.pipeline import align_checkpoint, align_universe, fold_checkpoint
 from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
@@ -37,6 +40,12 @@ def prealign(cfg: MergeConfig, workdir: Path, *, config_dir: Path | None = None,
     paths = [m.path.resolve() for m in models]
     ref = 0 if cfg.base_model is not None else names.index((cfg.models or cfg.slices[0].sources)[0].model)
     workdir = Path(workdir)
+    if opts.universe:
+        report = align_universe(paths, workdir / "universe", opts, device=device)
+        moved = {"align": opts.model_dump(), "universe": [str(p) for p in paths]}
+        provenance = [{"model": str(p), **moved} for p in paths]
+        rename = {n: str(Path(o).resolve()) for n, o in zip(names, report["outputs"], strict=True)}
+        return rename_models(cfg, rename), names, provenance
     aligned = {i: str(p) for i, p in enumerate(paths)}
     orthogonal = False
     for i, p in enumerate(paths):

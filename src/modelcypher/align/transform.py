@@ -346,3 +346,79 @@ def random_alignment(
         else:
             out[g.name] = random_orthogonal(g.size, gen)
     return Alignment(out)
+
+
+# ----------------------------------------------------------------------------- composing alignments
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A residual permutation as the orthogonal ``Q`` of ``x -> x Q`` (``Q[perm[i], i] = 1``)."""
+    if not is_perm(t):
+        return t.double()
+    q = torch.zeros(len(t), len(t), dtype=torch.float64)
+    q[t, torch.arange(len(t))] = 1.0
+    return q
+
+
+def basis_heads(spec: SymmetrySpec) -> dict[str, str]:
+    """For each in-head basis group, the heads group whose slots hold its slots."""
+    where = lambda g: {(x.tensor, x.axis, x.space) for x in g.slots}  # noqa: E731
+    return {g.name: next(h.name for h in spec.groups if h.kind == "heads" and where(g) <= where(h))
+            for g in spec.groups if g.kind in ("vo", "qk")}
+
+
+def kv_perm(g: Group, heads: torch.Tensor) -> torch.Tensor:
+    """The KV-head permutation a query-head permutation of ``g``'s heads carries."""
+    gs = g.heads.group_size
+    return heads[::gs] // gs
+
+
+def _identity_like(g: Group, other: torch.Tensor) -> torch.Tensor:
+    if g.kind in ("vo", "qk"):
+        return torch.eye(g.heads.head_dim, dtype=torch.float64).expand(g.heads.n_kv_heads, -1, -1)
+    return torch.arange(g.size) if is_perm(other) else torch.eye(g.size, dtype=torch.float64)
+
+
+def compose(spec: SymmetrySpec, first: Alignment, then: Alignment) -> Alignment:
+    """The alignment that applies ``first``, then ``then`` (a group missing from either is the identity).
+
+    Permutations (units, heads) compose as index vectors, ``p = s[t]``; the residual as ``x Q_s Q_t``; an
+    in-head basis acts after its heads' permutation, so the composed basis of KV head ``k`` is
+    ``A_t[k] A_s[t_kv[k]]``.
+    """
+    s, t = first.transforms, then.transforms
+    heads = basis_heads(spec)
+    out: dict[str, torch.Tensor] = {}
+    for g in spec.groups:
+        if g.name not in s and g.name not in t:
+            continue
+        a = s.get(g.name, _identity_like(g, t.get(g.name, torch.empty(0))))
+        b = t.get(g.name, _identity_like(g, a))
+        if g.kind in ("vo", "qk"):
+            h = t.get(heads[g.name])
+            out[g.name] = b.double() @ (a.double() if h is None else a.double()[kv_perm(g, h)])
+        elif is_perm(a) and is_perm(b):
+            out[g.name] = a[b]
+        else:
+            out[g.name] = as_matrix(a) @ as_matrix(b)
+    return Alignment(out)
+
+
+def invert(spec: SymmetrySpec, alignment: Alignment) -> Alignment:
+    """The alignment undoing ``alignment`` (``compose`` of the two is the identity)."""
+    t = alignment.transforms
+    heads = basis_heads(spec)
+    out = {}
+    for g in spec.groups:
+        if g.name not in t:
+            continue
+        if is_perm(t[g.name]):
+            out[g.name] = torch.argsort(t[g.name])
+        elif g.kind == "residual":
+            out[g.name] = t[g.name].double().T
+    for g in spec.groups:
+        if g.name in t and g.kind in ("vo", "qk"):
+            inv = torch.linalg.inv(t[g.name].double())
+            h = out.get(heads[g.name])
+            out[g.name] = inv if h is None else inv[kv_perm(g, h)]
+    return Alignment(out)

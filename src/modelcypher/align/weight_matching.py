@@ -312,6 +312,7 @@ def match_weights(
     seed: int = 0,
     restarts: int = 1,
     prepared: bool = False,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> Alignment:
     """Transforms bringing B onto A, by coordinate descent; ``history`` holds the objective per sweep.
 
@@ -325,6 +326,8 @@ def match_weights(
     parameterization), ``none``, or ``auto`` (orthogonal where exact, else permutation).
     ``prepared``: the mappings already hold a tied head and, for an orthogonal residual, folded norms,
     with shapes checked (``align.pipeline.CheckpointView`` reads them lazily from disk); nothing is copied.
+    ``init``: transforms to start every descent from instead of the anchored identity (a warm start, e.g.
+    the previous round of universe matching).
     """
     residual = resolve_residual(spec, residual)
     if prepared:
@@ -339,23 +342,24 @@ def match_weights(
     kinds = {k for k, on in (("vo", vo), ("qk", qk)) if on}
     best = None
     for k in range(restarts):
-        found = descent(Matcher(a, b, spec, {}), residual, kinds, max_sweeps, random.Random(seed + k))
+        found = descent(Matcher(a, b, spec, {}), residual, kinds, max_sweeps, random.Random(seed + k), init)
         if best is None or found.history[-1] > best.history[-1]:
             best = found
     return best
 
 
-def descent(matcher: Matcher, residual: str, kinds: set[str], max_sweeps: int, rng: random.Random) -> Alignment:
-    """One coordinate descent from the anchored start: permutations and the residual, then (``kinds``)
-    the heads with their in-head bases."""
+def descent(matcher: Matcher, residual: str, kinds: set[str], max_sweeps: int, rng: random.Random,
+            init: Mapping[str, torch.Tensor] | None = None) -> Alignment:
+    """One coordinate descent from the anchored start (or from ``init``): permutations and the residual,
+    then (``kinds``) the heads with their in-head bases."""
     spec = matcher.spec
     stage_1 = [(i,) for i, g in enumerate(spec.groups)
                if g.kind in ("perm", "heads") or (g.kind == "residual" and residual != "none")]
     for (i,) in stage_1:
-        matcher.set(i, identity(spec.groups[i], residual))
+        matcher.set(i, start(spec.groups[i], residual, init))
     r = next((i for (i,) in stage_1 if spec.groups[i].kind == "residual"), None)
     anchored = anchors(spec)
-    if r is not None and anchored:
+    if r is not None and anchored and init is None:
         # The tensors only the residual acts on (embeddings, untied head) compare without any other
         # transform: their solve is a meaningful start, where identity would be an arbitrary one.
         matcher.set(r, matcher.solve(r, residual, only=anchored))
@@ -365,11 +369,16 @@ def descent(matcher: Matcher, residual: str, kinds: set[str], max_sweeps: int, r
         joint = heads_with_bases(spec, kinds)
         for c in joint:
             for j in c[1:]:
-                matcher.set(j, identity(spec.groups[j], residual))
+                matcher.set(j, start(spec.groups[j], residual, init))
         heads = {c[0] for c in joint}
         stage_2 = [c for c in stage_1 if c[0] not in heads] + joint
         descend(matcher, stage_2, residual, max_sweeps, rng, history)
     return Alignment(dict(matcher.transforms), history)
+
+
+def start(group: Group, residual: str, init: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """A group's transform at the start of a descent: ``init``'s, else the identity."""
+    return init[group.name] if init is not None and group.name in init else identity(group, residual)
 
 
 def anchors(spec: SymmetrySpec) -> set[tuple]:

@@ -52,13 +52,17 @@ class Family:
     # ... and the random inputs that test it (default: random token ids)
     random_inputs: Callable[[dict, int, int, Generator], Tensor] | None = None
     reads: Literal["tokens", "features"] = "tokens"  # what the model takes: text, or feature vectors
+    # config keys that size the residual stream, the heads and the MLP (a narrower model lifted into a
+    # wider one takes the wider one's)
+    width_keys: tuple[str, ...] = ()
 
 
 ATTENTION_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias", "mlp_bias",
                   "intermediate_size")
 _LLAMA = dict(num_layers_key="num_hidden_layers", tied=(("model.embed_tokens.weight", "lm_head.weight"),),
               vocab_tensors=("model.embed_tokens.weight", "lm_head.weight"), tie_default=False,
-              structure_keys=ATTENTION_KEYS)
+              structure_keys=ATTENTION_KEYS,
+              width_keys=("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"))
 _BERT = dict(num_layers_key="num_hidden_layers",
              tied=(("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
                    ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight")),
@@ -75,7 +79,8 @@ FAMILIES: list[Family] = [
     Family("gpt2", ("gpt2",), "n_layer", (("transformer.wte.weight", "lm_head.weight"),),
            ("transformer.wte.weight", "lm_head.weight"), True,
            ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-           symmetry=gpt2.spec, hf_class="GPT2LMHeadModel", structure_keys=("n_head", "n_inner")),
+           symmetry=gpt2.spec, hf_class="GPT2LMHeadModel", structure_keys=("n_head", "n_inner"),
+           width_keys=("n_embd", "n_head", "n_inner")),
     Family("bert", ("bert",), symmetry=bert.spec, hf_class="BertForMaskedLM", **_BERT),
     # Merged by tensor name with the layout of their kin; no symmetry spec (yet).
     Family("llama-like", ("qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"), **_LLAMA),

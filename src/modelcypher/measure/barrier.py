@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from modelcypher.align.equivalence import apply_verified
-from modelcypher.align.pipeline import check_pair, match, spec_of
+from modelcypher.align.pipeline import check_pair, lifted, match, spec_of
 from modelcypher.align.transform import fold_norms
 from modelcypher.arch.families import family_of
 from modelcypher.checkpoint import Checkpoint
@@ -96,8 +96,20 @@ def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *
     if family_of(ck_a.config).reads != "tokens":
         raise UserError(f"{ck_a.path}: a {ck_a.config.get('model_type')} model reads features, not text; use "
                         "modelcypher.measure.barrier.barrier_states with a loss on its data")
-    check_pair(ck_a, ck_b)
     opts = options if options is not None else AlignOptions.of(method=align, **settings) if align else None
+    if opts is not None and opts.universe:
+        raise UserError("the barrier is measured between two models: universe matching does not apply")
+    with lifted(ck_b, ck_a) as ck_b_wide:
+        return _barrier(ck_a, ck_b_wide, text, points, max_tokens, device, opts, probe_text,
+                        None if ck_b_wide is ck_b else ck_b)
+
+
+def _barrier(ck_a: Checkpoint, ck_b: Checkpoint, text: str, points: int, max_tokens: int,
+             device: str | torch.device, opts: AlignOptions | None, probe_text: str | None,
+             narrow: Checkpoint | None) -> dict:
+    """``barrier_curve`` on B as given or, when ``narrow`` is set, B lifted from it into A's widths (then
+    A is measured with its norms folded, as the lifted B is written)."""
+    check_pair(ck_a, ck_b)
     device = resolve_device(device)
     ids = token_ids(ck_a.path, text, max_tokens)
     if len(ids) < 2:
@@ -105,20 +117,23 @@ def barrier_curve(model_a_dir: str | Path, model_b_dir: str | Path, text: str, *
 
     raw_a = {n: ck_a.get(n) for n in ck_a.names}
     raw_b = {n: ck_b.get(n) for n in ck_b.names}
-    model_a, sd_a = causal_lm(ck_a.config, raw_a)
+    config_a = ck_a.config
+    if narrow is not None:
+        raw_a, config_a = fold_norms(raw_a, config_a)
+    model_a, sd_a = causal_lm(config_a, raw_a)
     _, sd_b = causal_lm(ck_b.config, raw_b)
     loss = lm_loss_fn(model_a, ids, device)
-    result = {"model_a": str(ck_a.path), "model_b": str(ck_b.path), "tokens": len(ids), "points": points,
+    result = {"model_a": str(ck_a.path), "model_b": str((narrow or ck_b).path), "tokens": len(ids), "points": points,
               "raw": barrier_states(sd_a, sd_b, loss, points)}
+    if narrow is not None:  # raw interpolation is not defined across widths: "raw" is B lifted, unaligned
+        result["lifted"] = {"from": spec_of(narrow).residual.size, "to": spec_of(ck_a).residual.size}
     result["lambdas"] = result["raw"].pop("lambdas")
     if opts is not None:
         probes = probe_text if probe_text is not None or opts.method == "learned" else text
         found, facts = match(ck_b, ck_a, spec_of(ck_a), opts, device, probes)
         aligned_b, config_b = apply_verified(raw_b, ck_b.config, found)
         if facts["residual"] == "orthogonal":
-            raw_a, config_a = fold_norms(raw_a, ck_a.config)
-        else:
-            config_a = ck_a.config
+            raw_a, config_a = fold_norms(raw_a, config_a)
         _, sd_a2 = causal_lm(config_a, raw_a)
         _, sd_b2 = causal_lm(config_b, aligned_b)
         curve = barrier_states(sd_a2, sd_b2, loss, points)
