@@ -152,24 +152,37 @@ def _barrier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_reports(args: argparse.Namespace, inputs: list, plot_folder: bool) -> None:
+    """Before any work: a bad --json or --plot path fails at once, naming itself."""
+    from modelcypher.checkpoint.guard import check_output_file, check_output_folder
+
+    if args.json:
+        check_output_file(args.json, inputs)
+    if args.plot:
+        (check_output_folder if plot_folder else check_output_file)(args.plot, inputs)
+
+
+def _write_reports(args: argparse.Namespace, report: dict, inputs: list, plot) -> None:
+    """The report as JSON to --json and its figures (``plot(report, path)``) to --plot, each named."""
+    from modelcypher.checkpoint.guard import write_json
+
+    if args.json:
+        print(f"wrote {write_json(args.json, report, inputs)}")
+    if args.plot:
+        written = plot(report, args.plot)
+        print(f"wrote {len(written)} figures into {args.plot}" if isinstance(written, list) else f"wrote {written}")
+
+
 def _diagnose(args: argparse.Namespace) -> int:
-    from modelcypher.checkpoint.guard import check_output_file, check_output_folder, write_json
     from modelcypher.measure.diagnose import diagnose_config, plot_heatmaps, render_table
 
     config = Path(args.config)  # a path, whatever its extension: never read as YAML text
-    if args.json:
-        check_output_file(args.json, [config])
-    if args.plot:
-        check_output_folder(args.plot, [config])
+    _check_reports(args, [config], plot_folder=True)
     report = diagnose_config(config, top_k=args.top_k, device=args.device)
     for w in report["warnings"]:
         print(f"modelcypher: warning: {w}", file=sys.stderr)
     print(render_table(report))
-    if args.json:
-        print(f"wrote {write_json(args.json, report, [config])}")
-    if args.plot:
-        paths = plot_heatmaps(report, args.plot)
-        print(f"wrote {len(paths)} heatmaps into {args.plot}")
+    _write_reports(args, report, [config], plot_heatmaps)
     return 0
 
 
@@ -180,41 +193,27 @@ def _probes(path: str | None) -> str | None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from modelcypher.checkpoint.guard import check_output_file, check_output_folder, write_json
     from modelcypher.measure.compare import compare_models, plot_maps, render
 
     inputs = [args.model_a, args.model_b] + ([args.probes] if args.probes else [])
-    if args.json:  # before any work: a bad output path fails at once
-        check_output_file(args.json, inputs)
-    if args.plot:
-        check_output_folder(args.plot, inputs)
+    _check_reports(args, inputs, plot_folder=True)
     report = compare_models(args.model_a, args.model_b, _probes(args.probes), max_anchors=args.max_anchors,
                             k=args.k, top_k=args.top_k, device=args.device)
     print(render(report))
-    if args.json:
-        print(f"wrote {write_json(args.json, report, inputs)}")
-    if args.plot:
-        paths = plot_maps(report, args.plot)
-        print(f"wrote {len(paths)} heatmaps into {args.plot}")
+    _write_reports(args, report, inputs, plot_maps)
     return 0
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from modelcypher.checkpoint.guard import check_output_file, write_json
     from modelcypher.hf import read_text
     from modelcypher.measure.drift import drift, plot_drift, read_task, render
 
     inputs = [args.model_b, args.changed, args.data] + ([args.task] if args.task else [])
-    for out in (args.json, args.plot):  # before any work: a bad output path fails at once
-        if out:
-            check_output_file(out, inputs)
+    _check_reports(args, inputs, plot_folder=False)
     task = read_task(args.task) if args.task else None
     report = drift(args.model_b, args.changed, read_text(args.data), task, device=args.device)
     print(render(report))
-    if args.json:
-        print(f"wrote {write_json(args.json, report, inputs)}")
-    if args.plot:
-        print(f"wrote {plot_drift(report, args.plot)}")
+    _write_reports(args, report, inputs, plot_drift)
     return 0
 
 

@@ -24,12 +24,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelcypher.errors import UserError
-from modelcypher.merging.config import ModelEntry, ParamValue
-from modelcypher.merging.config import _first_line as first_error_line
+from modelcypher.merging.config import ModelEntry, ParamValue, first_error_line, read_yaml, validated
 
 
 class Strict(BaseModel):
@@ -137,15 +135,5 @@ class SearchConfig(Strict):
 def parse_search(path: str | Path) -> SearchConfig:
     """The search file at ``path``; any mistake is one UserError line naming the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such search file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping with merge_method, models, search and objective")
-    try:
-        return SearchConfig.model_validate(data)
-    except ValidationError as e:
-        raise UserError(f"{path}: {first_error_line(e)}") from None
+    return validated(SearchConfig, read_yaml(path, "search file"), str(path),
+                     "merge_method, models, search and objective")

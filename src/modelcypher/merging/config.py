@@ -10,7 +10,7 @@ Parameter values take three forms, as in mergekit:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -121,7 +121,8 @@ class MergeConfig(Strict):
 _UNION_TAGS = {"float", "int", "bool", "str", "list[float]", "list[Filtered]"}
 
 
-def _first_line(e: ValidationError) -> str:
+def first_error_line(e: ValidationError) -> str:
+    """The first error of a validation, as ``key.path: what is wrong``."""
     err = e.errors()[0]
     parts = [str(p) for p in err["loc"]]
     if any(p in _UNION_TAGS for p in parts):  # a value matched none of the accepted forms
@@ -137,29 +138,43 @@ def _first_line(e: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in the file at ``path``; a missing file, non-UTF-8 bytes or bad YAML is one line."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return _yaml(text, str(path))
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
+
+
+def validated(cls: type[M], data: Any, where: str, keys: str) -> M:
+    """``data`` as ``cls``; anything else is one line naming ``where`` and the first bad key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping with {keys}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{where}: {first_error_line(e)}") from None
+
+
 def parse_config(source: str | Path | dict) -> MergeConfig:
     """A config from a YAML file path, a YAML string or a dict; any mistake is one UserError line."""
-    where = "config"
     if isinstance(source, dict):
-        data = source
-    else:
-        text = str(source)
-        if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
-            path = Path(source)
-            where = str(path)
-            if not path.is_file():
-                raise UserError(f"{path}: no such config file")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping with merge_method and models")
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as e:
-        raise UserError(f"{where}: {_first_line(e)}") from None
+        return validated(MergeConfig, source, "config", "merge_method and models")
+    text = str(source)
+    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        return validated(MergeConfig, read_yaml(path, "config file"), str(path), "merge_method and models")
+    return validated(MergeConfig, _yaml(text, "config"), "config", "merge_method and models")
