@@ -10,6 +10,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from modelcypher.adapters.extract import ExtractReport
 from modelcypher.adapters.extract import extract_lora as _extract_lora
 from modelcypher.align.pipeline import align_checkpoint, align_universe
@@ -35,6 +37,16 @@ def _parse(config: str | Path | dict | MergeConfig) -> tuple[MergeConfig, Path |
     return (config if isinstance(config, MergeConfig) else parse_config(config)), config_dir
 
 
+def _as_given(config: str | Path | dict | MergeConfig, cfg: MergeConfig) -> str:
+    """The config's text as the user gave it (a file's own bytes), else its YAML."""
+    if isinstance(config, Path) or (isinstance(config, str) and Path(config).is_file()):
+        return Path(config).read_text(encoding="utf-8")
+    if isinstance(config, str):
+        return config if config.endswith("\n") else config + "\n"
+    data = config if isinstance(config, dict) else cfg.model_dump(exclude_none=True, exclude_defaults=True)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def plan_merge(config: str | Path | dict | MergeConfig, *, truncate_vocab: bool = False) -> Plan:
     """Validate a config and plan every output tensor, reading only checkpoint headers (an ``align:``
     section is not carried out: the plan is of the models as they are)."""
@@ -45,18 +57,21 @@ def plan_merge(config: str | Path | dict | MergeConfig, *, truncate_vocab: bool 
 def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: str = "auto",
           max_shard_size: str | int = "5GB", random_seed: int = 0, allow_nonfinite: bool = False,
           truncate_vocab: bool = False, overwrite: bool = False, dry_run: bool = False,
-          progress: bool = False) -> Plan:
+          progress: bool = False, allow_crimes: bool = False, copy_tokenizer: bool = True,
+          write_model_card: bool = True) -> Plan:
     """Merge the models a mergekit-style config names and write a Hugging Face model directory.
 
-    ``config`` is a YAML path, a YAML string, a dict or a parsed MergeConfig. Nothing is written when
-    ``dry_run`` is set; otherwise ``out`` appears whole or not at all.
+    ``config`` is a YAML path, a YAML string, a dict (mergekit's ``MergeConfiguration.model_dump()``
+    too) or a parsed MergeConfig. Nothing is written when ``dry_run`` is set; otherwise ``out`` appears
+    whole or not at all, with ``mergekit_config.yml`` (the config as given), the tokenizer and a model card.
+    ``allow_crimes`` merges models whose architectures differ when their tensors match (as mergekit's flag).
     """
     shard_bytes = parse_size(max_shard_size)
     dev = resolve_device(device)
     cfg, config_dir = _parse(config)
     out = Path(out)
     if cfg.align is None or dry_run:
-        plan = make_plan(cfg, config_dir=config_dir, truncate_vocab=truncate_vocab)
+        plan = make_plan(cfg, config_dir=config_dir, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
         inputs = [(ck.path, name) for ck, name in zip(plan.models, plan.names, strict=True)]
     else:  # planned once, after alignment; what needs no model is checked before it
         check_config(cfg)
@@ -70,11 +85,13 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
             # Aligned copies go into the temporary output directory, so an interrupted run leaves nothing.
             aligned, names, provenance = prealign(cfg, tmp / ".aligned", config_dir=config_dir, device=dev)
             plan = make_plan(aligned, truncate_vocab=truncate_vocab, config_dir=config_dir, as_given=cfg,
-                             names=names, provenance=provenance)
+                             names=names, provenance=provenance, allow_crimes=allow_crimes)
         stats = collect(plan, out, dev) if plan.method.stats else None
         reports = execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
-                          max_shard_size=shard_bytes, progress=progress, stats=stats)
+                          max_shard_size=shard_bytes, progress=progress, stats=stats, copy_tokenizer=copy_tokenizer,
+                          write_model_card=write_model_card)
         shutil.rmtree(tmp / ".aligned", ignore_errors=True)
+        (tmp / "mergekit_config.yml").write_text(_as_given(config, cfg))  # hubs read it to show the recipe
     return replace(plan, reports=reports)
 
 

@@ -11,24 +11,59 @@ import sys
 import time
 from pathlib import Path
 
+# mergekit-yaml's flags, so its users' command lines run: those that only tune mergekit's own machinery
+# are accepted and do nothing (said in --help), those that would lower safety are refused with the reason.
+_NO_EFFECT = {
+    "--lazy-unpickle": "checkpoints are always read lazily, and pickles never",
+    "--low-cpu-memory": "tensors stream one at a time already",
+    "--read-to-gpu": "--device decides where the arithmetic runs",
+    "--multi-gpu": "one device per merge",
+    "--gpu-rich": "--device decides where the arithmetic runs",
+    "--clone-tensors": "repeated layers are written as copies already",
+    "--async-write": "writing already overlaps reading and arithmetic",
+    "--write-threads": "writing already overlaps reading and arithmetic",
+    "--lora-merge-cache": "a model+lora reference is applied as it is read, nothing is cached",
+    "--lora-merge-dtype": "a LoRA is applied in float32",
+    "--transformers-cache": "models are local directories; nothing is downloaded",
+    "--safe-serialization": "the output is always safetensors",
+}
+_REFUSED = {
+    "--trust-remote-code": "code shipped with a model is never run",
+    "--no-safe-serialization": "pickled weights are never written",
+}
+
 
 def _merge(args: argparse.Namespace) -> int:
     from modelcypher.api import merge
+    from modelcypher.errors import UserError
 
+    for flag, why in _REFUSED.items():
+        if getattr(args, f"refused{flag.replace('-', '_')}"):
+            raise UserError(f"{flag}: {why}")
+    if args.out and args.output and Path(args.out) != Path(args.output):
+        raise UserError(f"two outputs given: {args.out} and -o {args.output}")
+    out = args.out or args.output
+    if out is None:
+        raise UserError("no output directory: modelcypher merge CONFIG OUT (or -o OUT)")
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     t0 = time.perf_counter()
-    plan = merge(Path(args.config), args.output, device=args.device, max_shard_size=args.max_shard_size,
+    plan = merge(Path(args.config), out, device=args.device, max_shard_size=args.max_shard_size,
                  random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite,
                  truncate_vocab=args.truncate_vocab, overwrite=args.overwrite, dry_run=args.dry_run,
-                 progress=not args.no_progress and sys.stderr.isatty())
+                 progress=not args.no_progress and sys.stderr.isatty(), allow_crimes=args.allow_crimes,
+                 copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card)
     gb = plan.nbytes / 1e9
     summary = (f"{plan.method.name}: {len(plan.tasks)} tensors, {gb:.3f} GB from {len(plan.models)} models")
     if args.dry_run:
         print(f"dry run, nothing written. {summary}")
-        for n in plan.notes:
-            print(f"note: {n}")
     else:
-        print(f"wrote {args.output} ({summary}) in {time.perf_counter() - t0:.1f}s")
+        print(f"wrote {out} ({summary}) in {time.perf_counter() - t0:.1f}s")
         _print_kept(plan)
+    for n in plan.notes:
+        print(f"note: {n}")
     return 0
 
 
@@ -297,16 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge models described by a mergekit-style YAML config")
     m.add_argument("config", help="YAML config (merge_method, base_model, models or slices, parameters)")
-    m.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
+    m.add_argument("out", nargs="?", metavar="OUT", help="output model directory (must not exist), or -o OUT")
+    m.add_argument("-o", "--output", help="output model directory (must not exist)")
     m.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N or auto (default: auto)")
-    m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
+    m.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="same as --device cuda")
+    m.add_argument("--max-shard-size", "--out-shard-size", dest="max_shard_size", default="5GB",
+                   help="largest safetensors shard: 2GB, 2GiB, or mergekit's 5B (billion bytes) (default 5GB)")
     m.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
     m.add_argument("--random-seed", type=int, default=0, help="seed for DARE/DELLA drops (default 0)")
     m.add_argument("--allow-nonfinite", action="store_true", help="merge tensors containing NaN/Inf")
-    m.add_argument("--truncate-vocab", action="store_true",
+    m.add_argument("--truncate-vocab", "--unsafe-truncate-embeddings", dest="truncate_vocab", action="store_true",
                    help="when vocabulary sizes differ, keep the first rows of the base (or first) model's size")
+    m.add_argument("--allow-crimes", action="store_true",
+                   help="merge models of different architectures where their tensors' names and shapes agree")
+    m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer_source's tokenizer to the output (default: yes)")
+    m.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write README.md describing the merge (default: yes)")
+    m.add_argument("--num-threads", type=_positive_int, help="torch threads for the arithmetic")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bar")
+    m.add_argument("-v", "--verbose", action="count", default=0, help="accepted; the output is already complete")
+    compat = m.add_argument_group("mergekit-yaml flags with nothing to do here (accepted, no effect)")
+    for flag, why in _NO_EFFECT.items():
+        if flag in ("--lora-merge-cache", "--transformers-cache", "--write-threads", "--lora-merge-dtype"):
+            compat.add_argument(flag, metavar="VALUE", help=why)
+        else:
+            compat.add_argument(flag, action="store_true", help=why)
+    for flag, why in _REFUSED.items():
+        compat.add_argument(flag, dest=f"refused{flag.replace('-', '_')}", action="store_true",
+                            help=f"refused: {why}")
     m.set_defaults(func=_merge)
 
     a = sub.add_parser("align", help="permute/rotate model B onto model A (or several models onto their universe); "

@@ -124,7 +124,7 @@ def test_extract_lora_cli_and_bad_inputs(tmp_path):
     r = run_cli("extract-lora", ft_dir, "--base", base_dir, "-o", tmp_path / "ad", "--rank", "2")
     assert r.returncode == 0, r.stderr
     assert "kept 1.0000" in r.stdout and (tmp_path / "ad" / "adapter_model.safetensors").is_file()
-    for args, words in [(["--rank", "0"], "--rank 0"), (["--base", gpt2], "differ in family"),
+    for args, words in [(["--rank", "0"], "--rank: 0: must be at least 1"), (["--base", gpt2], "differ in family"),
                         (["--base", wide], "has shape"), (["--base", tmp_path / "nope"], "no such model")]:
         argv = [ft_dir, "--base", base_dir, "-o", tmp_path / "bad", *args]
         r = run_cli("extract-lora", *argv)

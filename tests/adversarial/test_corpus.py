@@ -635,7 +635,7 @@ def _(w, cid):
 def _(w, cid):
     argv = command(w, verb_of(cid))
     i = argv.index("-o")
-    return argv[:i] + argv[i + 2:], "-o/--output"
+    return argv[:i] + argv[i + 2:], "-o/--output" if verb_of(cid) == "align" else "no output directory"
 
 
 # ============================================================================ running a case

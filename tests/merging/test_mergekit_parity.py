@@ -197,6 +197,17 @@ slices:
   - sources: [{{model: {b}, layer_range: [1, 3]}}]
 dtype: float32
 """,
+    "passthrough_frankenmerge_scaled": """
+merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 2]}}]
+  - sources:
+      - model: {b}
+        layer_range: [1, 3]
+        parameters:
+          scale: [{{filter: o_proj, value: 0.5}}, {{filter: down_proj, value: 0.25}}, {{value: 1.0}}]
+dtype: float32
+""",
     "della_linear_density_1": weighted("della_linear", ", density: 1.0"),
 }
 

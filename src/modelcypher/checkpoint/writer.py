@@ -21,18 +21,25 @@ from modelcypher.errors import UserError
 
 __all__ = ["ShardedWriter", "atomic_dir", "parse_size", "shard"]
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+# Bytes per unit. The bare letters are mergekit's spelling of --out-shard-size (K, M and B for thousand,
+# million and billion bytes: its default "5B" is five billion), so its sizes mean here what they mean there.
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str | int) -> int:
-    """'2GB' -> 2e9 bytes (decimal, as Hugging Face does), '2GiB' -> 2**31, 1000 -> 1000."""
-    if isinstance(text, int):
+    """Bytes from '2GB' (decimal, as Hugging Face writes it), '2GiB' (binary), mergekit's '5B' / '500M' /
+    '64K' (billion, million, thousand bytes) or a plain number of bytes. A bare 'G' or 'T' is refused:
+    mergekit has no such suffix and the user may have meant either convention."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
-    if not m:
-        raise UserError(f"size {text!r}: expected a number with a unit such as 500MB or 2GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Z]*)\s*", str(text).upper())
+    if not m or m.group(2) not in _UNITS:
+        raise UserError(f"size {text!r}: expected a number with a unit such as 500MB, 2GB, 2GiB or mergekit's 5B")
+    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if size <= 0:
+        raise UserError(f"size {text!r}: must be positive")
+    return size
 
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]

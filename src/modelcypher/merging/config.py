@@ -39,6 +39,18 @@ NOT_YET = {
 }
 
 
+def _without_nulls(data: Any) -> Any:
+    """A key set to null means the key left out, as in mergekit (its ``MergeConfiguration.model_dump()``
+    writes every optional key, most of them null), in the config and its model and slice entries."""
+    if not isinstance(data, dict):
+        return data
+    out = {k: v for k, v in data.items() if v is not None}
+    for key in ("models", "slices", "sources"):
+        if isinstance(out.get(key), list):
+            out[key] = [_without_nulls(e) for e in out[key]]
+    return out
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -86,6 +98,7 @@ class MergeConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _not_yet(cls, data: Any) -> Any:
+        data = _without_nulls(data)
         if isinstance(data, dict):
             for key, what in NOT_YET.items():
                 if key in data:

@@ -24,7 +24,7 @@ from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
-from modelcypher.merging.registry import REQUIRED, Method, get_method
+from modelcypher.merging.registry import ANY, REQUIRED, Method, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -108,6 +108,13 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
     for where, params in [("parameters", cfg.parameters)] + [(f"parameters of {e.model}", e.parameters)
                                                                for e in entries]:
         for key in params:
+            if key in method.inert:
+                allowed, why = method.inert[key]
+                bad = [v for v in _values(params[key]) if allowed is not ANY and v != allowed]
+                if bad:
+                    raise UserError(f"{where}: {key}: {bad[0]!r} is not supported for {method.name} ({why}); "
+                                    f"only {allowed!r}")
+                continue
             if key not in known:
                 raise UserError(f"{where}: merge_method {method.name} has no parameter {key!r} (it takes {takes})")
             if where != "parameters" and key in method.global_params and key not in method.model_params:
@@ -123,6 +130,12 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
                 missing = ["the top-level parameters"]
             if missing:
                 raise UserError(f"merge_method {method.name} needs parameter {key!r} (missing for {missing[0]})")
+
+
+def _inert_notes(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -> list[str]:
+    given = set(cfg.parameters).union(*(e.parameters for e in entries))
+    return [f"parameter {k!r} accepted and changes nothing: {method.inert[k][1]}" for k in sorted(given)
+            if k in method.inert]
 
 
 def _values(value: ParamValue) -> list:
@@ -166,8 +179,11 @@ def check_config(cfg: MergeConfig) -> Method:
 
 def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_vocab: bool = False,
               as_given: MergeConfig | None = None, names: list[str] | None = None,
-              provenance: list[dict] | None = None) -> Plan:
+              provenance: list[dict] | None = None, allow_crimes: bool = False) -> Plan:
     """Plan every output tensor of ``cfg`` from the headers of its models.
+
+    ``allow_crimes``: models of different architectures are merged where their tensors' names and shapes
+    agree (mergekit's flag of that name); by default they are refused.
 
     ``as_given``, ``names`` and ``provenance``: what the user wrote, when ``cfg`` names other checkpoints
     standing in for the user's models (e.g. aligned copies), for the model card, messages and caches.
@@ -180,7 +196,8 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
                         "merge the adapter first (e.g. a linear merge of that model alone)")
     names = names or refs
     idx = {n: i for i, n in enumerate(refs)}
-    _check_family(models, names)
+    if not allow_crimes:
+        _check_family(models, names)
     entries = _entries(cfg)
     base = idx[cfg.base_model] if cfg.base_model else None
     uses_base = method.base != "none" and base is not None
@@ -190,6 +207,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     ref_ck = models[ref]
     out_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or _model_dtype(ref_ck)
     out_names, out_config, notes = _outputs(models, names, ref)
+    notes += _inert_notes(method, cfg, entries)
     layers, depth = _layer_plan(cfg, models, idx, out_names, out_config, base, uses_base)
 
     family = family_of(ref_ck.config)
@@ -394,7 +412,8 @@ def _check_family(models: list[Checkpoint], names: list[str]) -> None:
     a0 = arch(models[0])
     for ck, n in zip(models[1:], names[1:], strict=True):
         if arch(ck) != a0 or ck.config.get("model_type") != models[0].config.get("model_type"):
-            raise UserError(f"models differ in architecture: {names[0]} is {a0}, {n} is {arch(ck)}")
+            raise UserError(f"models differ in architecture: {names[0]} is {a0}, {n} is {arch(ck)} "
+                            "(--allow-crimes merges them where their tensors agree)")
 
 
 def _blocks(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int]):

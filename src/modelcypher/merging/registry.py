@@ -55,8 +55,12 @@ class Method:
     rowwise: bool = False
     stream: Callable[..., Any] | None = None
     raw: bool = False
+    # Parameters mergekit accepts for this method that change nothing here: name -> (the only value
+    # accepted, or ANY; why). A config written for mergekit keeps running, with a note, never silently.
+    inert: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
 
 
+ANY = object()
 METHODS: dict[str, Method] = {}
 
 
@@ -75,13 +79,14 @@ def register(
     rowwise: bool = False,
     stream: Callable[..., Any] | None = None,
     raw: bool = False,
+    inert: Mapping[str, tuple[Any, str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         METHODS[name] = Method(
             name, fn, base, paper, defaults(fn, model_params), defaults(fn, global_params),
-            random, stats, min_models, max_models, reports, rowwise, stream, raw,
+            random, stats, min_models, max_models, reports, rowwise, stream, raw, dict(inert or {}),
         )
         return fn
 

@@ -212,8 +212,10 @@ def collector_paused() -> Iterator[None]:
 
 @collector_paused()
 def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, allow_nonfinite: bool = False,
-            max_shard_size: int = 5 * 10**9, progress: bool = False, stats=None) -> dict[str, dict]:
+            max_shard_size: int = 5 * 10**9, progress: bool = False, stats=None, copy_tokenizer: bool = True,
+            write_model_card: bool = True) -> dict[str, dict]:
     """Write the merged model into ``out_dir`` (an empty directory); returns the methods' per-tensor reports.
+    The tokenizer's files and a model card (README.md) go with it unless switched off.
 
     Worker threads read and compute tensors (file reads and torch's operations release the GIL), a
     reader thread reads each tensor's next block ahead, and this thread writes the finished blocks in
@@ -274,9 +276,11 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
         models = [plan.names[mi] for mi, _ in plan.tasks[0].sources] if plan.tasks else []
         (out_dir / "merge_report.json").write_text(json.dumps({"models": models, "tensors": reports}, indent=1))
     (out_dir / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
-    _copy_files(plan.models[plan.tokenizer_from].path, out_dir, TOKENIZER_FILES)
+    if copy_tokenizer:
+        _copy_files(plan.models[plan.tokenizer_from].path, out_dir, TOKENIZER_FILES)
     _copy_files(plan.models[plan.reference].path, out_dir, GENERATION_FILES)
-    (out_dir / "README.md").write_text(model_card(plan))
+    if write_model_card:
+        (out_dir / "README.md").write_text(model_card(plan))
     return reports
 
 

@@ -21,3 +21,9 @@ def test_copies_the_model(merge):
 def test_exactly_one_model(merge):
     with pytest.raises(UserError):
         merge("passthrough", [torch.zeros(2), torch.ones(2)])
+
+
+def test_scale_multiplies_the_copy(merge):
+    x = torch.tensor([[1.5, -2.0, 3.0]])
+    assert torch.equal(merge("passthrough", [x], scale=[0.5]), torch.tensor([[0.75, -1.0, 1.5]]))
+    assert torch.equal(x, torch.tensor([[1.5, -2.0, 3.0]]))  # the input untouched

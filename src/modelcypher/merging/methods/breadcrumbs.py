@@ -35,7 +35,8 @@ def breadcrumb_deltas(
 
 # breadcrumbs and breadcrumbs_ties: one method but for how the masked task vectors are merged
 BREADCRUMBS = {"base": "required", "model_params": ("weight", "density", "gamma"),
-               "global_params": ("normalize", "lambda", "int8_mask")}
+               "global_params": ("normalize", "lambda", "int8_mask"),
+               "inert": {"rescale": (False, "mergekit's L1 rescaling after a magnitude trim is not done here")}}
 
 
 @register("breadcrumbs", paper=BREADCRUMBS_PAPER, **BREADCRUMBS)

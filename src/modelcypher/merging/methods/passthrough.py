@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from modelcypher.errors import UserError
+from modelcypher.merging.methods._inputs import per_model
 from modelcypher.merging.registry import register
 
 
@@ -20,11 +21,15 @@ from modelcypher.merging.registry import register
         "Arcee's MergeKit: A Toolkit for Merging Large Language Models; Goddard, Siriwardhana, "
         "Ehghaghi, Meyers, Karpukhin, Benedict, McQuade, Solawetz; 2024; arXiv:2403.13257)"
     ),
+    model_params=("scale",),
     min_models=1,
     max_models=1,
 )
-def passthrough(xs: Sequence[Tensor], base: Tensor | None = None) -> Tensor:
-    """``result = x_0`` (a new float32 tensor). Exactly one model."""
+def passthrough(xs: Sequence[Tensor], base: Tensor | None = None, *, scale: Sequence[float] | float = 1.0) -> Tensor:
+    """``result = scale * x_0`` (a new float32 tensor). Exactly one model; ``scale`` (default 1) lets a
+    frankenmerge damp a repeated layer's output, e.g. ``{filter: o_proj, value: 0.5}``."""
     if len(xs) != 1:
         raise UserError(f"passthrough takes exactly one model per tensor, got {len(xs)}")
-    return xs[0].to(torch.float32, copy=True)
+    (s,) = per_model(scale, 1, "scale")
+    x = xs[0].to(torch.float32, copy=True)
+    return x if s == 1.0 else x.mul_(s)

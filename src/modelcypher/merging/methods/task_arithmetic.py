@@ -9,7 +9,7 @@ from torch import Tensor
 
 from modelcypher.merging.methods._inputs import per_model
 from modelcypher.merging.methods._task import apply_delta, task_vectors, weighted_sum
-from modelcypher.merging.registry import register
+from modelcypher.merging.registry import ANY, register
 
 
 @register(
@@ -22,6 +22,7 @@ from modelcypher.merging.registry import register
     ),
     model_params=("weight",),
     global_params=("normalize", "lambda", "int8_mask"),
+    inert={"density": (ANY, "task arithmetic prunes nothing"), "rescale": (ANY, "nothing is pruned to rescale")},
 )
 def task_arithmetic(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,

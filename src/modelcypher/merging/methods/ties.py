@@ -66,6 +66,7 @@ def ties_blocks(
     global_params=("normalize", "lambda", "int8_mask"),
     stream=ties_blocks,
     raw=True,
+    inert={"rescale": (False, "mergekit's L1 rescaling after a magnitude trim is not done here")},
 )
 def ties(
     xs: Sequence[Tensor], base: Tensor | None, *, weight: Sequence[float] | float = 1.0,
