@@ -208,6 +208,35 @@ slices:
           scale: [{{filter: o_proj, value: 0.5}}, {{filter: down_proj, value: 0.25}}, {{value: 1.0}}]
 dtype: float32
 """,
+    "gradient_restarts_in_each_slice": """
+merge_method: task_arithmetic
+base_model: {base}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: [0, 2]}}
+      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: [0.2, 1.0]}}}}
+  - sources:
+      - {{model: {base}, layer_range: [2, 3]}}
+      - {{model: {a}, layer_range: [2, 3], parameters: {{weight: [0.2, 1.0]}}}}
+parameters: {{lambda: [0.5, 0.7, 0.9]}}
+dtype: float32
+""",
+    "ties_slice_parameters_between_the_models_and_the_top_level": """
+merge_method: ties
+base_model: {base}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: [0, 2]}}
+      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.7}}}}
+      - {{model: {b}, layer_range: [0, 2]}}
+    parameters: {{density: [{{filter: mlp, value: 0.3}}], weight: 0.2}}
+  - sources:
+      - {{model: {base}, layer_range: [2, 3]}}
+      - {{model: {a}, layer_range: [2, 3]}}
+      - {{model: {b}, layer_range: [2, 3]}}
+parameters: {{density: 0.6, weight: 0.5, normalize: true}}
+dtype: float32
+""",
     "della_linear_density_1": weighted("della_linear", ", density: 1.0"),
 }
 

@@ -73,6 +73,8 @@ class SliceSource(ModelEntry):
 
 class Slice(Strict):
     sources: list[SliceSource] = Field(min_length=1)
+    # For every tensor of the slice, between its sources' parameters and the top-level ones (mergekit).
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _same_length(self) -> Slice:

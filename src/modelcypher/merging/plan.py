@@ -85,6 +85,8 @@ def _value_at(value: Any, layer: int | None, depth: int) -> Any:
         return value
     if len(value) == 1 or layer is None:
         return value[0]
+    if depth == 1:  # a single layer sits at the gradient's end (mergekit's t = 1)
+        return value[-1]
     if len(value) == depth:  # one value per layer: its own, exactly (the interpolation below may round)
         return float(value[layer])
     x = layer / max(depth - 1, 1) * (len(value) - 1)
@@ -105,8 +107,10 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
     if method.stats:
         known["data"] = None
     takes = ", ".join(sorted(known)) or "no parameters"
-    for where, params in [("parameters", cfg.parameters)] + [(f"parameters of {e.model}", e.parameters)
-                                                               for e in entries]:
+    shared = [("parameters", cfg.parameters)]  # settings for every model: the top level's, each slice's
+    shared += [(f"parameters of slice {i}", sl.parameters) for i, sl in enumerate(cfg.slices or [])]
+    own = [(f"parameters of {e.model}", e.parameters) for e in entries]
+    for where, params in shared + own:
         for key in params:
             if key in method.inert:
                 allowed, why = method.inert[key]
@@ -117,16 +121,16 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
                 continue
             if key not in known:
                 raise UserError(f"{where}: merge_method {method.name} has no parameter {key!r} (it takes {takes})")
-            if where != "parameters" and key in method.global_params and key not in method.model_params:
+            if (where, params) in own and key in method.global_params and key not in method.model_params:
                 raise UserError(f"{where}: {key!r} is a global parameter of {method.name}; set it under "
                                 "the top-level 'parameters'")
             text = next((v for v in _values(params[key]) if isinstance(v, str)), None)
             if text is not None and key != "data" and not isinstance(known[key], str):
                 raise UserError(f"{where}: parameter {key!r} takes a number, not {text!r}")
     for key, default in known.items():
-        if default is REQUIRED:
-            missing = [e.model for e in entries if key not in e.parameters and key not in cfg.parameters]
-            if key in method.global_params and key not in cfg.parameters:
+        if default is REQUIRED and not any(key in p for _, p in shared):
+            missing = [e.model for e in entries if key not in e.parameters]
+            if key in method.global_params:
                 missing = ["the top-level parameters"]
             if missing:
                 raise UserError(f"merge_method {method.name} needs parameter {key!r} (missing for {missing[0]})")
@@ -161,6 +165,8 @@ class _Block:
     out_start: int
     length: int
     sources: tuple[tuple[ModelEntry, int], ...]
+    params: dict = field(default_factory=dict)  # the slice's own parameters
+    own_gradient: bool = False  # a slice spreads a gradient over its own layers (mergekit's rule)
 
 
 def check_config(cfg: MergeConfig) -> Method:
@@ -213,9 +219,10 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     family = family_of(ref_ck.config)
     vocab = set(family.vocab_tensors)
     tasks, trunc_rows = [], None
-    for out_n, layer, srcs, base_n in layers:
+    for out_n, layer, srcs, base_n, scope in layers:
         srcs = [(e, n) for e, n in srcs if not (uses_base and idx[e.model] == base)]
-        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, layer, depth, family.conv1d)
+        params = _task_params(method, cfg, [e for e, _ in srcs], out_n, *(scope or (layer, depth, {})),
+                              family.conv1d)
         sources = [(idx[e.model], _find(models[idx[e.model]], n, f"model {e.model}")) for e, n in srcs]
         base_src = (base, _find(models[base], base_n, f"base model {names[base]}")) if uses_base else None
         _check_count(method, len(sources))
@@ -266,7 +273,10 @@ def _outputs(models: list[Checkpoint], names: list[str], ref: int) -> tuple[list
     return out_names, out_config, notes
 
 
-LayerPlan = list[tuple[str, "int | None", list[tuple[ModelEntry, str]], "str | None"]]
+# Where a tensor reads its parameter values: (position for a gradient, the gradient's length, the
+# parameters of its slice); None for a plain merge (the layer index over the model's depth).
+Scope = tuple["int | None", int, dict]
+LayerPlan = list[tuple[str, "int | None", list[tuple[ModelEntry, str]], "str | None", "Scope | None"]]
 
 
 def _layer_plan(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int], out_names: list[str],
@@ -275,7 +285,7 @@ def _layer_plan(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int],
     A frankenmerge (slices, layer_pattern) re-layers ``out_config`` to its new depth."""
     if cfg.slices is None and cfg.layer_pattern is None:
         entries = list(cfg.models or [])
-        plan = [(n, layer_index(n), [(e, n) for e in entries], n if uses_base else None) for n in out_names]
+        plan = [(n, layer_index(n), [(e, n) for e in entries], n if uses_base else None, None) for n in out_names]
         return plan, num_layers(models[idx[entries[0].model] if base is None else base].config) or 0
     blocks = _blocks(cfg, models, idx)
     # Tensors outside the layers come from the base model when the method has no use for a base
@@ -285,13 +295,15 @@ def _layer_plan(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int],
     fam = family_of(models[0].config)
     embeds = {inp for inp, _ in fam.tied} | {v for v in fam.vocab_tensors if "embed" in v or "wte" in v}
 
+    def block(n: str) -> _Block:
+        return blocks[0 if n in embeds or "embed" in n or ".wpe." in n else -1]
+
     def outside(n: str) -> list[ModelEntry]:
         if base is not None and not uses_base:
             return [ModelEntry(model=cfg.base_model)]
-        first = n in embeds or "embed" in n or ".wpe." in n
-        return [e for e, _ in blocks[0 if first else -1].sources]
+        return [e for e, _ in block(n).sources]
 
-    plan = [(n, None, [(e, n) for e in outside(n)], n if uses_base else None)
+    plan = [(n, None, [(e, n) for e in outside(n)], n if uses_base else None, (None, 1, block(n).params))
             for n in out_names if layer_index(n) is None]
     src_layers = []  # the source layer behind each output layer
     for b in blocks:
@@ -303,8 +315,9 @@ def _layer_plan(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int],
                 if uses_base:
                     bs = [s for e, s in b.sources if idx[e.model] == base]
                     base_n = with_layer(t, (bs[0] if bs else s0) + k)
+                scope = (k, b.length, b.params) if b.own_gradient else None
                 plan.append((with_layer(t, b.out_start + k), b.out_start + k,
-                             [(e, with_layer(t, s + k)) for e, s in b.sources], base_n))
+                             [(e, with_layer(t, s + k)) for e, s in b.sources], base_n, scope))
             src_layers.append(s0 + k)
     relayered = relayer_config(out_config, src_layers)
     out_config.clear()
@@ -382,23 +395,29 @@ def _data_files(cfg: MergeConfig, method: Method, entries: list[ModelEntry], idx
 
 
 def _task_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry], name: str,
-                 layer: int | None, depth: int, conv1d: tuple[str, ...] = ()) -> dict[str, Any]:
+                 layer: int | None, depth: int, slice_params: dict, conv1d: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Each parameter's value for tensor ``name``: from the first setting that has one for it (a model's
+    own, its slice's, the top level: mergekit's precedence; a filter list without a matching entry has
+    none), a gradient read at ``layer`` of ``depth``."""
+
+    def value(key: str, settings: list[dict]) -> Any:
+        for params in settings:
+            if params.get(key) is not None:
+                v = _param(params[key], name, layer, depth)
+                if v is not None:
+                    return v
+        return None
+
+    shared = [slice_params, cfg.parameters]
     out: dict[str, Any] = {}
     for key, default in method.model_params.items():
-        if key == "data":
-            continue
-        vals = []
-        for e in entries:
-            v = e.parameters.get(key, cfg.parameters.get(key))
-            v = None if v is None else _param(v, name, layer, depth)
-            vals.append(default if v is None else v)
-        out[key] = vals
+        if key != "data":
+            out[key] = [default if (v := value(key, [e.parameters, *shared])) is None else v for e in entries]
     for key, default in method.global_params.items():
         if key == "layout" and "layout" not in cfg.parameters:
             out[key] = "conv1d" if name.endswith(conv1d) else "linear"
             continue
-        v = cfg.parameters.get(key)
-        v = None if v is None else _param(v, name, layer, depth)
+        v = value(key, shared)
         if v is None and default is REQUIRED:
             raise UserError(f"parameter {key!r} has no value for tensor {name!r} (no filter matches it)")
         out["lambda_" if key == "lambda" else key] = default if v is None else v
@@ -432,7 +451,7 @@ def _blocks(cfg: MergeConfig, models: list[Checkpoint], idx: dict[str, int]):
             if n is not None and s.layer_range[1] > n:
                 raise UserError(f"layer_range {list(s.layer_range)} of {s.model}: it has only {n} layers")
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-        blocks.append(_Block(out, length, tuple((s, s.layer_range[0]) for s in sl.sources)))
+        blocks.append(_Block(out, length, tuple((s, s.layer_range[0]) for s in sl.sources), sl.parameters, True))
         out += length
     return blocks
 
