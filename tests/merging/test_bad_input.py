@@ -159,7 +159,7 @@ def test_method_mistakes(tmp_path, trio):
     refuse(tmp_path, {"merge_method": "nonesuch", "models": [{"model": str(a)}]}, match="unknown merge_method")
     refuse(tmp_path, {"merge_method": "ties", "models": [{"model": str(a)}, {"model": str(b)}]},
            match="needs a base_model")
-    refuse(tmp_path, ties_cfg(base, a, parameters={"t": 0.5}), match="has no parameter 't'")
+    refuse(tmp_path, ties_cfg(base, a, parameters={"densty": 0.5}), match="has no parameter 'densty'")
     refuse(tmp_path, {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(a)}]},
            match="needs parameter 't'")
     two = [{"model": str(a)}, {"model": str(b)}]

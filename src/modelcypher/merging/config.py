@@ -37,6 +37,10 @@ NOT_YET = {
     "modules": "'modules' (per-module configs)",
     "embed_slice": "'embed_slice'",
 }
+SLICE_NOT_YET = {
+    "base_model": "a slice's own 'base_model'",
+    "residual_weight": "a slice's 'residual_weight'",
+}
 
 
 def _without_nulls(data: Any) -> Any:
@@ -75,6 +79,14 @@ class Slice(Strict):
     sources: list[SliceSource] = Field(min_length=1)
     # For every tensor of the slice, between its sources' parameters and the top-level ones (mergekit).
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_yet(cls, data: Any) -> Any:
+        for key, what in SLICE_NOT_YET.items():
+            if isinstance(data, dict) and data.get(key) is not None:
+                raise ValueError(f"{what} is not supported yet")
+        return data
 
     @model_validator(mode="after")
     def _same_length(self) -> Slice:

@@ -24,7 +24,7 @@ from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
-from modelcypher.merging.registry import ANY, REQUIRED, Method, get_method
+from modelcypher.merging.registry import ANY, MERGEKIT_METHODS, MERGEKIT_PARAMETERS, REQUIRED, Method, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -119,6 +119,8 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
                     raise UserError(f"{where}: {key}: {bad[0]!r} is not supported for {method.name} ({why}); "
                                     f"only {allowed!r}")
                 continue
+            if key not in known and _ignored(method, key):
+                continue
             if key not in known:
                 raise UserError(f"{where}: merge_method {method.name} has no parameter {key!r} (it takes {takes})")
             if (where, params) in own and key in method.global_params and key not in method.model_params:
@@ -136,10 +138,18 @@ def _check_params(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -
                 raise UserError(f"merge_method {method.name} needs parameter {key!r} (missing for {missing[0]})")
 
 
+def _ignored(method: Method, key: str) -> bool:
+    """A parameter of another mergekit method given to this one: mergekit ignores it, and so do we."""
+    known = {*method.model_params, *method.global_params, *method.inert}
+    return method.name in MERGEKIT_METHODS and key in MERGEKIT_PARAMETERS and key not in known
+
+
 def _inert_notes(method: Method, cfg: MergeConfig, entries: list[ModelEntry]) -> list[str]:
-    given = set(cfg.parameters).union(*(e.parameters for e in entries))
-    return [f"parameter {k!r} accepted and changes nothing: {method.inert[k][1]}" for k in sorted(given)
-            if k in method.inert]
+    given = set(cfg.parameters).union(*(e.parameters for e in entries), *(sl.parameters for sl in cfg.slices or []))
+    return ([f"parameter {k!r} accepted and changes nothing: {method.inert[k][1]}" for k in sorted(given)
+             if k in method.inert]
+            + [f"parameter {k!r} ignored: {method.name} does not take it (mergekit ignores it too)"
+               for k in sorted(given) if _ignored(method, k)])
 
 
 def _values(value: ParamValue) -> list:

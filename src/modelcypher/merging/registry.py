@@ -63,6 +63,17 @@ class Method:
 ANY = object()
 METHODS: dict[str, Method] = {}
 
+# mergekit 0.1.5's methods and every parameter name any of them takes. mergekit ignores a parameter its
+# method does not take; for its methods, so do we (with a note), while a name no method knows is a typo.
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "passthrough", "task_arithmetic", "ties", "dare_ties",
+    "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl"})
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "normalize_weights",
+    "eps", "nuslerp_row_wise", "nuslerp_flatten", "scale", "filter_wise", "max_iter", "tol", "select_topk", "r",
+    "alpha"})
+
 
 def register(
     name: str,
