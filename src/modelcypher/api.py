@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import torch
 import yaml
 
 from modelcypher.adapters.extract import ExtractReport
@@ -22,7 +24,8 @@ from modelcypher.evolve.search import run_search
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
 from modelcypher.measure.compare import compare_models
-from modelcypher.merging.config import MergeConfig, parse_config
+from modelcypher.merging.config import MergeConfig, config_path, parse_config
+from modelcypher.merging.pipeline import read_pipeline, run_pipeline
 from modelcypher.merging.plan import Plan, check_config, make_plan, open_model
 from modelcypher.merging.run import execute
 from modelcypher.merging.stats import collect
@@ -58,18 +61,42 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
           max_shard_size: str | int = "5GB", random_seed: int = 0, allow_nonfinite: bool = False,
           truncate_vocab: bool = False, overwrite: bool = False, dry_run: bool = False,
           progress: bool = False, allow_crimes: bool = False, copy_tokenizer: bool = True,
-          write_model_card: bool = True) -> Plan:
+          write_model_card: bool = True, intermediate_dir: str | Path | None = None) -> Plan:
     """Merge the models a mergekit-style config names and write a Hugging Face model directory.
 
     ``config`` is a YAML path, a YAML string, a dict (mergekit's ``MergeConfiguration.model_dump()``
     too) or a parsed MergeConfig. Nothing is written when ``dry_run`` is set; otherwise ``out`` appears
     whole or not at all, with ``mergekit_config.yml`` (the config as given), the tokenizer and a model card.
     ``allow_crimes`` merges models whose architectures differ when their tensors match (as mergekit's flag).
+
+    A YAML file or string of several documents is a pipeline (mergekit-multi's format, see
+    :mod:`modelcypher.merging.pipeline`): its stages are merged in turn into ``intermediate_dir`` (default
+    ``OUT.pipeline``), reused while unchanged, and its output into ``out``; the output's plan is returned.
     """
     shard_bytes = parse_size(max_shard_size)
     dev = resolve_device(device)
+    one = partial(_merge_one, device=dev, shard_bytes=shard_bytes, seed=random_seed, allow_nonfinite=allow_nonfinite,
+                  truncate_vocab=truncate_vocab, progress=progress, allow_crimes=allow_crimes,
+                  copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+    stages = read_pipeline(config) if isinstance(config, (str, Path)) else None
+    if stages is not None:
+        path = config_path(config)
+        config_dir = path.parent if path is not None else None
+        settings = {"random_seed": random_seed, "allow_nonfinite": allow_nonfinite, "truncate_vocab": truncate_vocab,
+                    "allow_crimes": allow_crimes, "copy_tokenizer": copy_tokenizer}
+        return run_pipeline(stages, Path(out), partial(one, config_dir=config_dir, given=None), config_dir=config_dir,
+                            settings=settings, overwrite=overwrite, dry_run=dry_run, cache=intermediate_dir)
     cfg, config_dir = _parse(config)
-    out = Path(out)
+    return one(cfg, Path(out), config_dir=config_dir, given=_as_given(config, cfg), overwrite=overwrite,
+               dry_run=dry_run)
+
+
+def _merge_one(cfg: MergeConfig, out: Path, *, config_dir: Path | None, given: str | None, device: torch.device,
+               shard_bytes: int, seed: int, allow_nonfinite: bool, truncate_vocab: bool, overwrite: bool,
+               dry_run: bool, progress: bool, allow_crimes: bool, copy_tokenizer: bool, write_model_card: bool,
+               extra_files: dict[str, str] | None = None) -> Plan:
+    """One merge (a config, or a pipeline's stage): ``given`` is the config's text for mergekit_config.yml
+    (None: ``cfg`` as YAML); ``extra_files`` (name -> text) go into the output with it."""
     if cfg.align is None or dry_run:
         plan = make_plan(cfg, config_dir=config_dir, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
         inputs = [(ck.path, name) for ck, name in zip(plan.models, plan.names, strict=True)]
@@ -83,15 +110,18 @@ def merge(config: str | Path | dict | MergeConfig, out: str | Path, *, device: s
     with atomic_dir(out, overwrite=overwrite, inputs=paths) as tmp:
         if cfg.align is not None:
             # Aligned copies go into the temporary output directory, so an interrupted run leaves nothing.
-            aligned, names, provenance = prealign(cfg, tmp / ".aligned", config_dir=config_dir, device=dev)
+            aligned, names, provenance = prealign(cfg, tmp / ".aligned", config_dir=config_dir, device=device)
             plan = make_plan(aligned, truncate_vocab=truncate_vocab, config_dir=config_dir, as_given=cfg,
                              names=names, provenance=provenance, allow_crimes=allow_crimes)
-        stats = collect(plan, out, dev) if plan.method.stats else None
-        reports = execute(plan, tmp, device=dev, seed=random_seed, allow_nonfinite=allow_nonfinite,
+        stats = collect(plan, out, device) if plan.method.stats else None
+        reports = execute(plan, tmp, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
                           max_shard_size=shard_bytes, progress=progress, stats=stats, copy_tokenizer=copy_tokenizer,
                           write_model_card=write_model_card)
         shutil.rmtree(tmp / ".aligned", ignore_errors=True)
-        (tmp / "mergekit_config.yml").write_text(_as_given(config, cfg))  # hubs read it to show the recipe
+        # hubs read it to show the recipe
+        (tmp / "mergekit_config.yml").write_text(given if given is not None else _as_given(cfg, cfg))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return replace(plan, reports=reports)
 
 

@@ -54,7 +54,8 @@ def _merge(args: argparse.Namespace) -> int:
                  random_seed=args.random_seed, allow_nonfinite=args.allow_nonfinite,
                  truncate_vocab=args.truncate_vocab, overwrite=args.overwrite, dry_run=args.dry_run,
                  progress=not args.no_progress and sys.stderr.isatty(), allow_crimes=args.allow_crimes,
-                 copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card)
+                 copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
+                 intermediate_dir=args.intermediate_dir)
     gb = plan.nbytes / 1e9
     summary = (f"{plan.method.name}: {len(plan.tasks)} tensors, {gb:.3f} GB from {len(plan.models)} models")
     if args.dry_run:
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
 
     m = sub.add_parser("merge", help="merge models described by a mergekit-style YAML config")
-    m.add_argument("config", help="YAML config (merge_method, base_model, models or slices, parameters)")
+    m.add_argument("config", help="YAML config (merge_method, base_model, models or slices, parameters); several "
+                   "YAML documents make a pipeline (mergekit-multi's format)")
     m.add_argument("out", nargs="?", metavar="OUT", help="output model directory (must not exist), or -o OUT")
     m.add_argument("-o", "--output", help="output model directory (must not exist)")
     m.add_argument("--device", default="auto", type=_device, help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -349,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy the tokenizer_source's tokenizer to the output (default: yes)")
     m.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                    help="write README.md describing the merge (default: yes)")
+    m.add_argument("--intermediate-dir", "-I", metavar="DIR",
+                   help="a pipeline's stages other than its output, reused while unchanged (default: OUT.pipeline)")
     m.add_argument("--num-threads", type=_positive_int, help="torch threads for the arithmetic")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress bar")

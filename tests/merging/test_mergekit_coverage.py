@@ -45,7 +45,7 @@ def test_every_mergekit_method_and_parameter_is_known_here():
 def test_every_mergekit_config_key_is_a_key_here():
     pairs = [(mergekit_config.MergeConfiguration, ours.MergeConfig), (mergekit_config.InputModelDefinition,
              ours.ModelEntry), (mergekit_config.InputSliceDefinition, ours.SliceSource),
-             (mergekit_config.OutputSliceDefinition, ours.Slice)]
+             (mergekit_config.OutputSliceDefinition, ours.Slice), (mergekit_config.OutputModuleDefinition, ours.Module)]
     for theirs, mine in pairs:
         missing = set(theirs.model_fields) - set(mine.model_fields) - set(ours.NOT_YET)
         if mine is ours.Slice:

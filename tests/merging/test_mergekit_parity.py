@@ -238,6 +238,39 @@ parameters: {{density: 0.6, weight: 0.5, normalize: true}}
 dtype: float32
 """,
     "della_linear_density_1": weighted("della_linear", ", density: 1.0"),
+    # a module's parameters sit between its slices' and the top level's; a filter list without a match for
+    # a tensor falls through to the next level
+    "modules_default_slices": """
+merge_method: ties
+base_model: {base}
+modules:
+  default:
+    slices:
+      - sources:
+          - {{model: {base}, layer_range: [0, 2]}}
+          - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.7}}}}
+          - {{model: {b}, layer_range: [0, 2]}}
+        parameters: {{density: [{{filter: mlp, value: 0.3}}]}}
+      - sources:
+          - {{model: {base}, layer_range: [2, 3]}}
+          - {{model: {a}, layer_range: [2, 3]}}
+          - {{model: {b}, layer_range: [2, 3]}}
+    parameters: {{density: [{{filter: self_attn, value: 0.8}}], weight: [0.2, 0.6]}}
+parameters: {{density: 0.6, weight: 0.5, normalize: true}}
+dtype: float32
+""",
+    "modules_default_models": """
+merge_method: task_arithmetic
+base_model: {base}
+modules:
+  default:
+    models:
+      - {{model: {a}, parameters: {{weight: 0.5}}}}
+      - {{model: {b}}}
+    parameters: {{weight: [0.3, 0.9]}}
+parameters: {{lambda: 0.8, weight: 1.0}}
+dtype: float32
+""",
 }
 
 

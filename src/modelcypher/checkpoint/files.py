@@ -42,6 +42,13 @@ def member(root: Path, rel: str, what: str) -> Path:
     return p
 
 
+def fingerprint(model_dir: Path) -> list:
+    """What a model folder's weights and configs are, cheaply, for cache keys: each file's name, size and
+    modification time (a file rewritten, even with the same bytes, counts as changed)."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 def present(root: Path, name: str) -> bool:
     """Whether model folder ``root`` has an entry ``name`` (a file, or a link, even a broken one)."""
     p = Path(root) / name

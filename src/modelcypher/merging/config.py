@@ -34,7 +34,6 @@ ParamValue = Union[Scalar, Gradient, list[Filtered]]  # noqa: UP007
 NOT_YET = {
     "tokenizer": "the 'tokenizer' section (vocabulary union/merging)",
     "chat_template": "'chat_template'",
-    "modules": "'modules' (per-module configs)",
     "embed_slice": "'embed_slice'",
 }
 SLICE_NOT_YET = {
@@ -52,6 +51,8 @@ def _without_nulls(data: Any) -> Any:
     for key in ("models", "slices", "sources"):
         if isinstance(out.get(key), list):
             out[key] = [_without_nulls(e) for e in out[key]]
+    if isinstance(out.get("modules"), dict):
+        out["modules"] = {k: _without_nulls(v) for k, v in out["modules"].items()}
     return out
 
 
@@ -96,6 +97,34 @@ class Slice(Strict):
         return self
 
 
+# mergekit's name for the one module of a single-module architecture: every family merged here has only it.
+MODULES = ("default",)
+
+
+class Module(Strict):
+    """One module's section of a ``modules:`` config (mergekit's ``OutputModuleDefinition``)."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    # Between the slices' (or models') own parameters and the top-level ones (mergekit).
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one(self) -> Module:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        return self
+
+
+def _falling_back(high: ParamValue, low: ParamValue) -> ParamValue:
+    """One setting for two levels of precedence: ``high`` where it has a value for a tensor, else ``low``.
+    A filter list without a catch-all falls through to the lower level, as mergekit's levels do."""
+    if isinstance(high, list) and high and isinstance(high[0], Filtered):
+        rest = low if isinstance(low, list) and low and isinstance(low[0], Filtered) else [Filtered(value=low)]
+        return [*high, *rest]
+    return high
+
+
 class MergeConfig(Strict):
     merge_method: str
     base_model: str | None = None
@@ -107,7 +136,9 @@ class MergeConfig(Strict):
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     tokenizer_source: str | None = None
     align: AlignOptions | None = None  # align every model onto the base (or the first) before merging
-    name: str | None = None
+    name: str | None = None  # a pipeline's stage name (see merging/pipeline.py)
+    # mergekit's per-module sections; the one module here, 'default', reads as that section at top level
+    modules: dict[str, Module] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -123,10 +154,12 @@ class MergeConfig(Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
+        if self.modules is not None:
+            self._lift_module()
         if self.align is not None and self.align.method == "activation" and not self.align.data:
             raise ValueError(f"align: method {self.align.method} needs data (a probe text file)")
         if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
         if self.layer_pattern is not None:
             if self.models is None:
                 raise ValueError("layer_pattern works with 'models', not 'slices'")
@@ -136,6 +169,21 @@ class MergeConfig(Strict):
                 raise ValueError(f"layer_pattern {self.layer_pattern!r}: letters must be among "
                                  f"{''.join(sorted(letters))} (one per model, in order)")
         return self
+
+    def _lift_module(self) -> None:
+        """``modules: {default: M}`` as M at top level, M's parameters between its own and the top-level ones."""
+        if self.models is not None or self.slices is not None:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
+        unknown = sorted(set(self.modules) - set(MODULES))
+        if unknown or not self.modules:
+            what = f"no module {unknown[0]!r}" if unknown else "no module given"
+            raise ValueError(f"modules: {what}; the architectures merged here have one module, "
+                             + ", ".join(repr(m) for m in MODULES))
+        module = self.modules[MODULES[0]]
+        self.models, self.slices, self.modules = module.models, module.slices, None
+        low = self.parameters
+        self.parameters = {**low, **{k: v if k not in low else _falling_back(v, low[k])
+                                     for k, v in module.parameters.items()}}
 
     def model_names(self) -> list[str]:
         """Every model the config names, base first, then in config order, without repeats."""
@@ -168,20 +216,21 @@ def first_error_line(e: ValidationError) -> str:
 M = TypeVar("M", bound=BaseModel)
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """The YAML document in the file at ``path``; a missing file, non-UTF-8 bytes or bad YAML is one line."""
+def read_yaml(path: Path, what: str, every: bool = False) -> Any:
+    """The YAML document in the file at ``path`` (``every``: the list of its non-empty documents); a missing
+    file, non-UTF-8 bytes or bad YAML is one line."""
     if not path.is_file():
         raise UserError(f"{path}: no such {what}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    return _yaml(text, str(path))
+    return _yaml(text, str(path), every)
 
 
-def _yaml(text: str, where: str) -> Any:
+def _yaml(text: str, where: str, every: bool = False) -> Any:
     try:
-        return yaml.safe_load(text)
+        return [d for d in yaml.safe_load_all(text) if d is not None] if every else yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
 
@@ -196,12 +245,27 @@ def validated(cls: type[M], data: Any, where: str, keys: str) -> M:
         raise UserError(f"{where}: {first_error_line(e)}") from None
 
 
+def config_path(source: str | Path) -> Path | None:
+    """The file a config source names (a Path, or a one-line string ending in .yaml/.yml), else None: YAML text."""
+    text = str(source)
+    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+        return Path(source)
+    return None
+
+
 def parse_config(source: str | Path | dict) -> MergeConfig:
     """A config from a YAML file path, a YAML string or a dict; any mistake is one UserError line."""
     if isinstance(source, dict):
         return validated(MergeConfig, source, "config", "merge_method and models")
-    text = str(source)
-    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
-        path = Path(source)
+    path = config_path(source)
+    if path is not None:
         return validated(MergeConfig, read_yaml(path, "config file"), str(path), "merge_method and models")
-    return validated(MergeConfig, _yaml(text, "config"), "config", "merge_method and models")
+    return validated(MergeConfig, _yaml(str(source), "config"), "config", "merge_method and models")
+
+
+def config_documents(source: str | Path) -> tuple[list[Any], str]:
+    """The non-empty YAML documents of a config file or text, and its name for messages."""
+    path = config_path(source)
+    if path is not None:
+        return read_yaml(path, "config file", every=True), str(path)
+    return _yaml(str(source), "config", every=True), "config"

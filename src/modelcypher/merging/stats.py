@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelcypher import __version__
+from modelcypher.checkpoint.files import fingerprint
 from modelcypher.checkpoint.safetensors_io import read_header, read_tensor
 from modelcypher.errors import UserError
 from modelcypher.hf import load_causal_lm, load_tokenizer
@@ -26,17 +27,12 @@ MAX_TOKENS = 32768  # statistics saturate long before this on the models we merg
 BATCH = 8
 
 
-def _fingerprint(model_dir: Path) -> list:
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-
 def _origin(plan, mi: int) -> list:
     """What model ``mi`` is made from, for cache keys: the user's checkpoint (path and files) and, when
     the merge aligned it first, the alignment's settings and reference; never a temporary copy's path."""
     prov = plan.provenance[mi]
     extra = [prov["align"], prov["onto"]] if "align" in prov else []
-    return [prov["model"], _fingerprint(Path(prov["model"])), *extra]
+    return [prov["model"], fingerprint(Path(prov["model"])), *extra]
 
 
 def _token_batches(model_dir: Path, data: Path, block: int, lines: bool = False) -> tuple[list, int]:
