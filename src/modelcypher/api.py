@@ -20,6 +20,7 @@ from modelcypher.align.pipeline import align_checkpoint, align_universe
 from modelcypher.align.prealign import prealign
 from modelcypher.checkpoint.guard import atomic_dir, check_output_dir
 from modelcypher.checkpoint.writer import parse_size
+from modelcypher.errors import UserError
 from modelcypher.evolve.search import run_search
 from modelcypher.hf import resolve_device
 from modelcypher.measure.barrier import barrier_curve
@@ -53,6 +54,10 @@ def _as_given(config: str | Path | dict | MergeConfig, cfg: MergeConfig) -> str:
 def plan_merge(config: str | Path | dict | MergeConfig, *, truncate_vocab: bool = False) -> Plan:
     """Validate a config and plan every output tensor, reading only checkpoint headers (an ``align:``
     section is not carried out: the plan is of the models as they are)."""
+    if isinstance(config, (str, Path)) and read_pipeline(config) is not None:
+        where = config_path(config) or "config"
+        raise UserError(f"{where}: several documents, a pipeline: its later stages read models not made yet; "
+                        "plan it with merge(config, out, dry_run=True)")
     cfg, config_dir = _parse(config)
     return make_plan(cfg, config_dir=config_dir, truncate_vocab=truncate_vocab)
 

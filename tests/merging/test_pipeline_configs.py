@@ -141,6 +141,8 @@ def test_the_command_line_runs_a_pipeline_and_a_setting_that_matters_merges_agai
     r = run_cli("merge", config, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     made = files(tmp_path / "out.pipeline" / "mix")
+    r = run_cli("merge", config, tmp_path / "out")  # the output exists: refused before any stage runs
+    assert r.returncode == 2 and "already exists" in r.stderr and "reusing" not in r.stdout
     api.merge(config, tmp_path / "out", device="cpu", overwrite=True)
     assert files(tmp_path / "out.pipeline" / "mix") == made
     api.merge(config, tmp_path / "out", device="cpu", overwrite=True, random_seed=1)  # a setting that matters
@@ -184,6 +186,8 @@ def test_a_pipeline_stopped_part_way_leaves_no_output_and_keeps_its_finished_sta
 
 def test_a_dry_run_plans_the_stages_it_can_and_writes_nothing(models, tmp_path):
     config = write_pipeline(tmp_path / "p.yaml", STAGES, models)
+    with pytest.raises(UserError, match="a pipeline: .* dry_run=True"):
+        api.plan_merge(config)
     plan = api.merge(config, tmp_path / "out", device="cpu", dry_run=True)
     assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]
     assert any("stage 'mix' not planned" in n for n in plan.notes)

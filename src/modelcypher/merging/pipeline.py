@@ -87,7 +87,7 @@ def pipeline_stages(docs: list, where: str) -> list[Stage]:
     readers = [s for s in stages if final.name in s.needs]
     if readers:
         raise UserError(f"{where}: {final.label} is the pipeline's output (no document is unnamed, and it is the "
-                        f"last) but {readers[0].label} reads it; name the output's inputs only")
+                        f"last) but {readers[0].label} reads it; put the output last, or leave its name out")
     return _running_order(stages, final, where)
 
 
@@ -224,16 +224,20 @@ def run_pipeline(stages: list[Stage], out: Path, merge_one: MergeOne, *, config_
         if waiting:  # a dry run makes nothing
             notes.append(f"{st.label} not planned: it reads stage {waiting[0]!r}, not made yet")
             continue
-        dest = out if st is final else cache / st.name
-        record = stage_record(st, made, inputs, config_dir, settings)
-        if st is not final and _current(dest, record):
-            log(f"{st.label}: unchanged, reusing {dest}")
-            made[st.name] = dest
-            continue
+        cfg = resolved(st.config, made)
+        if st is final:  # the output is merged each time, like a single config
+            dest, may_replace, extra = out, overwrite, {}
+        else:
+            dest, may_replace = cache / st.name, True  # a stage folder is ours to replace
+            record = stage_record(st, made, inputs, config_dir, settings)
+            if _current(dest, record):
+                log(f"{st.label}: unchanged, reusing {dest}")
+                made[st.name] = dest
+                continue
+            extra = {RECORD: _record_text(record)}
         if not dry_run:
             log(f"{st.label}: merging into {dest}")
-        plans.append(merge_one(resolved(st.config, made), dest, overwrite=overwrite if st is final else True,
-                               dry_run=dry_run, extra_files={} if st is final else {RECORD: _record_text(record)}))
+        plans.append(merge_one(cfg, dest, overwrite=may_replace, dry_run=dry_run, extra_files=extra))
         if not dry_run and st.name:
             made[st.name] = dest
     return replace(plans[-1], notes=[*plans[-1].notes, *notes])
