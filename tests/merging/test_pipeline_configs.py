@@ -134,6 +134,10 @@ def test_unchanged_stages_are_reused_and_a_changed_one_is_merged_again_with_its_
     assert third["mix"]["model.safetensors"] != first["mix"]["model.safetensors"]  # it reads ab
     assert [ln.split(":")[0] for ln in lines if "reusing" in ln] == ["stage 'bc'"]
     assert not same(state(out), before)
+    (stages / "bc" / "model.safetensors").unlink()  # a stage folder damaged by hand is merged again
+    fourth, lines = run(changed, overwrite=True)
+    assert [ln.split(":")[0] for ln in lines if "reusing" in ln] == ["stage 'ab'"]
+    assert fourth["ab"] == third["ab"] and fourth["mix"] != third["mix"]
 
 
 def test_the_command_line_runs_a_pipeline_and_a_setting_that_matters_merges_again(models, tmp_path):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from modelcypher import __version__
+from modelcypher.checkpoint import Checkpoint
 from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.files import fingerprint
 from modelcypher.checkpoint.guard import check_output_dir
@@ -192,10 +193,15 @@ def _record_text(record: dict) -> str:
 
 
 def _current(folder: Path, record: dict) -> bool:
+    """Whether ``folder`` holds the stage ``record`` describes, still readable as a model (its files'
+    headers intact)."""
     try:
-        return (folder / RECORD).read_text(encoding="utf-8") == _record_text(record)
-    except (OSError, UnicodeDecodeError):
+        if (folder / RECORD).read_text(encoding="utf-8") != _record_text(record):
+            return False
+        Checkpoint(folder)
+    except (OSError, UnicodeDecodeError, UserError):
         return False
+    return True
 
 
 MergeOne = Callable[..., Plan]  # (config, out, *, overwrite, dry_run, extra_files) -> Plan
