@@ -99,3 +99,25 @@ def char_gpt2_set(root: Path) -> list[Path]:
     for genre in ("comedy", "tragedy"):
         (root / f"{genre}.txt").write_text(shakespeare.text(genre)[:6000])
     return paths
+
+
+def word_tokenizer(tokens: list[str], added: list[str] = (), bpe: bool = False, **kwargs) -> tf.PreTrainedTokenizerFast:
+    """A real word-level tokenizer (whitespace split) over ``tokens`` (id = position; the first three are
+    <unk>, <s>, </s>), then ``added`` as added tokens; ``bpe``: a BPE model without merges instead (what
+    mergekit's tests use)."""
+    import tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = tokenizers.models.BPE(vocab, [], unk_token="<unk>") if bpe else \
+        tokenizers.models.WordLevel(vocab, unk_token="<unk>")
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     **kwargs)
+    tok.add_tokens(list(added))
+    return tok
+
+
+def base_tokens(n: int) -> list[str]:
+    """The vocabulary of mergekit's tokenizer tests: <unk>, <s>, </s>, then _tok_3 ... _tok_{n-1}."""
+    return ["<unk>", "<s>", "</s>"] + [f"_tok_{i}" for i in range(3, n)]

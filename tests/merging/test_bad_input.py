@@ -142,8 +142,10 @@ def test_vocab_sizes_differ_points_to_truncation(tmp_path):
 
 @pytest.mark.parametrize("cfg,match", [
     ({"merge_method": "ties", "models": [{"model": "x"}], "colour": 1}, "colour: unknown key"),
-    ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "union"}, "not supported yet"),
-    ({"merge_method": "linear", "models": [{"model": "x"}], "chat_template": "chatml"}, "not supported yet"),
+    ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "y"},
+     "tokenizer_source: 'y' is not 'union', 'base' nor one of the models"),
+    ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "union", "tokenizer": {}},
+     "give one of tokenizer_source or tokenizer"),
     ({"merge_method": "linear", "modules": {"vision_tower": {"models": [{"model": "x"}]}}},
      "modules: no module 'vision_tower'; the architectures merged here have one module, 'default'"),
     ({"merge_method": "linear", "models": [{"model": "x"}], "modules": {"default": {"models": [{"model": "x"}]}}},

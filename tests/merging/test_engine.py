@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from checkpoints import CONFIGS, build, family_set, finetune, load, save, state
+from checkpoints import CONFIGS, base_tokens, build, family_set, finetune, load, save, state, word_tokenizer
 from cli_util import run_cli, write_config
 from modelcypher.merging.methods.slerp import slerp
 
@@ -153,17 +153,19 @@ def test_pytorch_bin_inputs_and_single_file_output(tmp_path):
 
 
 def test_tokenizer_files_come_from_tokenizer_source(tmp_path):
+    """Models of one vocabulary: the output's tokenizer is the source's files, as they are."""
     base, a = family_set(tmp_path, "gpt2", 1)
-    (a / "tokenizer.json").write_text('{"from": "a"}')
-    (base / "tokenizer.json").write_text('{"from": "base"}')
-    for src, want in [("base", "base"), (str(a), "a")]:
+    word_tokenizer(base_tokens(97), model_max_length=111).save_pretrained(base)
+    word_tokenizer(base_tokens(97), model_max_length=222).save_pretrained(a)
+    for src, want in [("base", base), (str(a), a)]:
         cfg = write_config(tmp_path / "m.yaml", {"merge_method": "linear", "base_model": str(base),
                                                  "models": [{"model": str(base)}, {"model": str(a)}],
                                                  "tokenizer_source": src})
-        out = tmp_path / f"out-{want}"
+        out = tmp_path / f"out-{want.name}"
         assert run_cli("merge", cfg, "-o", out).returncode == 0
-        assert json.loads((out / "tokenizer.json").read_text())["from"] == want
-    assert "linear" in (tmp_path / "out-a" / "README.md").read_text()
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            assert (out / f).read_bytes() == (want / f).read_bytes()
+    assert "linear" in (tmp_path / "out-gpt2-ft0" / "README.md").read_text()
 
 
 def test_dry_run_writes_nothing_and_public_api_matches_cli(tmp_path):

@@ -22,7 +22,7 @@ from modelcypher.align.pipeline import align_checkpoint, align_universe, fold_ch
 from modelcypher.checkpoint.adapted import AdaptedCheckpoint
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
-from modelcypher.merging.config import MergeConfig
+from modelcypher.merging.config import MergeConfig, renamed_tokenizer
 from modelcypher.merging.plan import open_model
 
 
@@ -75,4 +75,6 @@ def rename_models(cfg: MergeConfig, rename: dict[str, str]) -> MergeConfig:
             s.model = rename[s.model]
     if out.tokenizer_source in rename:
         out.tokenizer_source = rename[out.tokenizer_source]
+    if out.tokenizer is not None:
+        out.tokenizer = renamed_tokenizer(out.tokenizer, lambda n: rename.get(n, n))
     return out

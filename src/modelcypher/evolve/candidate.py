@@ -43,7 +43,7 @@ def held(plan: Plan, device: torch.device) -> Plan:
     """``plan`` reading from its models held in memory on ``device``."""
     reads: dict[int, set[str]] = {}
     for t in plan.tasks:
-        for mi, n in list(t.sources) + ([t.base] if t.base else []):
+        for mi, n in list(t.sources) + ([t.base] if t.base else []) + list(t.rows.slots if t.rows else []):
             reads.setdefault(mi, set()).add(n)
     return replace(plan, models=[HeldCheckpoint(ck, reads.get(mi, set()), device) for mi, ck in enumerate(plan.models)])
 

@@ -9,6 +9,7 @@ Parameter values take three forms, as in mergekit:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -32,8 +33,6 @@ ParamValue = Union[Scalar, Gradient, list[Filtered]]  # noqa: UP007
 
 # mergekit keys that mean something we do not do yet: refuse them by name rather than ignore them.
 NOT_YET = {
-    "tokenizer": "the 'tokenizer' section (vocabulary union/merging)",
-    "chat_template": "'chat_template'",
     "embed_slice": "'embed_slice'",
 }
 SLICE_NOT_YET = {
@@ -125,6 +124,51 @@ def _falling_back(high: ParamValue, low: ParamValue) -> ParamValue:
     return high
 
 
+class ZeroEmbedding(Strict):
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(Strict):
+    """Row ``token_id`` of ``model``'s vocabulary tensors, or the row of ``token`` in its tokenizer."""
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenEmbedding(Strict):
+    """Where one output token's row comes from: a model's own row for it (a model's name), another row
+    (model_token), zeros; ``force``: every model takes it, not only the models without the token."""
+    source: Union[ModelTokenEmbedding, ZeroEmbedding, str, None] = None  # noqa: UP007
+    force: bool = False
+
+
+class TokenizerConfig(Strict):
+    source: str = "union"  # union | base | a model's name: the output's vocabulary
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
+def renamed_tokenizer(tk: TokenizerConfig, rename: Callable[[str], str]) -> TokenizerConfig:
+    """The tokenizer section with every model it names renamed (``union`` and ``base`` kept)."""
+    def rule(r: TokenEmbedding) -> TokenEmbedding:
+        if isinstance(r.source, str):
+            return r.model_copy(update={"source": rename(r.source)})
+        if isinstance(r.source, ModelTokenEmbedding):
+            return r.model_copy(update={"source": r.source.model_copy(update={"model": rename(r.source.model)})})
+        return r
+
+    source = tk.source if tk.source in ("union", "base") else rename(tk.source)
+    tokens = None if tk.tokens is None else {t: rule(r) for t, r in tk.tokens.items()}
+    return tk.model_copy(update={"source": source, "tokens": tokens})
+
+
 class MergeConfig(Strict):
     merge_method: str
     base_model: str | None = None
@@ -134,7 +178,10 @@ class MergeConfig(Strict):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union | base | a model's name (mergekit's older key)
+    tokenizer: TokenizerConfig | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)  # the same as tokenizer.pad_to_multiple_of
+    chat_template: str | None = None  # a template's name, auto, or a Jinja template
     align: AlignOptions | None = None  # align every model onto the base (or the first) before merging
     name: str | None = None  # a pipeline's stage name (see merging/pipeline.py)
     # mergekit's per-module sections; the one module here, 'default', reads as that section at top level
@@ -148,8 +195,6 @@ class MergeConfig(Strict):
             for key, what in NOT_YET.items():
                 if key in data:
                     raise ValueError(f"{what} is not supported yet")
-            if data.get("tokenizer_source") == "union":
-                raise ValueError("tokenizer_source: union is not supported yet (use base or a model's name)")
         return data
 
     @model_validator(mode="after")
@@ -184,6 +229,23 @@ class MergeConfig(Strict):
         low = self.parameters
         self.parameters = {**low, **{k: v if k not in low else _falling_back(v, low[k])
                                      for k, v in module.parameters.items()}}
+
+    @model_validator(mode="after")
+    def _tokenizer_models(self) -> MergeConfig:
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give one of tokenizer_source or tokenizer, not both (as mergekit)")
+        if self.tokenizer is not None and None not in (self.pad_to_multiple_of, self.tokenizer.pad_to_multiple_of):
+            raise ValueError("give pad_to_multiple_of once: at the top level or under tokenizer")
+        names = self.model_names()
+        spec = self.tokenizer or TokenizerConfig(source=self.tokenizer_source or "base")
+        if spec.source not in ("union", "base", *names):
+            key = "tokenizer.source" if self.tokenizer else "tokenizer_source"
+            raise ValueError(f"{key}: {spec.source!r} is not 'union', 'base' nor one of the models {names}")
+        for token, rule in (spec.tokens or {}).items():
+            model = rule.source.model if isinstance(rule.source, ModelTokenEmbedding) else rule.source
+            if isinstance(model, str) and model not in names:
+                raise ValueError(f"tokenizer.tokens.{token}.source: model {model!r} is not one of the models {names}")
+        return self
 
     def model_names(self) -> list[str]:
         """Every model the config names, base first, then in config order, without repeats."""

@@ -30,7 +30,7 @@ from modelcypher.checkpoint.files import fingerprint
 from modelcypher.checkpoint.guard import check_output_dir
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
-from modelcypher.merging.config import MergeConfig, config_documents, validated
+from modelcypher.merging.config import MergeConfig, config_documents, renamed_tokenizer, validated
 from modelcypher.merging.plan import Plan, open_model
 
 RECORD = "pipeline_stage.json"
@@ -159,6 +159,8 @@ def resolved(cfg: MergeConfig, made: dict[str, Path]) -> MergeConfig:
             src["model"] = swap(src["model"])
     if cfg.tokenizer_source not in (None, "base"):
         data["tokenizer_source"] = swap(cfg.tokenizer_source)
+    if cfg.tokenizer is not None:
+        data["tokenizer"] = renamed_tokenizer(cfg.tokenizer, swap).model_dump(mode="json", exclude_none=True)
     return MergeConfig.model_validate(data)
 
 

@@ -4,7 +4,7 @@ parameters. Only headers are read here; every user mistake surfaces before any t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,15 @@ from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.merging.config import Filtered, MergeConfig, ModelEntry, ParamValue
 from modelcypher.merging.registry import ANY, MERGEKIT_METHODS, MERGEKIT_PARAMETERS, REQUIRED, Method, get_method
+from modelcypher.merging.vocab import (
+    RowMap,
+    Vocabulary,
+    chat_template,
+    input_templates,
+    plan_vocabulary,
+    row_map,
+    spec_of,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +47,7 @@ class TensorTask:
     shape: tuple[int, ...]  # a truncated vocabulary has already cut the first axis
     dtype: torch.dtype
     copy: bool = False  # integer/bool buffers: copied from the first source, never merged
+    rows: RowMap | None = None  # a vocabulary tensor laid out in the output's vocabulary as it is read
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class Plan:
     # model index -> what the model is made from (the user's checkpoint and, when the merge aligned it
     # first, the alignment's settings): what statistics are cached by
     provenance: list[dict] = field(default_factory=list)
+    vocab: Vocabulary | None = None  # the output's vocabulary, when the config builds one (see vocab.py)
+    chat_template: str | None = None  # written into the output's tokenizer_config.json
 
     @property
     def nbytes(self) -> int:
@@ -187,6 +199,8 @@ def check_config(cfg: MergeConfig) -> Method:
     if method.base == "required" and cfg.base_model is None:
         raise UserError(f"merge_method {method.name} needs a base_model")
     _check_params(method, cfg, _entries(cfg))
+    if cfg.chat_template not in (None, "auto"):
+        chat_template(cfg.chat_template, [])  # a bad name or template, before any model is opened
     if method.base == "optional" and cfg.base_model is None and cfg.parameters.get("lambda", 1.0) != 1.0:
         # lambda scales a merge from its base (task arithmetic's convention): refused before any work
         raise UserError(f"merge_method {method.name}: lambda scales the merge from the base, which needs a base_model")
@@ -218,7 +232,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     base = idx[cfg.base_model] if cfg.base_model else None
     uses_base = method.base != "none" and base is not None
     ref = base if base is not None else idx[entries[0].model]
-    tok = _tokenizer_source(cfg, idx, ref, refs)
+    tok = _tokenizer_source(cfg, idx, ref)
 
     ref_ck = models[ref]
     out_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or _model_dtype(ref_ck)
@@ -228,6 +242,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
 
     family = family_of(ref_ck.config)
     vocab = set(family.vocab_tensors)
+    out_vocab = _vocabulary(cfg, models, refs, ref, vocab, notes)
     tasks, trunc_rows = [], None
     for out_n, layer, srcs, base_n, scope in layers:
         srcs = [(e, n) for e, n in srcs if not (uses_base and idx[e.model] == base)]
@@ -237,17 +252,69 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
         base_src = (base, _find(models[base], base_n, f"base model {names[base]}")) if uses_base else None
         _check_count(method, len(sources))
         task, rows = _task(out_n, sources, base_src, params, models, names, ref, out_n in vocab, truncate_vocab,
-                           out_dtype)
+                           out_dtype, out_vocab.size if out_vocab else None)
+        if out_vocab is not None and out_n in vocab:
+            task = _laid_out(task, out_vocab, cfg, models, refs, base)
         trunc_rows = rows or trunc_rows
         tasks.append(task)
-    if trunc_rows is not None:
+    if out_vocab is not None:
+        out_config["vocab_size"] = out_vocab.size
+    elif trunc_rows is not None:
         out_config["vocab_size"] = trunc_rows
         notes.append(f"vocabulary truncated to the first {trunc_rows} rows")
     _set_dtype(out_config, out_dtype)
     data = _data_files(cfg, method, entries, idx, base if uses_base else None, config_dir)
     provenance = provenance or [{"model": str(ck.path.resolve())} for ck in models]
+    template = None
+    if cfg.chat_template is not None:
+        found = input_templates([ck.path for ck in models]) if cfg.chat_template == "auto" else []
+        template = chat_template(cfg.chat_template, found)
+        if template is None:
+            notes.append("chat_template: auto found no template among the models; the tokenizer's own is kept")
     return Plan(as_given or cfg, method, models, names, tasks, out_config, ref, tok, notes, data,
-                config_dir=config_dir, provenance=provenance)
+                config_dir=config_dir, provenance=provenance, vocab=out_vocab, chat_template=template)
+
+
+def _vocabulary(cfg: MergeConfig, models: list[Checkpoint], refs: list[str], ref: int, vocab: set[str],
+                notes: list[str]) -> Vocabulary | None:
+    """The output's vocabulary, when the config's tokenizer settings build one (else None: the output's
+    tokenizer is copied and every vocabulary tensor keeps its rows)."""
+    spec = spec_of(cfg)
+    if spec is None:
+        return None
+    if not vocab:
+        raise UserError(f"tokenizer: no vocabulary tensors are known for model_type "
+                        f"{models[ref].config.get('model_type')!r}; its vocabulary cannot be rebuilt")
+
+    def rows(ck: Checkpoint) -> int | None:
+        name = next((n for n in (resolve_name(ck, v) for v in sorted(vocab)) if n), None)
+        return ck.shape(name)[0] if name else None
+
+    out, more = plan_vocabulary(cfg, spec, [ck.path for ck in models], [ck.config for ck in models],
+                                [rows(ck) for ck in models], refs, ref)
+    notes += more
+    padded = f", padded to {out.size} rows" if out.size > out.tokens else ""
+    notes.append(f"vocabulary from {spec.source}: {out.tokens} tokens{padded}")
+    return out
+
+
+def _laid_out(task: TensorTask, vocab: Vocabulary, cfg: MergeConfig, models: list[Checkpoint], refs: list[str],
+              base: int | None) -> TensorTask:
+    """A vocabulary tensor's task with its rows laid out in the output vocabulary (unless they already are:
+    every input has every token at its own id, and as many rows)."""
+    inputs = list(task.sources) + ([task.base] if task.base else [])
+    slots = list(inputs)
+    if cfg.models is not None and base is not None and base not in {m for m, _ in inputs}:
+        # mergekit's merge of `models` reads the base's tensor too: its rows fill those the others lack
+        name = resolve_name(models[base], task.name)
+        if name is not None:
+            slots.append((base, name))
+    rm = row_map(vocab, task.name, slots, len(inputs), base, [models[m].shape(n)[0] for m, n in slots], refs)
+    identity = np.arange(vocab.size)
+    if not rm.fills and all(np.array_equal(o, identity) for o in rm.own) and \
+            all(models[m].shape(n)[0] == vocab.size for m, n in inputs):
+        return task
+    return replace(task, rows=rm)
 
 
 def _entries(cfg: MergeConfig) -> list[ModelEntry]:
@@ -257,12 +324,10 @@ def _entries(cfg: MergeConfig) -> list[ModelEntry]:
     return list(cfg.models or [])
 
 
-def _tokenizer_source(cfg: MergeConfig, idx: dict[str, int], ref: int, refs: list[str]) -> int:
-    if cfg.tokenizer_source in (None, "base"):
-        return ref
-    if cfg.tokenizer_source in idx:
-        return idx[cfg.tokenizer_source]
-    raise UserError(f"tokenizer_source {cfg.tokenizer_source!r}: not 'base' nor one of the models {refs}")
+def _tokenizer_source(cfg: MergeConfig, idx: dict[str, int], ref: int) -> int:
+    """The model whose tokenizer the output's is, or starts from (the reference for base and union)."""
+    source = cfg.tokenizer.source if cfg.tokenizer is not None else cfg.tokenizer_source
+    return idx.get(source, ref)
 
 
 def _outputs(models: list[Checkpoint], names: list[str], ref: int) -> tuple[list[str], dict, list[str]]:
@@ -351,12 +416,15 @@ def _check_count(method: Method, n: int) -> None:
 
 def _task(out_n: str, sources: list[tuple[int, str]], base_src: tuple[int, str] | None, params: dict,
           models: list[Checkpoint], names: list[str], ref: int, is_vocab: bool, truncate_vocab: bool,
-          out_dtype: torch.dtype) -> tuple[TensorTask, int | None]:
-    """One output tensor's task, its shapes checked; and the vocabulary rows it was truncated to, if so."""
+          out_dtype: torch.dtype, vocab_rows: int | None = None) -> tuple[TensorTask, int | None]:
+    """One output tensor's task, its shapes checked; and the vocabulary rows it was truncated to, if so.
+    ``vocab_rows``: the rows of the output's vocabulary, which every input's vocabulary tensor is laid out in
+    (see :mod:`vocab`): their own row counts may differ."""
     everyone = sources + ([base_src] if base_src else [])
     shapes = {(mi, models[mi].shape(n)) for mi, n in everyone}
     rows = None
-    if len({s for _, s in shapes}) > 1:
+    remapped = is_vocab and vocab_rows is not None
+    if len({s[1:] if remapped else s for _, s in shapes}) > 1:
         pair = [(names[mi], list(s)) for mi, s in sorted(shapes)]
         if not (is_vocab and len({s[1:] for _, s in shapes}) == 1):
             raise UserError(f"tensor {out_n!r} has different shapes: " + ", ".join(f"{n} {s}" for n, s in pair))
@@ -370,7 +438,8 @@ def _task(out_n: str, sources: list[tuple[int, str]], base_src: tuple[int, str] 
             raise UserError(f"--truncate-vocab: {short[0]} has fewer rows than {names[ref]} in tensor {out_n!r}; "
                             "cannot truncate up")
     shape0 = models[everyone[0][0]].shape(everyone[0][1])
-    shape = ((rows,) + tuple(shape0[1:])) if rows else tuple(shape0)
+    rows_out = vocab_rows if remapped else rows
+    shape = ((rows_out,) + tuple(shape0[1:])) if rows_out else tuple(shape0)
     in_dtype = models[everyone[0][0]].dtype(everyone[0][1])
     copy = not in_dtype.is_floating_point
     mixed = [names[mi] for mi, n in everyone if models[mi].dtype(n).is_floating_point == copy]

@@ -25,10 +25,11 @@ import yaml
 from tqdm import tqdm
 
 from modelcypher.checkpoint.files import copy_side_files
-from modelcypher.checkpoint.reader import GENERATION_FILES, TOKENIZER_FILES
+from modelcypher.checkpoint.reader import GENERATION_FILES
 from modelcypher.checkpoint.writer import ShardedWriter
 from modelcypher.errors import UserError
 from modelcypher.merging.plan import Plan, TensorTask
+from modelcypher.merging.vocab import gather, pad_means, write_tokenizer
 
 # Row-local and streamed methods run over blocks of rows of about this many float32 elements (2 MiB)
 # per input, so the largest tensors (embeddings, heads) do not set the peak memory, and a block's
@@ -82,9 +83,18 @@ def _blocked(plan: Plan) -> bool:
     return plan.method.rowwise or plan.method.stream is not None
 
 
-def read_block(plan: Plan, task: TensorTask, rows: slice) -> dict:
-    """The raw input tensors of one block of rows of a task (run ahead, in a reader thread)."""
-    return {(mi, n): plan.models[mi].get(n, rows) for mi, n in _inputs(plan, task)}
+def read_block(plan: Plan, task: TensorTask, rows: slice, means: list[torch.Tensor] | None = None) -> dict:
+    """The raw input tensors of one block of rows of a task (run ahead, in a reader thread); a vocabulary
+    tensor's rows gathered into the output's vocabulary (``means``: its padding rows)."""
+    if task.rows is None:
+        return {(mi, n): plan.models[mi].get(n, rows) for mi, n in _inputs(plan, task)}
+    got = gather(task.rows, _slot_reader(plan, task), rows, means)
+    return dict(zip(_inputs(plan, task), got, strict=True))
+
+
+def _slot_reader(plan: Plan, task: TensorTask):
+    slots = task.rows.slots
+    return lambda s, rows: plan.models[slots[s][0]].get(slots[s][1], rows)
 
 
 def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int, allow_nonfinite: bool,
@@ -109,6 +119,9 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
     if plan.method.reports and report is not None:
         kwargs["report"] = report
     blocks = row_blocks(task, _blocked(plan))
+    means = None
+    if task.rows is not None and task.rows.size > task.rows.tokens:  # rows padded on: each input's mean row
+        means = pad_means(task.rows, _slot_reader(plan, task), max(b.stop - b.start for b in blocks))
     checked = allow_nonfinite
     # A method that makes several passes keeps the raw blocks of the first in memory for the others,
     # when they fit in HOLD_BYTES, rather than reading the files again.
@@ -127,8 +140,9 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, seed: int
             held.clear()  # an earlier pass stopped part way
         nxt = None
         for i, rows in enumerate(blocks):
-            raw = nxt.result() if nxt is not None else read_block(plan, task, rows)
-            nxt = reader.submit(read_block, plan, task, blocks[i + 1]) if reader and i + 1 < len(blocks) else None
+            raw = nxt.result() if nxt is not None else read_block(plan, task, rows, means)
+            nxt = reader.submit(read_block, plan, task, blocks[i + 1], means) if reader and i + 1 < len(blocks) \
+                else None
             if held is not None:
                 held.append(raw)
             yield _prepared(plan, task, raw, device, check)
@@ -276,8 +290,7 @@ def execute(plan: Plan, out_dir: Path, *, device: torch.device, seed: int = 0, a
         models = [plan.names[mi] for mi, _ in plan.tasks[0].sources] if plan.tasks else []
         (out_dir / "merge_report.json").write_text(json.dumps({"models": models, "tensors": reports}, indent=1))
     (out_dir / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
-    if copy_tokenizer:
-        _copy_files(plan.models[plan.tokenizer_from].path, out_dir, TOKENIZER_FILES)
+    write_tokenizer(out_dir, plan.vocab, plan.models[plan.tokenizer_from].path, plan.chat_template, copy_tokenizer)
     _copy_files(plan.models[plan.reference].path, out_dir, GENERATION_FILES)
     if write_model_card:
         (out_dir / "README.md").write_text(model_card(plan))
