@@ -326,3 +326,18 @@ def test_bad_input_through_the_command_line(models, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("modelcypher: error:"), r.stderr
         assert match in lines[0], lines[0]
         assert not (tmp_path / "out").exists()
+
+
+def test_aligned_copies_are_named_in_the_tokenizer_section_too():
+    """An ``align:`` merge plans over aligned copies: the tokenizer section's models follow them."""
+    from modelcypher.align.prealign import rename_models
+    from modelcypher.merging.config import parse_config
+
+    cfg = parse_config({"merge_method": "linear", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
+                        "tokenizer": {"source": "b", "tokens": {
+                            "x": {"source": "a"}, "y": {"source": {"kind": "model_token", "model": "b", "token": "t"}},
+                            "z": {"source": {"kind": "zero"}}}}})
+    out = rename_models(cfg, {"a": "A", "b": "B"})
+    tk = out.tokenizer
+    assert (tk.source, tk.tokens["x"].source, tk.tokens["y"].source.model) == ("B", "A", "B")
+    assert cfg.tokenizer.source == "b"  # the config as given is left as it was

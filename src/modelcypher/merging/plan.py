@@ -290,7 +290,7 @@ def _vocabulary(cfg: MergeConfig, models: list[Checkpoint], refs: list[str], ref
         name = next((n for n in (resolve_name(ck, v) for v in sorted(vocab)) if n), None)
         return ck.shape(name)[0] if name else None
 
-    out, more = plan_vocabulary(cfg, spec, [ck.path for ck in models], [ck.config for ck in models],
+    out, more = plan_vocabulary(spec, [ck.path for ck in models], [ck.config for ck in models],
                                 [rows(ck) for ck in models], refs, ref)
     notes += more
     padded = f", padded to {out.size} rows" if out.size > out.tokens else ""

@@ -182,7 +182,7 @@ def own_rows(out: dict[str, int], vocab: dict[str, int], size: int) -> np.ndarra
     return rows
 
 
-def plan_vocabulary(cfg: MergeConfig, spec: TokenizerConfig, paths: list[Path], configs: list[dict],
+def plan_vocabulary(spec: TokenizerConfig, paths: list[Path], configs: list[dict],
                     rows: list[int | None], names: list[str], ref: int) -> tuple[Vocabulary, list[str]]:
     """The output vocabulary for ``spec``: ``paths``/``configs``/``rows`` per model (``rows``: its first
     vocabulary tensor's rows), ``names`` as the config writes them, ``ref`` the base (or first) model.
