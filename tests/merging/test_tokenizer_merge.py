@@ -231,6 +231,43 @@ def test_rows_read_in_blocks_give_the_whole_tensor_result(models, tmp_path, monk
         assert torch.equal(a[n], b[n]), n
 
 
+def test_gather_gives_each_input_its_own_row_or_the_mean_of_the_fills_rows():
+    """The row layout by its definition, on tensors of scattered, permuted and missing rows: any block of
+    rows is those rows of the whole; an input's row is its own where it has one, else the mean of the
+    fill's rows (zeros for an empty fill), and padding rows are the given means."""
+    import numpy as np
+
+    from modelcypher.merging.vocab import RowMap, gather
+
+    rng = np.random.default_rng(0)
+    n, width = 300, 4
+    tensors = [torch.randn(n, width, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    own = [np.arange(n), rng.permutation(n), np.arange(n)]
+    own[1][rng.choice(n, 120, replace=False)] = -1
+    own[2][rng.choice(n, 120, replace=False)] = -1
+    fills = {}
+    for t in range(n):
+        if t % 37 == 0:
+            fills[t] = ()
+            own[0][t] = own[1][t] = own[2][t] = -1
+        elif own[1][t] < 0 or own[2][t] < 0:
+            fills[t] = ((0, t),) + (((1, int(own[1][t])),) if own[1][t] >= 0 else ())
+    rm = RowMap(((0, "x"), (1, "x"), (2, "x")), tuple(own), fills, n + 4)
+    means = [torch.full((width,), float(i)) for i in range(3)]
+    whole = gather(rm, lambda s, rows: tensors[s][rows], slice(0, n + 4), means)
+    for a, b in [(0, 1), (5, 64), (250, 304), (299, 302)]:
+        part = gather(rm, lambda s, rows: tensors[s][rows], slice(a, b), means)
+        for i in range(3):
+            assert torch.equal(part[i], whole[i][a:b])
+    for i in range(3):
+        for t in range(n):
+            r = own[i][t]
+            want = tensors[i][r] if r >= 0 else (torch.stack([tensors[s][q] for s, q in fills[t]]).mean(0)
+                                                  if fills[t] else torch.zeros(width))
+            torch.testing.assert_close(whole[i][t], want)
+        assert torch.equal(whole[i][n:], means[i].expand(4, -1))
+
+
 # ----------------------------------------------------------------------------- chat templates
 
 

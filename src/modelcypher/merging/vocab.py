@@ -24,6 +24,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,11 @@ class RowMap:
     @property
     def tokens(self) -> int:
         return len(self.own[0])
+
+    @cached_property
+    def filled(self) -> np.ndarray:
+        """The output ids of ``fills``, sorted."""
+        return np.array(sorted(self.fills), dtype=np.int64)
 
 
 def spec_of(cfg: MergeConfig) -> TokenizerConfig | None:
@@ -320,18 +326,20 @@ Read = Callable[[int, slice], torch.Tensor]  # (slot, rows) -> those rows of the
 
 def gather(rm: RowMap, read: Read, rows: slice, means: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Rows ``rows`` of every input laid out in the output vocabulary, in the inputs' common dtype (as
-    stored, promoted where they differ). Each slot's rows are read in runs of consecutive rows, so a
-    block costs about its own size in reads; ``means`` gives the padding rows (see :func:`pad_means`)."""
+    stored, promoted where they differ). Only the rows a block needs are read (see :func:`_read_rows`), so
+    memory follows the block, not the vocabulary; ``means`` gives the padding rows (see :func:`pad_means`)."""
     a, b = rows.start, rows.stop
     e = max(a, min(b, rm.tokens))  # rows [a, e) are real tokens, [e, b) padding
-    fill_ids = np.array([t for t in range(a, e) if t in rm.fills], dtype=np.int64)
+    fill_ids = rm.filled[np.searchsorted(rm.filled, a):np.searchsorted(rm.filled, e)]
+    # every (fill, slot, row) a fill averages over
+    triples = np.array([(k, s, r) for k, t in enumerate(fill_ids.tolist()) for s, r in rm.fills[t]],
+                       dtype=np.int64).reshape(-1, 3)
     want: dict[int, list[np.ndarray]] = {}
     for i, own in enumerate(rm.own):
         sel = own[a:e]
         want.setdefault(i, []).append(sel[sel >= 0])
-    for t in fill_ids.tolist():
-        for s, r in rm.fills[t]:
-            want.setdefault(s, []).append(np.array([r], dtype=np.int64))
+    for s in np.unique(triples[:, 1]).tolist():
+        want.setdefault(s, []).append(triples[triples[:, 1] == s, 2])
     got = {}
     for s, parts in want.items():
         need = np.unique(np.concatenate(parts))
@@ -347,12 +355,13 @@ def gather(rm: RowMap, read: Read, rows: slice, means: list[torch.Tensor] | None
         need, g = got[s]
         return g[torch.from_numpy(np.searchsorted(need, r))].to(dtype)
 
-    filled = torch.zeros((len(fill_ids), *rest), dtype=dtype)
-    for k, t in enumerate(fill_ids.tolist()):
-        src = rm.fills[t]
-        if src:  # the mean of the source rows, summed in float32
-            acc = sum(rows_of(s, np.array([r]))[0].to(torch.float32) for s, r in src)
-            filled[k] = (acc / len(src)).to(dtype)
+    # a fill is the mean of its rows, summed in float32 (a single row passes through exactly; none: zeros)
+    acc = torch.zeros((len(fill_ids), *rest), dtype=torch.float32)
+    for s in np.unique(triples[:, 1]).tolist():
+        pick = triples[:, 1] == s
+        acc.index_add_(0, torch.from_numpy(triples[pick, 0]), rows_of(s, triples[pick, 2]).to(torch.float32))
+    count = torch.from_numpy(np.bincount(triples[:, 0], minlength=len(fill_ids))).clamp(min=1)
+    filled = (acc / count.view(-1, *[1] * len(rest))).to(dtype)
     out = []
     for i, own in enumerate(rm.own):
         x = torch.empty((b - a, *rest), dtype=dtype)
@@ -369,11 +378,19 @@ def gather(rm: RowMap, read: Read, rows: slice, means: list[torch.Tensor] | None
     return out
 
 
+# Rows at most this far apart are read as one span (the rows between read and dropped): far fewer reads
+# where a model lacks scattered tokens, for a few rows more.
+READ_GAP = 64
+
+
 def _read_rows(read: Read, slot: int, rows: np.ndarray) -> torch.Tensor:
-    """Rows ``rows`` (sorted, distinct) of a slot's tensor, read in runs of consecutive rows."""
-    breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
-    runs = [slice(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)]
-    return torch.cat([read(slot, s) for s in runs]) if len(runs) > 1 else read(slot, runs[0])
+    """Rows ``rows`` (sorted, distinct) of a slot's tensor, read in spans of nearby rows."""
+    breaks = np.nonzero(np.diff(rows) > READ_GAP)[0] + 1
+    parts = []
+    for r in np.split(rows, breaks):
+        span = read(slot, slice(int(r[0]), int(r[-1]) + 1))
+        parts.append(span if len(span) == len(r) else span[torch.from_numpy(r - r[0])])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def pad_means(rm: RowMap, read: Read, step: int) -> list[torch.Tensor]:
