@@ -378,3 +378,18 @@ def test_aligned_copies_are_named_in_the_tokenizer_section_too():
     tk = out.tokenizer
     assert (tk.source, tk.tokens["x"].source, tk.tokens["y"].source.model) == ("B", "A", "B")
     assert cfg.tokenizer.source == "b"  # the config as given is left as it was
+
+
+def test_a_pipeline_stage_is_named_in_the_tokenizer_section(models, tmp_path):
+    """A later stage names an earlier one as its tokenizer source and a token's source."""
+    docs = [{"name": "ext", "merge_method": "linear", "models": [{"model": models["chatml"]}]},
+            {"merge_method": "linear", "base_model": models["base"], "dtype": "float32",
+             "models": [{"model": models["base"]}, {"model": "ext"}],
+             "tokenizer": {"source": "ext", "tokens": {"<|im_start|>": {"source": "ext", "force": True}}}}]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    api.merge(path, tmp_path / "out", device="cpu")
+    v = vocab(tmp_path / "out")
+    assert v == vocab(models["chatml"])
+    torch.testing.assert_close(state(tmp_path / "out")["model.embed_tokens.weight"][v["<|im_start|>"]],
+                               state(models["chatml"])["model.embed_tokens.weight"][64])
