@@ -132,6 +132,11 @@ def test_cmawm_asks_indicators_in_zero_one(zoo):
     assert np.array_equal(x_eval[t:], x_tell[t:]) and ((x_eval[t:] >= 0) & (x_eval[t:] <= 1)).all()
 
 
+def mixed(t: int) -> list[float]:
+    """A genome of ``t`` slots: two in three included, scalings on both sides of 1."""
+    return [float(i % 3 != 1) for i in range(t)] + [(0.55, 1.9, 0.8, 1.4, 0.6)[i % 5] for i in range(t)]
+
+
 def _norms(module):
     return [m for m in module.modules() if hasattr(m, "variance_epsilon") or isinstance(m, torch.nn.LayerNorm)]
 
@@ -152,7 +157,7 @@ def test_the_folded_model_is_the_scaled_forward(tmp_path, family):
     paths = family_set(tmp_path, family, n=1)
     space = space_of(tmp_path, SEARCH.replace("ft-a", paths[0].name).replace("ft-b", paths[1].name))
     t = len(space.slots)
-    values = [float(i % 3 != 1) for i in range(t)] + [(0.55, 1.9, 0.8, 1.4, 0.6)[i % 5] for i in range(t)]
+    values = mixed(t)
     cands = DataflowCandidates(space, CPU)
     folded = build_model(*cands.merged(values)).eval()
     plain = build_model(*cands.merged(values[:t] + [1.0] * t)).eval()
@@ -185,6 +190,21 @@ def test_the_folded_model_is_the_scaled_forward(tmp_path, family):
     torch.testing.assert_close(want_folded, exact_eps, rtol=1e-5, atol=1e-5)
     gap = (want_folded - own_eps).abs().max()
     assert gap < 0.05 * (unscaled - own_eps).abs().max()
+
+
+def test_a_folded_recipe_merges_the_same_in_mergekit(tmp_path):
+    """best.yaml is a mergekit config too: mergekit 0.1.5's passthrough with ``scale`` on filters writes
+    the same tensors."""
+    mk_config, mk_merge = pytest.importorskip("mergekit.config"), pytest.importorskip("mergekit.merge")
+    paths = family_set(tmp_path, "llama", n=1)
+    space = space_of(tmp_path, SEARCH.replace("ft-a", paths[0].name).replace("ft-b", paths[1].name))
+    rec = space.recipe(mixed(len(space.slots)))
+    assert any("parameters" in sl["sources"][0] for sl in rec["slices"])
+    merge(rec, tmp_path / "ours", device="cpu")
+    options = mk_merge.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+    mk_merge.run_merge(mk_config.MergeConfiguration.model_validate(rec), str(tmp_path / "theirs"), options)
+    ours, theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in theirs)
 
 
 def test_a_pool_merge_is_written_as_modelcypher_merge_writes_it(zoo, tmp_path):
