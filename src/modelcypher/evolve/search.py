@@ -32,6 +32,7 @@ from modelcypher.evolve.space import Space, build_space, recipe, template
 from modelcypher.evolve.worker import Pool, Result, check_address, data_statistics, ray_session
 from modelcypher.hf import resolve_device
 from modelcypher.measure.plot import pyplot
+from modelcypher.merging.plan import Plan
 
 STATE, REPORT, BEST, PLOT = "state.json", "report.json", "best.yaml", "fitness.png"
 
@@ -204,7 +205,7 @@ def _recipe(space: Space | DataflowSpace, cfg: SearchConfig, values: list[float]
     return rec
 
 
-def _prepare(cfg: SearchConfig, config_dir: Path, pool_at: Path) -> tuple[Space | DataflowSpace, dict, object]:
+def _prepare(cfg: SearchConfig, config_dir: Path, pool_at: Path) -> tuple[Space | DataflowSpace, dict, Plan | None]:
     """The space, the search's identity (what a resumed search must match) and the parameter space's
     plan (None for the data-flow space); every mistake in the models and the objective surfaces here,
     before Ray starts or anything is written."""
