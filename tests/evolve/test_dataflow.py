@@ -299,7 +299,7 @@ BAD = [
     (("[ft-a, ft-b]", "[ft-a, ft-a]"), "'ft-a' listed twice"),
     (("[ft-a, ft-b]", "[ft-a, nowhere]"), "model 'nowhere': no such local model directory"),
     (("[ft-a, ft-b]", "[ft-a, {merge: {merge_method: linear}, name: m}]"),
-     r"dataflow.models\[1\]: give exactly one of 'models' or 'slices'"),
+     r"dataflow.models\[1\]: give exactly one of 'models', 'slices' or 'modules'"),
     (("[ft-a, ft-b]", "[ft-a, {merge: {merge_method: linear, models: [ft-a]}, name: ../up}]"),
      r"name '../up': letters, digits"),
     (("[ft-a, ft-b]", "[ft-a, {merge: missing.yaml}]"), "merge config 'missing.yaml': not found"),
