@@ -143,8 +143,9 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
 
 def evolve(search_file: str | Path, out: str | Path, *, workers: int = 1, ray_address: str | None = None,
            resume: bool = False, progress=None) -> dict:
-    """Search a merge method's parameters by CMA-ES on Ray actors (``search_file``: models, space,
-    objective, optimizer). ``out`` receives the state (after every generation), ``report.json``,
+    """Search a merge method's parameters by CMA-ES, or a path of layers through a pool of models (the
+    data-flow space) by CMA-ES with margin, on Ray actors (``search_file``: models, space, objective,
+    optimizer). ``out`` receives the state (after every generation), ``report.json``,
     ``fitness.png`` and ``best.yaml``, a merge config of the best candidate. ``ray_address``: ``auto`` or
     HOST:PORT of a running cluster (default: an embedded local Ray); ``resume`` continues the search in
     ``out``; ``progress`` is called with a line per generation. Returns the report."""

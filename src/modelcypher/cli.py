@@ -452,8 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_transfer)
 
-    e = sub.add_parser("evolve", help="search a merge method's parameters by CMA-ES (Ray workers); writes best.yaml")
-    e.add_argument("search", help="search file (models, merge_method, search space, objective, optimizer)")
+    e = sub.add_parser("evolve", help="search a merge method's parameters, or a path of layers through a pool of "
+                       "models (data-flow), by CMA-ES (Ray workers); writes best.yaml")
+    e.add_argument("search", help="search file (models, merge_method and search, or dataflow; objective, optimizer)")
     e.add_argument("-o", "--output", required=True, help="search directory: state, report, plot, best.yaml")
     e.add_argument("--workers", type=_positive_int, default=1, help="Ray actors scoring candidates (default 1)")
     e.add_argument("--ray-address", default=None,

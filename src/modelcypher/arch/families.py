@@ -55,6 +55,10 @@ class Family:
     # config keys that size the residual stream, the heads and the MLP (a narrower model lifted into a
     # wider one takes the wider one's)
     width_keys: tuple[str, ...] = ()
+    # pre-norm layers only: the tensors (name substrings) through which a layer writes into the residual
+    # stream; scaling them by c scales the layer's update by c (the data-flow search folds its input
+    # scalings there). Empty where no such fold is exact (post-norms, (1 + w) norms) or not yet checked.
+    residual_writers: tuple[str, ...] = ()
 
 
 ATTENTION_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias", "mlp_bias",
@@ -63,6 +67,7 @@ _LLAMA = dict(num_layers_key="num_hidden_layers", tied=(("model.embed_tokens.wei
               vocab_tensors=("model.embed_tokens.weight", "lm_head.weight"), tie_default=False,
               structure_keys=ATTENTION_KEYS,
               width_keys=("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"))
+_WRITERS = ("self_attn.o_proj.", "mlp.down_proj.")
 _BERT = dict(num_layers_key="num_hidden_layers",
              tied=(("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"),
                    ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight")),
@@ -73,14 +78,16 @@ _BERT = dict(num_layers_key="num_hidden_layers",
              tie_default=True, structure_keys=ATTENTION_KEYS)
 
 FAMILIES: list[Family] = [
-    Family("llama", ("llama",), symmetry=llama.spec, hf_class="LlamaForCausalLM", **_LLAMA),
-    Family("mistral", ("mistral",), symmetry=llama.spec, hf_class="MistralForCausalLM", **_LLAMA),
-    Family("qwen2", ("qwen2",), symmetry=llama.spec, hf_class="Qwen2ForCausalLM", **_LLAMA),
+    Family("llama", ("llama",), symmetry=llama.spec, hf_class="LlamaForCausalLM", residual_writers=_WRITERS, **_LLAMA),
+    Family("mistral", ("mistral",), symmetry=llama.spec, hf_class="MistralForCausalLM", residual_writers=_WRITERS,
+           **_LLAMA),
+    Family("qwen2", ("qwen2",), symmetry=llama.spec, hf_class="Qwen2ForCausalLM", residual_writers=_WRITERS,
+           **_LLAMA),
     Family("gpt2", ("gpt2",), "n_layer", (("transformer.wte.weight", "lm_head.weight"),),
            ("transformer.wte.weight", "lm_head.weight"), True,
            ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
            symmetry=gpt2.spec, hf_class="GPT2LMHeadModel", structure_keys=("n_head", "n_inner"),
-           width_keys=("n_embd", "n_head", "n_inner")),
+           width_keys=("n_embd", "n_head", "n_inner"), residual_writers=("attn.c_proj.", "mlp.c_proj.")),
     Family("bert", ("bert",), symmetry=bert.spec, hf_class="BertForMaskedLM", **_BERT),
     # Merged by tensor name with the layout of their kin; no symmetry spec (yet).
     Family("llama-like", ("qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"), **_LLAMA),

@@ -1,5 +1,7 @@
-"""A candidate merged in memory: the plan's models held once on the worker's device, each output tensor
-computed by the merge engine's own per-tensor step with the candidate's values, nothing written."""
+"""A candidate merged in memory: the models held once on the worker's device, each output tensor
+computed by the merge engine's own per-tensor step, nothing written. In the parameter space one plan
+serves every candidate (its searched values swapped in); in the data-flow space each candidate's
+recipe is planned (headers only) and read from the held pool."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from dataclasses import replace
 
 import torch
 
-from modelcypher.merging.plan import Plan, TensorTask
+from modelcypher.checkpoint import Checkpoint
+from modelcypher.merging.config import MergeConfig
+from modelcypher.merging.plan import Plan, TensorTask, make_plan
 from modelcypher.merging.run import compute_blocks
 
 RANDOM_SEED = 0  # what ``modelcypher merge`` uses by default: a recipe reproduces its candidate as it is
@@ -65,3 +69,31 @@ def merged_state(plan: Plan, slots: list[dict], values: list[float], device: tor
         parts = [y for _, y in compute_blocks(plan, with_values(task, s, values), device, RANDOM_SEED, False, stats)]
         out[task.name] = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out
+
+
+class ParameterCandidates:
+    """The parameter space's candidates: one plan, each candidate's values put into its tasks."""
+
+    def __init__(self, plan: Plan, slots: list[dict], device: torch.device, stats=None):
+        self.plan, self.slots, self.device, self.stats = held(plan, device), slots, device, stats
+
+    def merged(self, values: list[float]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The candidate's config and tensors."""
+        return self.plan.out_config, merged_state(self.plan, self.slots, values, self.device, self.stats)
+
+
+class DataflowCandidates:
+    """The data-flow space's candidates: every pool model held whole; a candidate is the plan of its
+    recipe (``space.recipe``, absolute paths) reading from them."""
+
+    def __init__(self, space, device: torch.device):
+        self.space, self.device = space, device
+        self.pool = {}
+        for pm in space.pool:
+            ck = Checkpoint(pm.path)
+            self.pool[pm.path] = HeldCheckpoint(ck, set(ck.names), device)
+
+    def merged(self, values: list[float]) -> tuple[dict, dict[str, torch.Tensor]]:
+        plan = make_plan(MergeConfig.model_validate(self.space.recipe(values)))
+        plan = replace(plan, models=[self.pool[ck.path] for ck in plan.models])
+        return plan.out_config, merged_state(plan, [{}] * len(plan.tasks), [], self.device)

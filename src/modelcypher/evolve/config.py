@@ -16,11 +16,30 @@ objective:
   # or a weighted list: [{loss: a.txt, weight: 1}, {task: t.jsonl, weight: 2}]
 optimizer: {population: 8, generations: 6, seed: 0, sigma: 0.3}
 ```
+
+The data-flow space (layers drawn from a pool of models, see :mod:`modelcypher.evolve.dataflow`) takes
+a ``dataflow:`` section instead of merge_method, models, parameters and search:
+
+```yaml
+dataflow:
+  models:                            # the pool, in order; an entry may be a merge recipe, merged first
+    - ./ft-a
+    - ./ft-b
+    - {merge: ../ps/best.yaml, name: ps}  # a merge config file, or {merge: {merge_method: ...}}, merged first
+  repeats: 2                         # r: the pool's layers repeated r times, T = r x (layers of all models)
+  max_layers: 12                     # a candidate keeps its first max_layers included layers (default: all)
+  scale: {min: 0.5, max: 2.0}        # each slot's input scaling (the default)
+  start: ./ft-a                      # the search starts from this model's layers (default: the first)
+  base_model: ./ft-a                 # embeddings, final norm and head (default: the first and last layer's model)
+objective: {loss: heldout.txt}
+optimizer: {population: 8, generations: 6, seed: 0, sigma: 0.3}
+```
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +123,95 @@ class Optimizer(Strict):
     sigma: float = Field(default=0.3, gt=0)  # initial step, in units of each parameter's range
 
 
-class SearchConfig(Strict):
-    merge_method: str
+POOL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # a pool merge's folder under DIR/pool/
+
+
+class PoolEntry(Strict):
+    """A model of the data-flow pool: a checkpoint (``model``, or just its path) or a merge of models
+    (``merge``: a merge config file, e.g. a parameter-space search's best.yaml, or a merge config
+    written inline), written into ``DIR/pool/<name>`` first. ``name`` is how labels and reports call it
+    (default: the model's path as written, ``merge-<i>`` for a merge)."""
+
+    model: str | None = None
+    merge: Any = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PoolEntry:
+        if (self.model is None) == (self.merge is None):
+            raise ValueError("a pool entry is exactly one of model: PATH or merge: FILE | {merge config}")
+        if self.merge is not None and not isinstance(self.merge, str | dict):
+            raise ValueError("merge: expected a merge config file or a merge config written inline")
+        if self.name is not None and not POOL_NAME.fullmatch(self.name):
+            raise ValueError(f"name {self.name!r}: letters, digits, '.', '_' and '-' only, not starting with '.'")
+        return self
+
+
+class Dataflow(Strict):
+    models: list[PoolEntry] = Field(min_length=1)
+    repeats: int = Field(default=1, ge=1)
+    max_layers: int | None = Field(default=None, ge=1)
+    scale: Bounds = Field(default_factory=lambda: Bounds(min=0.5, max=2.0))
+    start: str | None = None
     base_model: str | None = None
-    models: list[ModelEntry]
+
+    @field_validator("scale")
+    @classmethod
+    def _positive(cls, b: Bounds) -> Bounds:
+        if b.min <= 0:  # a norm is invariant to positive scalings only: the fold needs s > 0
+            raise ValueError(f"min {b.min:g}: input scalings must be positive")
+        return b
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths(cls, v: Any) -> Any:
+        return [{"model": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    def names(self) -> list[str]:
+        return [m.name or m.model or f"merge-{i}" for i, m in enumerate(self.models)]
+
+    @model_validator(mode="after")
+    def _known(self) -> Dataflow:
+        names = self.names()
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"models: {dup!r} listed twice (a model's layers repeat through repeats)")
+        for key in ("start", "base_model"):
+            v = getattr(self, key)
+            if v is not None and v not in names:
+                raise ValueError(f"{key}: {v!r} is not one of the models {names}")
+        return self
+
+
+PARAMETER_KEYS = ("merge_method", "base_model", "models", "parameters", "tokenizer_source", "search")
+
+
+class SearchConfig(Strict):
+    merge_method: str | None = None
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    search: Search
+    search: Search | None = None
+    dataflow: Dataflow | None = None
     objective: list[Term]
     optimizer: Optimizer = Field(default_factory=Optimizer)
+
+    @model_validator(mode="after")
+    def _one_space(self) -> SearchConfig:
+        if self.dataflow is not None:
+            given = [k for k in PARAMETER_KEYS if getattr(self, k)]
+            if given:
+                raise ValueError(f"{given[0]}: belongs to a parameter-space search; a dataflow search lists its "
+                                 "models under dataflow.models")
+        else:
+            missing = [k for k in ("merge_method", "models", "search") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: missing key (or give a dataflow: section to search the data-flow "
+                                 "space)")
+        return self
 
     @field_validator("models", mode="before")
     @classmethod
@@ -136,4 +233,4 @@ def parse_search(path: str | Path) -> SearchConfig:
     """The search file at ``path``; any mistake is one UserError line naming the file and key."""
     path = Path(path)
     return validated(SearchConfig, read_yaml(path, "search file"), str(path),
-                     "merge_method, models, search and objective")
+                     "merge_method, models, search (or dataflow) and objective")

@@ -1,4 +1,5 @@
-"""The search loop: CMA-ES (the ``cmaes`` library) over the unit cube of the parameter space, one
+"""The search loop: CMA-ES (the ``cmaes`` library) over the unit cube of the parameter space, or CMA-ES
+with margin (``cmaes.CMAwM``, mixed integer) over the data-flow space's indicators and scalings, one
 generation at a time, every candidate scored on Ray actors; after each generation the state, the
 report, the fitness plot and the best recipe so far are written into the search directory.
 
@@ -25,23 +26,42 @@ import yaml
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.evolve.config import SearchConfig, parse_search
+from modelcypher.evolve.dataflow import POOL, DataflowSpace, build_dataflow, write_pool_model
 from modelcypher.evolve.objective import Objective
 from modelcypher.evolve.space import Space, build_space, recipe, template
 from modelcypher.evolve.worker import Pool, Result, check_address, data_statistics, ray_session
 from modelcypher.hf import resolve_device
 from modelcypher.measure.plot import pyplot
+from modelcypher.merging.plan import Plan
 
 STATE, REPORT, BEST, PLOT = "state.json", "report.json", "best.yaml", "fitness.png"
 
 
-def optimizer(space: Space, cfg: SearchConfig):
-    """CMA-ES on the unit cube, from its centre, with the search's population, step and seed."""
-    from cmaes import CMA  # imports scipy.stats, over a second: only the verb that searches pays it
+def optimizer(space: Space | DataflowSpace, cfg: SearchConfig):
+    """The parameter space: CMA-ES on the unit cube, from its centre. The data-flow space: CMA-ES with
+    margin, indicators on {0, 1} and scalings on [0, 1] of their bounds, from the start model. Either
+    with the search's population, step and seed."""
+    from cmaes import CMA, CMAwM  # imports scipy.stats, over a second: only the verb that searches pays it
 
-    n = len(space.genes)
     o = cfg.optimizer
+    if isinstance(space, DataflowSpace):
+        steps = space.steps()
+        return CMAwM(mean=space.mean(), sigma=o.sigma, bounds=np.array([[0.0, 1.0]] * len(steps)), steps=steps,
+                     seed=o.seed, population_size=o.population)
+    n = len(space.genes)
     return CMA(mean=np.full(n, 0.5), sigma=o.sigma, bounds=np.array([[0.0, 1.0]] * n), seed=o.seed,
                population_size=o.population)
+
+
+def _ask(opt) -> tuple[np.ndarray, np.ndarray]:
+    """The next point as (what is evaluated, what the optimizer is told): CMA-ES with margin evaluates
+    its integer coordinates rounded and learns from the raw ones; plain CMA-ES uses one point for both."""
+    x = opt.ask()
+    return x if isinstance(x, tuple) else (x, x)
+
+
+def _sigma(opt) -> float:
+    return float(getattr(opt, "_cma", opt)._sigma)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -102,7 +122,7 @@ def _load_state(out: Path, identity: dict) -> dict:
 def _replay(opt, state: dict, out: Path) -> None:
     """Bring ``opt`` to where the recorded generations left it."""
     for g, gen in enumerate(state["generations"]):
-        xs = [opt.ask() for _ in gen["candidates"]]
+        xs = [_ask(opt)[1] for _ in gen["candidates"]]
         for x, c in zip(xs, gen["candidates"], strict=True):
             if x.tolist() != c["point"]:
                 raise UserError(f"--resume: generation {g} in {out / STATE} does not replay (another version "
@@ -138,7 +158,7 @@ def plot_fitness(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _outputs(out: Path, state: dict, space: Space, cfg: SearchConfig) -> dict:
+def _outputs(out: Path, state: dict, space: Space | DataflowSpace, cfg: SearchConfig) -> dict:
     """report.json, fitness.png and best.yaml from the state."""
     gens, best_so_far = [], -math.inf
     for g, gen in enumerate(state["generations"]):
@@ -155,15 +175,13 @@ def _outputs(out: Path, state: dict, space: Space, cfg: SearchConfig) -> dict:
               "evaluations": sum(len(g["candidates"]) for g in state["generations"]),
               "seconds": sum(g["seconds"] for g in state["generations"]),
               "startup_seconds": state.get("startup_seconds", [])}
+    if isinstance(space, DataflowSpace):
+        report["best_layers"] = space.describe(best["values"]) if best else None
     _write_json(out / REPORT, report)
     if gens:
         plot_fitness(report, out / PLOT)
     if best:
-        rec = recipe(space, cfg, best["values"])
-        for e in rec["models"]:  # absolute paths: the recipe merges from wherever it is run
-            e["model"] = str(_abs(e["model"], state["config_dir"]))
-        if "base_model" in rec:
-            rec["base_model"] = str(_abs(rec["base_model"], state["config_dir"]))
+        rec = _recipe(space, cfg, best["values"], state["config_dir"])
         tmp = out / f".{BEST}.tmp"
         tmp.write_text(f"# fitness {best['fitness']!r}: the best candidate of the search in this directory\n"
                        + yaml.safe_dump(rec, sort_keys=False))
@@ -175,6 +193,35 @@ def _abs(ref: str, config_dir: str | None) -> Path:
     return resolve_path(ref, Path(config_dir) if config_dir else None).resolve()
 
 
+def _recipe(space: Space | DataflowSpace, cfg: SearchConfig, values: list[float], config_dir: str | None) -> dict:
+    """A candidate's merge config with absolute paths: it merges from wherever it is run."""
+    if isinstance(space, DataflowSpace):
+        return space.recipe(values)  # its paths are absolute already
+    rec = recipe(space, cfg, values)
+    for e in rec["models"]:
+        e["model"] = str(_abs(e["model"], config_dir))
+    if "base_model" in rec:
+        rec["base_model"] = str(_abs(rec["base_model"], config_dir))
+    return rec
+
+
+def _prepare(cfg: SearchConfig, config_dir: Path, pool_at: Path) -> tuple[Space | DataflowSpace, dict, Plan | None]:
+    """The space, the search's identity (what a resumed search must match) and the parameter space's
+    plan (None for the data-flow space); every mistake in the models and the objective surfaces here,
+    before Ray starts or anything is written."""
+    if cfg.dataflow is not None:
+        space = build_dataflow(cfg, config_dir, pool_at)
+        Objective(cfg.objective, config_dir, space.reference.tokenizer, space.reference.config)
+        merges = [{"name": pm.name, "recipe": pm.recipe, "recipe_dir": str(pm.recipe_dir)}
+                  for pm in space.pool if pm.recipe is not None]
+        identity = {"search": cfg.model_dump(mode="json"), "genes": space.labels(), "pool_merges": merges}
+        return space, identity, None
+    space, _ = build_space(cfg, config_dir)
+    plan, _ = template(space, cfg, config_dir)
+    Objective(cfg.objective, config_dir, plan.models[plan.tokenizer_from].path, plan.out_config)
+    return space, {"search": cfg.model_dump(mode="json"), "genes": space.labels()}, plan
+
+
 def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ray_address: str | None = None,
                resume: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Search the space of ``search_file``; the state, ``report.json``, ``fitness.png`` and ``best.yaml``
@@ -184,11 +231,9 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
     search_file, out = Path(search_file), Path(out)
     cfg = parse_search(search_file)
     config_dir = search_file.parent
-    space, _ = build_space(cfg, config_dir)
-    plan, _ = template(space, cfg, config_dir)  # every mistake in the models surfaces before Ray starts
-    Objective(cfg.objective, config_dir, plan.models[plan.tokenizer_from].path, plan.out_config)
+    pool_at = out.resolve() / POOL
+    space, identity, plan = _prepare(cfg, config_dir, pool_at)
     check_address(ray_address)
-    identity = {"search": cfg.model_dump(mode="json"), "genes": space.labels()}
     if resume:
         state = _load_state(out, identity)
     else:
@@ -198,33 +243,38 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
         out.mkdir(parents=True, exist_ok=True)
         state = {"identity": identity, "config_dir": str(config_dir.resolve()), "generations": []}
         _write_json(out / STATE, state)
+    say = progress or (lambda s: None)
     stats_at = out / "data"  # a method's data statistics, cached in DIR/data.stats
-    if plan.method.stats:
+    if plan is not None and plan.method.stats:
         data_statistics(plan, stats_at, resolve_device("auto"))  # once, here, before the workers read them
+    for pm in space.pool if isinstance(space, DataflowSpace) else ():
+        if pm.recipe is not None and not pm.path.exists():  # merged once, kept for resuming and best.yaml
+            say(f"merging pool model {pm.name} into {pm.path}")
+            write_pool_model(pm, resolve_device("auto"))
     opt = optimizer(space, cfg)
     _replay(opt, state, out)
-    say = progress or (lambda s: None)
     total = cfg.optimizer.generations
     state["identity"] = identity  # the budget as last given
     if len(state["generations"]) < total:
         with ray_session(ray_address, workers):
             t0 = time.perf_counter()
-            pool = Pool(cfg, config_dir, workers, stats_at)
+            pool = Pool(cfg, config_dir, workers, stats_at, pool_at)
             state.setdefault("startup_seconds", []).append(time.perf_counter() - t0)
             try:
                 for g in range(len(state["generations"]), total):
                     t0, restarts = time.perf_counter(), pool.restarts
-                    xs = [opt.ask() for _ in range(opt.population_size)]
-                    results = pool.evaluate_all([space.values(x) for x in xs])
+                    asked = [_ask(opt) for _ in range(opt.population_size)]
+                    results = pool.evaluate_all([space.values(x) for x, _ in asked])
                     if all(r.fitness is None for r in results):
                         raise UserError(f"every candidate of generation {g} failed; the first: {results[0].error}")
                     bad = _penalty(results)
-                    opt.tell([(x, bad if r.fitness is None else -r.fitness) for x, r in zip(xs, results, strict=True)])
-                    candidates = [{"point": x.tolist(), "values": space.values(x), "fitness": r.fitness,
-                                   "value": bad if r.fitness is None else -r.fitness, "terms": r.terms,
-                                   "error": r.error, "seconds": r.seconds} for x, r in zip(xs, results, strict=True)]
+                    values = [bad if r.fitness is None else -r.fitness for r in results]
+                    opt.tell([(x, v) for (_, x), v in zip(asked, values, strict=True)])
+                    candidates = [{"point": x.tolist(), "values": space.values(x_eval), "fitness": r.fitness,
+                                   "value": v, "terms": r.terms, "error": r.error, "seconds": r.seconds}
+                                  for (x_eval, x), r, v in zip(asked, results, values, strict=True)]
                     state["generations"].append({
-                        "seconds": time.perf_counter() - t0, "mean": opt.mean.tolist(), "sigma": float(opt._sigma),
+                        "seconds": time.perf_counter() - t0, "mean": opt.mean.tolist(), "sigma": _sigma(opt),
                         "worker_restarts": pool.restarts - restarts, "candidates": candidates})
                     _write_json(out / STATE, state)
                     report = _outputs(out, state, space, cfg)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from modelcypher.errors import UserError
-from modelcypher.evolve.candidate import held, merged_state
+from modelcypher.evolve.candidate import DataflowCandidates, ParameterCandidates
 from modelcypher.evolve.config import SearchConfig
+from modelcypher.evolve.dataflow import build_dataflow
 from modelcypher.evolve.objective import Objective
 from modelcypher.evolve.space import build_space, template
 from modelcypher.hf import build_model, resolve_device
@@ -38,29 +39,38 @@ class Result:
 
 
 class Evaluator:
-    """Scores candidates of one search: plans once, holds the models on ``device``, reads the
-    objective's data once."""
+    """Scores candidates of one search: holds the models on ``device`` (and, in the parameter space,
+    plans once), reads the objective's data once. ``pool_at``: where a data-flow search wrote its
+    pool's merges."""
 
     def __init__(self, cfg: SearchConfig, config_dir: Path | None, device: str = "auto", threads: int | None = None,
-                 stats_at: Path | None = None):
+                 stats_at: Path | None = None, pool_at: Path | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
-        self.space, _ = build_space(cfg, config_dir)
-        plan, self.slots = template(self.space, cfg, config_dir)
-        # A method's data statistics do not depend on the searched values: computed once (cached in
-        # ``stats_at``.stats, where the search computes them before starting its workers).
-        self.stats = data_statistics(plan, stats_at, self.device) if plan.method.stats else None
-        self.plan = held(plan, self.device)
-        tok_dir = plan.models[plan.tokenizer_from].path
-        self.objective = Objective(cfg.objective, config_dir, tok_dir, plan.out_config)
+        if cfg.dataflow is not None:
+            if pool_at is None:
+                raise UserError("a data-flow search's evaluator needs the folder of its pool's merges")
+            self.space = build_dataflow(cfg, config_dir, pool_at)
+            self.candidates = DataflowCandidates(self.space, self.device)
+            tok_dir, config = self.space.reference.tokenizer, self.space.reference.config
+        else:
+            self.space, _ = build_space(cfg, config_dir)
+            plan, slots = template(self.space, cfg, config_dir)
+            # A method's data statistics do not depend on the searched values: computed once (cached in
+            # ``stats_at``.stats, where the search computes them before starting its workers).
+            stats = data_statistics(plan, stats_at, self.device) if plan.method.stats else None
+            self.candidates = ParameterCandidates(plan, slots, self.device, stats)
+            tok_dir, config = plan.models[plan.tokenizer_from].path, plan.out_config
+        self.objective = Objective(cfg.objective, config_dir, tok_dir, config)
         self.weights = [t.weight for t in cfg.objective]
 
     def state(self, values: list[float]) -> dict[str, torch.Tensor]:
-        return merged_state(self.plan, self.slots, values, self.device, self.stats)
+        return self.candidates.merged(values)[1]
 
     def model(self, values: list[float]) -> torch.nn.Module:
-        return build_model(self.plan.out_config, self.state(values)).to(self.device).eval()
+        config, state = self.candidates.merged(values)
+        return build_model(config, state).to(self.device).eval()
 
     def evaluate(self, values: list[float]) -> Result:
         t0 = time.perf_counter()
@@ -129,7 +139,8 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
 class Pool:
     """``workers`` evaluator actors (a GPU each when the cluster has them, else a CPU each)."""
 
-    def __init__(self, cfg: SearchConfig, config_dir: Path | None, workers: int, stats_at: Path | None = None):
+    def __init__(self, cfg: SearchConfig, config_dir: Path | None, workers: int, stats_at: Path | None = None,
+                 pool_at: Path | None = None):
         import ray
 
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -137,7 +148,7 @@ class Pool:
         self._threads = max(1, int(cpus // max(workers, 1))) if not gpus else None
         opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         self._cls = ray.remote(Evaluator).options(**opts)
-        self._args = (cfg, config_dir, "auto", self._threads, stats_at)
+        self._args = (cfg, config_dir, "auto", self._threads, stats_at, pool_at)
         self.actors = [self._start() for _ in range(workers)]
         self.restarts = 0
         ray.get([a.pid.remote() for a in self.actors])  # every actor has loaded the models

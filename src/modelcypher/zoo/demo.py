@@ -53,6 +53,43 @@ def merge_config(method: str, base: Path, fts: list[Path]) -> dict:
     return cfg
 
 
+def _trainer(root: Path, tok, out):
+    """``trained(name, make)``: the model at ``root/name``, trained by ``make()`` and saved there first
+    when it is not there yet."""
+    def trained(name: str, make) -> Path:
+        path = root / name
+        if not (path / "config.json").is_file():
+            t = time.perf_counter()
+            out(f"training {name} ...", flush=True)
+            gpt2.save(make(), tok, path)
+            out(f"  {name}: {time.perf_counter() - t:.0f}s", flush=True)
+        return path
+
+    return trained
+
+
+def demo_models(root: Path, *, quick: bool = False, out=print) -> tuple[Path, list[Path]]:
+    """The demo's base (all of Shakespeare) and its fine-tunes on each genre, trained into ``root`` (or
+    reused from there): ``root/base``, ``root/ft-comedy``, ``root/ft-tragedy``."""
+    base_cfg, ft_cfg = gpt2.DEMO_BASE, gpt2.DEMO_FINETUNE
+    if quick:
+        base_cfg = base_cfg.with_(n_layer=2, n_embd=64, steps=60, batch_size=16)
+        ft_cfg = ft_cfg.with_(steps=30, batch_size=16)
+    tok = chartok.build_char_tokenizer(shakespeare.vocab())
+    trained = _trainer(root, tok, out)
+    all_train, all_val, _ = shakespeare.split_by_play()
+    base = trained("base", lambda: gpt2.train(all_train, all_val, base_cfg, tok))
+    base_model = None
+
+    def finetune(genre: str):
+        nonlocal base_model
+        base_model = base_model or gpt2.load(base)[0]
+        train, val, _ = shakespeare.split_by_play(genre)
+        return gpt2.train(train, val, ft_cfg, tok, init=base_model)
+
+    return base, [trained(f"ft-{g}", lambda g=g: finetune(g)) for g in GENRES]
+
+
 def run_demo(workdir: str | Path | None = None, *, quick: bool = False, device: str = "auto",
              out=print) -> dict[str, dict[str, float]]:
     """Train (or reuse, when ``workdir`` already holds them), merge, evaluate; returns the loss table."""
@@ -63,34 +100,13 @@ def run_demo(workdir: str | Path | None = None, *, quick: bool = False, device: 
         tmp = tempfile.TemporaryDirectory(prefix="modelcypher-demo-")
         workdir = tmp.name
     root = Path(workdir)
-    base_cfg, ft_cfg, eval_tokens = gpt2.DEMO_BASE, gpt2.DEMO_FINETUNE, 65536
-    if quick:
-        base_cfg = base_cfg.with_(n_layer=2, n_embd=64, steps=60, batch_size=16)
-        ft_cfg = ft_cfg.with_(steps=30, batch_size=16)
-        eval_tokens = 8192
+    eval_tokens = 8192 if quick else 65536
     tok = chartok.build_char_tokenizer(shakespeare.vocab())
     splits = {g: shakespeare.split_by_play(g) for g in GENRES}
     tests = {g: splits[g][2] for g in GENRES}
-
-    def trained(name: str, make) -> Path:
-        path = root / name
-        if not (path / "config.json").is_file():
-            t = time.perf_counter()
-            out(f"training {name} ...", flush=True)
-            gpt2.save(make(), tok, path)
-            out(f"  {name}: {time.perf_counter() - t:.0f}s", flush=True)
-        return path
-
-    all_train, all_val, _ = shakespeare.split_by_play()
-    base = trained("base", lambda: gpt2.train(all_train, all_val, base_cfg, tok))
-    base_model = None
-
-    def finetune(genre: str):
-        nonlocal base_model
-        base_model = base_model or gpt2.load(base)[0]
-        return gpt2.train(splits[genre][0], splits[genre][1], ft_cfg, tok, init=base_model)
-
-    fts = [trained(f"ft-{g}", lambda g=g: finetune(g)) for g in GENRES]
+    trained = _trainer(root, tok, out)
+    all_train, _, _ = shakespeare.split_by_play()
+    base, fts = demo_models(root, quick=quick, out=out)
 
     rows: dict[str, Path] = {"base": base, **{f"fine-tune {g}": p for g, p in zip(GENRES, fts, strict=True)}}
     for method in METHODS:
