@@ -207,6 +207,16 @@ def check_config(cfg: MergeConfig) -> Method:
     return method
 
 
+def _base_as_input(cfg: MergeConfig, method: Method) -> MergeConfig:
+    """A method that has no use for a base merges the ``base_model`` as one more model (mergekit's rule:
+    the base is always one of the inputs), unless ``models`` lists it already."""
+    if method.base != "none" or cfg.base_model is None or cfg.models is None:
+        return cfg
+    if cfg.base_model in [e.model for e in cfg.models]:
+        return cfg
+    return cfg.model_copy(update={"models": [ModelEntry(model=cfg.base_model), *cfg.models]})
+
+
 def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_vocab: bool = False,
               as_given: MergeConfig | None = None, names: list[str] | None = None,
               provenance: list[dict] | None = None, allow_crimes: bool = False) -> Plan:
@@ -219,6 +229,7 @@ def make_plan(cfg: MergeConfig, *, config_dir: Path | None = None, truncate_voca
     standing in for the user's models (e.g. aligned copies), for the model card, messages and caches.
     """
     method = check_config(cfg)
+    cfg = _base_as_input(cfg, method)
     refs = cfg.model_names()
     models = [open_model(n, config_dir) for n in refs]
     if method.stats and any(isinstance(m, AdaptedCheckpoint) for m in models):

@@ -28,9 +28,11 @@ def della_deltas(
     n = len(xs)
     dens = fractions(density, n, "density")
     eps = per_model(epsilon, n, "epsilon")
-    for e in eps:
+    for d, e in zip(dens, eps, strict=True):
         if e < 0.0:
             raise UserError(f"parameter 'epsilon' must be >= 0, got {e}")
+        if 0.0 < d < 1.0 and not (0.0 < d - e and d + e < 1.0):  # mergekit refuses these too
+            raise UserError(f"parameter 'epsilon' {e} with density {d}: density +/- epsilon must lie in (0, 1)")
     return [magprune(t, d, e, rng, rescale) for t, d, e in zip(task_vectors(xs, base), dens, eps, strict=True)]
 
 
@@ -52,8 +54,8 @@ def della_linear(
     Within each row of ``tau_i = x_i - base`` (row = first dimension; the whole tensor when 1-D),
     entries ranked by magnitude (largest first, ties by index) get keep probabilities ``p_j`` linearly
     spaced from ``density_i + e_i`` (largest) to ``density_i - e_i`` (smallest), with
-    ``e_i = min(epsilon_i, density_i, 1 - density_i)`` so that ``p`` stays in ``[0, 1]`` and averages
-    ``density_i`` (the paper spaces drop probabilities over a window of total width epsilon; here the
+    ``e_i = epsilon_i``; ``density_i +/- e_i`` must lie in ``(0, 1)`` (mergekit refuses the rest too), so
+    ``p`` averages ``density_i`` (the paper spaces drop probabilities over a window of total width epsilon; here the
     half-width is ``epsilon``, as mergekit configs use it). ``d_ij = m_ij tau_ij / p_j`` with
     ``m_ij ~ Bernoulli(p_j)``; ``result = base + lambda_ * sum_i w_i d_i`` (divided by ``sum_i w_i``
     when ``normalize``, default False). ``E[d_i] = tau_i``; ``density`` 1 keeps everything exactly.
