@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from modelcypher.errors import UserError
 from modelcypher.merging.methods._drop import magprune_keep_prob
 from modelcypher.merging.registry import get_method
 
@@ -55,3 +57,10 @@ def test_density_one_is_task_arithmetic_and_seeded(merge, gen):
     a = merge("della_linear", xs, base, rng=gen(5), **kw)
     assert torch.equal(a, merge("della_linear", xs, base, rng=gen(5), **kw))
     assert any(not torch.equal(a, merge("della_linear", xs, base, rng=gen(s), **kw)) for s in range(6, 10))
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_epsilon_reaching_outside_the_unit_interval_is_refused(merge, gen, method):
+    """density +- epsilon must lie inside (0, 1), as in mergekit: 0.66 + 0.35 is not."""
+    with pytest.raises(UserError, match="epsilon"):
+        merge(method, [torch.ones(4, 3)], torch.zeros(4, 3), rng=gen(0), density=[0.66], epsilon=[0.35])
