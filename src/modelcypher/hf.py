@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelcypher.arch.families import FAMILIES, family_of
-from modelcypher.checkpoint.reader import TOKENIZER_FILES
+from modelcypher.checkpoint.reader import TOKENIZER_FILES, Checkpoint
 from modelcypher.errors import UserError
 
 
@@ -119,7 +119,13 @@ def load_causal_lm(model_dir: Path, device: torch.device, who: str = "statistics
     """The float32 causal LM saved at ``model_dir`` on ``device`` (eval mode), and its text block length:
     its context, at most ``cap`` tokens."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # Our reader first: every file inside the folder, headers valid, every weight finite (one line if not).
+    ck = Checkpoint(model_dir)
+    for name in ck.names:
+        ck.get(name)
+    hf_logging.disable_progress_bar()  # a refusal or a report is the only thing a verb prints
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     except (ValueError, OSError) as e:

@@ -44,13 +44,13 @@ class Work:
 
     @classmethod
     def copy_of(cls, source: Path, root: Path) -> Work:
-        for name in ("m0", "m1", "m2", "comedy.txt", "tragedy.txt"):
+        for name in ("m0", "m1", "m2", "comedy.txt", "tragedy.txt", "lora"):
             src = source / name
             (shutil.copytree if src.is_dir() else shutil.copyfile)(src, root / name)
         w = cls(root, [root / "m0", root / "m1", root / "m2"], root / "comedy.txt", root / "tragedy.txt",
                 root / "out")
-        w.inputs = [*w.m, w.comedy, w.tragedy]
-        w.outputs = [w.out]
+        w.inputs = [*w.m, w.comedy, w.tragedy, w.lora]
+        w.outputs = [w.out, root / "compare.json", root / "drift.json"]
         return w
 
     # ------------------------------------------------------------------ commands
@@ -77,6 +77,27 @@ class Work:
 
     def diagnose(self, *flags, cfg: dict | None = None) -> list:
         return ["diagnose", self.config(cfg), *flags]
+
+    # the verbs that measure and move adapters: each reads model m1 (and m0)
+
+    @property
+    def lora(self) -> Path:
+        """A PEFT LoRA adapter of m0 (m1's update, extracted at rank 2)."""
+        return self.root / "lora"
+
+    def extract_lora(self, *flags) -> list:
+        return ["extract-lora", self.m[1], "--base", self.m[0], "-o", self.out, "--rank", "2", *flags]
+
+    def compare(self, *flags) -> list:
+        return ["compare", self.m[0], self.m[1], "--probes", self.comedy, "--max-anchors", "64",
+                "--json", self.root / "compare.json", *flags]
+
+    def drift(self, *flags) -> list:
+        return ["drift", self.m[0], self.m[1], "--data", self.comedy, "--json", self.root / "drift.json", *flags]
+
+    def transfer(self, *flags) -> list:
+        return ["transfer", self.lora, "--from", self.m[0], "--to", self.m[1], "-o", self.out, "--probes",
+                self.comedy, "--max-anchors", "256", *flags]
 
     # ------------------------------------------------------------------ mutations
 

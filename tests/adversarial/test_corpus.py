@@ -1,4 +1,5 @@
-"""The adversarial corpus: bad inputs and faults for every verb (merge, align, barrier, diagnose), each
+"""The adversarial corpus: bad inputs and faults for every verb (merge, align, barrier, diagnose, and the later
+extract-lora, compare, drift, transfer, evolve), each
 run through the real command line and checked by :func:`harness.refuse` (exit 2, one line naming the
 culprit, inputs unchanged, no output, no temporary entry, no child process left).
 
@@ -10,6 +11,7 @@ traceback), ``bomb`` (a config out of proportion to its tensors), ``input`` (pla
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -47,10 +49,14 @@ def verb_of(cid: str) -> str:
 
 def command(w: Work, verb: str, *flags) -> list:
     """The verb's usual command on ``w``'s models (merge and diagnose: a TIES config on all three)."""
-    return {"merge": w.merge, "align": w.align, "barrier": w.barrier, "diagnose": w.diagnose}[verb](*flags)
+    verbs = {"merge": w.merge, "align": w.align, "barrier": w.barrier, "diagnose": w.diagnose,
+             "extract_lora": w.extract_lora, "compare": w.compare, "drift": w.drift, "transfer": w.transfer}
+    return verbs[verb](*flags)
 
 
 ALL = ("merge", "align", "barrier", "diagnose")
+# the verbs added since (extract-lora spelled with "_" in case ids); each reads model m1 like the four above
+LATER = ("extract_lora", "compare", "drift", "transfer")
 
 
 def each(cls: str, what: str, verbs=ALL) -> list[str]:
@@ -243,7 +249,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), "generation_config.json"
 
 
-@case(*each("leak", "shard-link-outside"))
+@case(*each("leak", "shard-link-outside"), *each("leak", "shard-link-outside", LATER))
 def _(w, cid):
     (w.root / "elsewhere").mkdir()
     (w.m[1] / SHARD).rename(w.root / "elsewhere" / SHARD)
@@ -252,7 +258,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), "outside the model directory"
 
 
-@case(*each("leak", "config-link-outside"))
+@case(*each("leak", "config-link-outside"), *each("leak", "config-link-outside", LATER))
 def _(w, cid):
     (w.m[1] / "config.json").rename(w.root / "cfg.json")
     (w.m[1] / "config.json").symlink_to(w.root / "cfg.json")
@@ -260,7 +266,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), "outside the model directory"
 
 
-@case(*each("leak", "index-escapes"))
+@case(*each("leak", "index-escapes"), *each("leak", "index-escapes", LATER))
 def _(w, cid):
     (w.root / "outside.safetensors").write_bytes((w.m[1] / SHARD).read_bytes())
     w.inputs.append(w.root / "outside.safetensors")
@@ -300,19 +306,19 @@ def _(w, cid):
     return w.merge(cfg=cfg), FC
 
 
-@case(*each("wrong", "input-nan"))
+@case(*each("wrong", "input-nan"), *each("wrong", "input-nan", LATER))
 def _(w, cid):
     w.poison(1, FC, float("nan"))
     return command(w, verb_of(cid)), FC
 
 
-@case(*each("wrong", "input-inf"))
+@case(*each("wrong", "input-inf"), *each("wrong", "input-inf", LATER))
 def _(w, cid):
     w.poison(1, ATTN, float("-inf"))
     return command(w, verb_of(cid)), ATTN
 
 
-@case(*each("wrong", "header-overlap"))
+@case(*each("wrong", "header-overlap"), *each("wrong", "header-overlap", LATER))
 def _(w, cid):
     def fn(h, body):
         a, b = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])[:2]
@@ -321,7 +327,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), "overlaps"
 
 
-@case(*each("wrong", "header-gap"))
+@case(*each("wrong", "header-gap"), *each("wrong", "header-gap", LATER))
 def _(w, cid):
     def fn(h, body):
         last = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
@@ -355,7 +361,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), FC
 
 
-@case(*each("wrong", "header-unknown-dtype"))
+@case(*each("wrong", "header-unknown-dtype"), *each("wrong", "header-unknown-dtype", LATER))
 def _(w, cid):
     w.edit_header(1, lambda h, body: h[FC].update(dtype="F24"))
     return command(w, verb_of(cid)), "unknown dtype"
@@ -535,7 +541,7 @@ def _(w, cid):
 # ============================================================================ plain bad input
 
 
-@case(*each("input", "model-missing"))
+@case(*each("input", "model-missing"), *each("input", "model-missing", LATER))
 def _(w, cid):
     import shutil
 
@@ -544,26 +550,26 @@ def _(w, cid):
     return command(w, verb_of(cid)), "m1"
 
 
-@case(*each("input", "no-config"))
+@case(*each("input", "no-config"), *each("input", "no-config", LATER))
 def _(w, cid):
     (w.m[1] / "config.json").unlink()
     return command(w, verb_of(cid)), "no config.json"
 
 
-@case(*each("input", "no-weights"))
+@case(*each("input", "no-weights"), *each("input", "no-weights", LATER))
 def _(w, cid):
     (w.m[1] / SHARD).unlink()
     return command(w, verb_of(cid)), "no weights"
 
 
-@case(*each("input", "truncated-shard"))
+@case(*each("input", "truncated-shard"), *each("input", "truncated-shard", LATER))
 def _(w, cid):
     data = (w.m[1] / SHARD).read_bytes()
     (w.m[1] / SHARD).write_bytes(data[:-100])
     return command(w, verb_of(cid)), "truncated"
 
 
-@case(*each("input", "header-garbage"))
+@case(*each("input", "header-garbage"), *each("input", "header-garbage", LATER))
 def _(w, cid):
     data = bytearray((w.m[1] / SHARD).read_bytes())
     data[8:40] = b"{" * 32
@@ -571,7 +577,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), SHARD
 
 
-@case(*each("input", "index-missing-shard"))
+@case(*each("input", "index-missing-shard"), *each("input", "index-missing-shard", LATER))
 def _(w, cid):
     w.index(1, lambda idx: idx["weight_map"].update({FC: "model-00009-of-00009.safetensors"}))
     return command(w, verb_of(cid)), "does not exist"
@@ -641,6 +647,169 @@ def _(w, cid):
 # ============================================================================ running a case
 
 
+# ============================================================================ the later verbs' own inputs
+
+
+@case(*each("loss", "out-inside-input", ("extract_lora", "transfer")))
+def _(w, cid):
+    w.out = w.m[1] / "adapter"
+    w.outputs = [w.out]
+    return command(w, verb_of(cid)), "inside the input model"
+
+
+@case(*each("loss", "out-exists", ("extract_lora", "transfer")))
+def _(w, cid):
+    w.out.mkdir()
+    (w.out / "mine.txt").write_text("mine")
+    w.inputs.append(w.out)
+    w.outputs = []
+    return command(w, verb_of(cid)), "already exists"
+
+
+@case(*each("loss", "out-parent-is-file", ("extract_lora", "transfer")))
+def _(w, cid):
+    (w.root / "afile").write_text("x")
+    w.inputs.append(w.root / "afile")
+    w.out = w.root / "afile" / "out"
+    w.outputs = [w.out]
+    return command(w, verb_of(cid)), "afile"
+
+
+@case(*each("loss", "json-is-folder", ("compare", "drift")))
+def _(w, cid):
+    (w.root / "report").mkdir()
+    w.inputs.append(w.root / "report")
+    return command(w, verb_of(cid), "--json", w.root / "report"), "is a folder"
+
+
+@case(*each("loss", "json-folder-missing", ("compare", "drift")))
+def _(w, cid):
+    return command(w, verb_of(cid), "--json", w.root / "nope" / "r.json"), "does not exist"
+
+
+@case(*each("loss", "json-into-model-folder", ("compare", "drift")))
+def _(w, cid):
+    return command(w, verb_of(cid), "--json", w.m[1] / "report.json"), "inside"
+
+
+@case("input-compare-probes-missing", "input-drift-probes-missing", "input-transfer-probes-missing")
+def _(w, cid):
+    argv = command(w, verb_of(cid))
+    argv[argv.index(w.comedy)] = w.root / "nope.txt"
+    return argv, "nope.txt"
+
+
+@case("input-compare-probes-not-utf8", "input-drift-probes-not-utf8", "input-transfer-probes-not-utf8")
+def _(w, cid):
+    w.comedy.write_bytes(b"\xff\xfe" * 500)
+    return command(w, verb_of(cid)), "comedy.txt"
+
+
+@case("input-extract_lora-rank-zero")
+def _(w, cid):
+    return w.extract_lora("--rank", "0"), "--rank"
+
+
+@case("input-extract_lora-same-model")
+def _(w, cid):
+    argv = w.extract_lora()
+    argv[argv.index(w.m[1])] = w.m[0]
+    return argv, "same"
+
+
+@case("input-transfer-adapter-config-not-json")
+def _(w, cid):
+    (w.lora / "adapter_config.json").write_text("{not json")
+    return w.transfer(), "adapter_config.json"
+
+
+@case("input-transfer-adapter-not-lora")
+def _(w, cid):
+    p = w.lora / "adapter_config.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "peft_type": "IA3"}))
+    return w.transfer(), "IA3"
+
+
+@case("input-transfer-adapter-pickle")
+def _(w, cid):
+    from safetensors.torch import load_file
+
+    sd = load_file(w.lora / "adapter_model.safetensors")
+    (w.lora / "adapter_model.safetensors").unlink()
+    torch.save({"weights": sd, "payload": os.system}, w.lora / "adapter_model.bin")
+    return w.transfer(), "adapter_model.bin"
+
+
+@case("input-transfer-adapter-factor-shape")
+def _(w, cid):
+    from safetensors.torch import load_file, save_file
+
+    path = w.lora / "adapter_model.safetensors"
+    sd = load_file(path)
+    name = next(n for n in sd if "lora_A" in n)
+    sd[name] = torch.zeros(sd[name].shape[0] + 1, sd[name].shape[1])
+    save_file(sd, path)
+    return w.transfer(), "do not fit rank 2"
+
+
+def _search(w, **changes) -> list:
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(w.m[0]), "models": [str(w.m[1]), str(w.m[2])],
+           "search": {"weight": {"min": 0.0, "max": 1.0}}, "objective": {"loss": str(w.comedy)},
+           "optimizer": {"population": 2, "generations": 1, "seed": 0}, **changes}
+    return ["evolve", w.config(cfg, name="search.yaml"), "-o", w.out]
+
+
+@case("input-evolve-unknown-key")
+def _(w, cid):
+    return _search(w, searh={"t": {"min": 0, "max": 1}}), "searh"
+
+
+@case("input-evolve-bounds-out-of-domain")
+def _(w, cid):
+    return _search(w, search={"density": {"min": -0.5, "max": 0.5}}), "density"
+
+
+@case("input-evolve-nothing-to-search")
+def _(w, cid):
+    return _search(w, search={}), "search"
+
+
+@case("input-evolve-parameter-not-of-method")
+def _(w, cid):
+    return _search(w, search={"gamma": {"min": 0.0, "max": 0.5}}), "gamma"
+
+
+@case("input-evolve-objective-text-missing")
+def _(w, cid):
+    return _search(w, objective={"loss": str(w.root / "nope.txt")}), "nope.txt"
+
+
+@case("input-evolve-model-missing")
+def _(w, cid):
+    import shutil
+
+    shutil.rmtree(w.m[1])
+    w.inputs.remove(w.m[1])
+    return _search(w), "m1"
+
+
+@case("input-evolve-workers-zero")
+def _(w, cid):
+    return _search(w) + ["--workers", "0"], "--workers"
+
+
+@case("loss-evolve-out-inside-input")
+def _(w, cid):
+    w.out = w.m[1] / "runs"
+    w.outputs = [w.out]
+    return _search(w), "inside"
+
+
+@case("input-evolve-resume-without-state")
+def _(w, cid):
+    return _search(w) + ["--resume"], str(w.out)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A character-level GPT-2 base with its tokenizer, two small fine-tunes of it, and two texts."""
@@ -649,6 +818,12 @@ def source(tmp_path_factory):
     base = load(base_dir, "gpt2")
     for i in (1, 2):
         finetune(base, seed=i, scale=0.002).save_pretrained(root / f"m{i}")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # B random too, so the adapter changes the model
+    lora = get_peft_model(load(base_dir, "gpt2"), LoraConfig(r=2, target_modules=["c_attn", "c_fc"],
+                                                               init_lora_weights=False))
+    lora.save_pretrained(root / "lora")
     return root
 
 
@@ -678,6 +853,8 @@ def test_corpus_size():
     assert len(CASES) >= 100
     for verb in ALL:
         assert sum(verb_of(c) == verb for c in CASES) >= 20, verb
+    for verb in LATER:
+        assert sum(verb_of(c) == verb for c in CASES) >= 14, verb
 
 
 class _nothing:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from modelcypher.checkpoint.guard import check_output_folder
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.evolve.config import SearchConfig, parse_search
@@ -230,6 +231,7 @@ def run_search(search_file: str | Path, out: str | Path, *, workers: int = 1, ra
         raise UserError(f"--workers {workers}: need at least 1")
     search_file, out = Path(search_file), Path(out)
     cfg = parse_search(search_file)
+    check_output_folder(out, [search_file])  # not a file, not inside a model folder, creatable
     config_dir = search_file.parent
     pool_at = out.resolve() / POOL
     space, identity, plan = _prepare(cfg, config_dir, pool_at)

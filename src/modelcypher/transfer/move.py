@@ -24,6 +24,7 @@ import torch
 
 from modelcypher.arch.families import family_of, layer_index, ties_embeddings
 from modelcypher.checkpoint import Checkpoint
+from modelcypher.checkpoint.guard import check_not_in_model, check_output_dir
 from modelcypher.checkpoint.peft import LoraAdapter, lora_config, write_adapter
 from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
@@ -179,6 +180,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
     if method not in ("orthogonal", "ridge"):
         raise UserError(f"--map {method!r}: expected orthogonal or ridge")
+    check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
+    check_not_in_model(Path(out) / "x")
     adapter = LoraAdapter(adapter_dir)
     ck_a, ck_b = Checkpoint(model_a), Checkpoint(model_b)
     roles_a, roles_b = roles_of(ck_a.config, str(model_a)), roles_of(ck_b.config, str(model_b))
