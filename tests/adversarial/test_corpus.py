@@ -57,6 +57,7 @@ def command(w: Work, verb: str, *flags) -> list:
 ALL = ("merge", "align", "barrier", "diagnose")
 # the verbs added since (extract-lora spelled with "_" in case ids); each reads model m1 like the four above
 LATER = ("extract_lora", "compare", "drift", "transfer")
+LATER_OUT = ("extract_lora", "transfer")  # the later verbs that write a folder
 
 
 def each(cls: str, what: str, verbs=ALL) -> list[str]:
@@ -66,7 +67,7 @@ def each(cls: str, what: str, verbs=ALL) -> list[str]:
 # ============================================================================ loss of user data
 
 
-@case("loss-merge-out-inside-input", "loss-align-out-inside-input")
+@case("loss-merge-out-inside-input", "loss-align-out-inside-input", *each("loss", "out-inside-input", LATER_OUT))
 def _(w, cid):
     w.out = w.m[1] / "sub"
     w.outputs = [w.out]
@@ -103,7 +104,7 @@ def _(w, cid):
     return argv, "current folder"
 
 
-@case("loss-merge-out-parent-is-file", "loss-align-out-parent-is-file")
+@case("loss-merge-out-parent-is-file", "loss-align-out-parent-is-file", *each("loss", "out-parent-is-file", LATER_OUT))
 def _(w, cid):
     (w.root / "afile").write_text("x")
     w.inputs.append(w.root / "afile")
@@ -112,7 +113,7 @@ def _(w, cid):
     return command(w, verb_of(cid)), "is a file"
 
 
-@case("loss-merge-out-exists", "loss-align-out-exists")
+@case("loss-merge-out-exists", "loss-align-out-exists", *each("loss", "out-exists", LATER_OUT))
 def _(w, cid):
     w.out.mkdir()
     (w.out / "keep.txt").write_text("mine")
@@ -648,31 +649,6 @@ def _(w, cid):
 
 
 # ============================================================================ the later verbs' own inputs
-
-
-@case(*each("loss", "out-inside-input", ("extract_lora", "transfer")))
-def _(w, cid):
-    w.out = w.m[1] / "adapter"
-    w.outputs = [w.out]
-    return command(w, verb_of(cid)), "inside the input model"
-
-
-@case(*each("loss", "out-exists", ("extract_lora", "transfer")))
-def _(w, cid):
-    w.out.mkdir()
-    (w.out / "mine.txt").write_text("mine")
-    w.inputs.append(w.out)
-    w.outputs = []
-    return command(w, verb_of(cid)), "already exists"
-
-
-@case(*each("loss", "out-parent-is-file", ("extract_lora", "transfer")))
-def _(w, cid):
-    (w.root / "afile").write_text("x")
-    w.inputs.append(w.root / "afile")
-    w.out = w.root / "afile" / "out"
-    w.outputs = [w.out]
-    return command(w, verb_of(cid)), "afile"
 
 
 @case(*each("loss", "json-is-folder", ("compare", "drift")))

@@ -20,6 +20,7 @@ import torch
 
 from modelcypher.adapters.low_rank import low_rank_factors
 from modelcypher.arch.families import family_of, ties_embeddings
+from modelcypher.checkpoint.guard import check_output_dir
 from modelcypher.checkpoint.peft import lora_config, write_adapter
 from modelcypher.checkpoint.reader import Checkpoint
 from modelcypher.checkpoint.safetensors_io import TensorInfo, read_tensor
@@ -85,12 +86,7 @@ def extract_lora(finetune: str | Path, base: str | Path, out: str | Path, *, ran
         raise UserError(f"--sv-epsilon {sv_epsilon}: must be in [0, 1) (relative to the largest singular value)")
     ft, bs = Checkpoint(finetune), Checkpoint(base)
     _check_pair(ft, bs)
-    out = Path(out)
-    for ck in (ft, bs):
-        if out.resolve() == ck.path.resolve() or out.resolve().is_relative_to(ck.path.resolve()):
-            raise UserError(f"{out}: the adapter may not be written inside the input model {ck.path}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose another output or pass --overwrite")
+    out = check_output_dir(out, [ft.path, bs.path], overwrite=overwrite)  # the guard every writer shares
 
     fam = family_of(ft.config)
     embeddings = {i for i, _ in fam.tied} | {n for n in ft.names if n.endswith(_EMBEDDING_SUFFIXES)}
