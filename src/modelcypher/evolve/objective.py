@@ -16,25 +16,16 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from modelcypher.checkpoint.reader import resolve_path
 from modelcypher.errors import UserError
 from modelcypher.evolve.config import Term
 from modelcypher.hf import context_length, load_tokenizer, read_text, token_ids
+from modelcypher.measure.exact_match import Example, exact_match
 from modelcypher.measure.loss import lm_loss
 
 LOSS_CONTEXT = 1024  # tokens per window of a loss objective, at most
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
-    stop: str = "\n"
 
 
 def read_tasks(path: Path) -> list[Example]:
@@ -54,35 +45,6 @@ def read_tasks(path: Path) -> list[Example]:
     if not out:
         raise UserError(f"{path}: no examples")
     return out
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, examples: list[Example]) -> float:
-    """Share of ``examples`` whose greedy continuation, cut at its stop string, is the answer.
-    Prompts of the same length decode together (no padding)."""
-    device = next(model.parameters()).device
-    n_ctx = context_length(model.config, 1 << 30)
-    enc = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(enc):
-        by_len.setdefault(len(ids), []).append(i)
-    hits = 0
-    for _, idx in sorted(by_len.items()):
-        for s in range(0, len(idx), 256):
-            chunk = idx[s : s + 256]
-            max_new = max(len(tokenizer(examples[i].answer + examples[i].stop, add_special_tokens=False)["input_ids"])
-                          for i in chunk)
-            ids = torch.tensor([enc[i] for i in chunk], device=device)
-            new = []
-            for _ in range(max_new):
-                nxt = model(input_ids=ids[:, -n_ctx:], use_cache=False).logits[:, -1].argmax(-1)
-                new.append(nxt)
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-            gen = torch.stack(new, 1).tolist()
-            for row, i in zip(gen, chunk, strict=True):
-                text = tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                hits += text.split(examples[i].stop, 1)[0] == examples[i].answer
-    return hits / len(examples)
 
 
 def import_function(spec: str, config_dir: Path | None) -> Callable:

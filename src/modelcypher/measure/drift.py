@@ -29,6 +29,7 @@ from modelcypher.errors import UserError
 from modelcypher.hf import context_length, load_causal_lm, load_tokenizer, read_text, resolve_device
 from modelcypher.measure.anchors import pool, segments
 from modelcypher.measure.compare import MAX_SEGMENT_CHARS, MIN_ANCHORS, common, enough
+from modelcypher.measure.exact_match import Example, exact_match
 from modelcypher.measure.maps import cka, mutual_knn
 from modelcypher.measure.plot import pyplot, save_png
 
@@ -83,22 +84,9 @@ def read_task(path: str | Path) -> list[tuple[str, str]]:
     return out
 
 
-@torch.no_grad()
-def exact_match(model: torch.nn.Module, tokenizer, examples: list[tuple[str, str]]) -> float:
+def task_accuracy(model: torch.nn.Module, tokenizer, examples: list[tuple[str, str]]) -> float:
     """Share of examples whose greedy continuation of ``"\\n" + prompt`` is the answer, then a newline."""
-    dev = next(model.parameters()).device
-    hits = 0
-    for prompt, answer in examples:
-        ids = torch.tensor([tokenizer("\n" + prompt, add_special_tokens=False)["input_ids"]], device=dev)
-        start = ids.shape[1]
-        for _ in range(len(answer) + 2):
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], 1)
-            if "\n" in tokenizer.decode(ids[0, start:]):
-                break
-        text = tokenizer.decode(ids[0, start:])
-        hits += text.split("\n")[0] == answer and "\n" in text
-    return hits / len(examples)
+    return exact_match(model, tokenizer, [Example("\n" + prompt, answer, "\n") for prompt, answer in examples])
 
 
 def weight_drift(base: torch.nn.Module, changed: torch.nn.Module, rank: int = SUBSPACE_RANK) -> list[dict]:
@@ -138,8 +126,8 @@ def drift(model_b: str | Path, changed: str | Path, text: str, task: list[tuple[
     report = {"model_b": str(model_b), "changed": str(changed),
               "probabilities": kl_drift(base, other, ids, min(ctx, context_length(other.config, KL_CONTEXT)))}
     if task is not None:
-        report["probabilities"]["task"] = {"examples": len(task), "exact_match_base": exact_match(base, tok, task),
-                                           "exact_match_changed": exact_match(other, tok, task)}
+        report["probabilities"]["task"] = {"examples": len(task), "exact_match_base": task_accuracy(base, tok, task),
+                                           "exact_match_changed": task_accuracy(other, tok, task)}
     segs = segments(text, min(MAX_SEGMENT_CHARS, ctx))
     pooled = [pool(m, tok, segs, ctx, device=dev) for m in (base, other)]
     keep = common(pooled, max_anchors, MIN_ANCHORS, "drift")
