@@ -7,12 +7,13 @@ Three character-level GPT-2s of one shape that differ only in their seed, on the
 - pairwise to the first: the second and third weight-matched onto the first, then averaged;
 - universe matching: every model weight-matched onto a shared universe built iteratively, then averaged;
 - universe + learned: the universe's rotations refined on the loss of ``sum_k lambda_k T_k(theta_k)``,
-  ``lambda ~ Dirichlet(alpha 1)``, on text sampled from the three models (no training text).
+  ``lambda ~ Dirichlet(alpha 1)``, on the training split's text (``--probes sampled``: text sampled
+  from the three models instead, no training text).
 
 Each merged model's test loss against the parents' mean; the loss over the simplex of the three (a
 triangle coloured by loss) for the plain and the universe-aligned models.
 
-Then a width pair trained alike (widths 128 and 192, heads of one size, MLP 4x): the narrow model lifted
+Then a width pair trained alike (widths 256 and 384, heads of one size, MLP 4x): the narrow model lifted
 into the wide one's shape (a rectangular residual transform with orthonormal rows, scaled; zero-padded
 MLP units and heads), its barrier with the wide model with and without weight matching after the lift,
 against the same-width pair's vanilla barrier.
@@ -47,10 +48,20 @@ SEEDS = (0, 1, 2)
 # What 2 CPU cores train in a few minutes per model (float32: zoo.gpt2.TrainConfig.bf16 says why).
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, n_inner=512, block_size=128, batch_size=32, steps=400, lr=3e-3,
               warmup_steps=30, min_lr_ratio=0.1, bf16=False)
-WIDE = dict(n_head=6, n_embd=192, n_inner=768)  # the width pair's wide model: heads of the same size
+# The width pair (the issue's 256 and 384): heads of one size (64), MLP 4x, otherwise the recipe above; the
+# same-width pair is two narrow models of different seeds.
+NARROW = dict(n_head=4, n_embd=256, n_inner=1024)
+WIDE = dict(n_head=6, n_embd=384, n_inner=1536)
 EVAL_TOKENS = 16384
 SIMPLEX_STEPS = 6  # points per edge of the simplex grid, less one
-LEARN = dict(steps=300, lr=1e-3, tokens=32768, alpha=0.1)
+# Learned refinement: Adam steps, step size, probe tokens, Dirichlet alpha (the paper's 0.1), and the probe
+# text: "train" (the training split, the text the models were trained on) or "sampled" (from the models).
+LEARN = dict(steps=300, lr=1e-3, tokens=32768, alpha=0.1, alphas=(0.1, 1.0), probes="sampled")
+
+
+def learned_row(alpha: float) -> str:
+    """The merges table's row of learned refinement with Dirichlet ``alpha`` (the default's row unmarked)."""
+    return "universe + learned" + ("" if alpha == LEARN["alpha"] else f", alpha {alpha:g}")
 
 
 def trained(recipe: dict, seed: int, text: tuple[str, str, str]) -> Path:
@@ -86,7 +97,8 @@ def merges(narrow: list[Path], text: tuple[str, str, str], device: str, learn: d
     """The three models merged by a plain average, after pairwise alignment to the first, after universe
     matching, and after universe matching with learned refinement; losses at the centroid and over the
     simplex."""
-    from modelcypher.align.pipeline import match, match_to_universe, spec_of
+    from modelcypher.align.learned_matching import refine_universe
+    from modelcypher.align.pipeline import learning_batches, match, match_to_universe, spec_of
     from modelcypher.align.transform import Alignment, apply
     from modelcypher.checkpoint import Checkpoint
     from modelcypher.hf import causal_lm
@@ -107,13 +119,21 @@ def merges(narrow: list[Path], text: tuple[str, str, str], device: str, learn: d
     pairwise = [identity] + [match(ck, cks[0], spec, opts, torch.device(device))[0] for ck in cks[1:]]
     found["pairwise to the first"] = (pairwise, {"seconds": time.perf_counter() - t0})
     t0 = time.perf_counter()
-    alignments, facts = match_to_universe(cks, spec, opts, torch.device(device))
-    found["universe"] = (alignments, {**facts, "seconds": time.perf_counter() - t0})
-    t0 = time.perf_counter()
-    learned = opts.model_copy(update={"method": "learned", "steps": learn["steps"], "lr": learn["lr"],
-                                      "probe_tokens": learn["tokens"], "alpha": learn["alpha"]})
-    alignments, facts = match_to_universe(cks, spec, learned, torch.device(device))
-    found["universe + learned"] = (alignments, {**facts, "seconds": time.perf_counter() - t0})
+    universe, facts = match_to_universe(cks, spec, opts, torch.device(device))
+    found["universe"] = (universe, {**facts, "seconds": time.perf_counter() - t0})
+    # Learned refinement starts from this very universe (what match_to_universe does for method "learned",
+    # without running the weight matching a second time), once per Dirichlet alpha.
+    probe_text = text[0] if learn["probes"] == "train" else None  # the training split, or sampled text
+    for alpha in learn["alphas"]:
+        t0 = time.perf_counter()
+        learned = opts.model_copy(update={"method": "learned", "steps": learn["steps"], "lr": learn["lr"],
+                                          "probe_tokens": learn["tokens"], "alpha": alpha})
+        batches, tokens, probes = learning_batches(tuple(cks), spec, learned, torch.device(device), probe_text)
+        refined, losses = refine_universe(raws, cks[0].config, universe, batches, alpha=alpha, steps=learned.steps,
+                                          lr=learned.lr, seed=learned.seed, device=device)
+        found[learned_row(alpha)] = (refined, {**facts, "alpha": alpha, "tokens": tokens, "probes": probes,
+                                               "steps": learned.steps, "mixture_loss": [losses[0], losses[-1]],
+                                               "seconds": time.perf_counter() - t0})
     parents = [loss(full((sd, ck.config))) for sd, ck in zip(raws, cks, strict=True)]
     rows = {}
     for name, (aligned, facts) in found.items():
@@ -133,8 +153,7 @@ def widths(narrow: list[Path], wide: Path, text: tuple[str, str, str], device: s
     from modelcypher.measure.barrier import barrier_curve
 
     out = {}
-    pairs = (("width pair (192, 128)", wide, narrow[0]), ("same-width pair (128, 128)", narrow[1], narrow[0]))
-    for name, a, b in pairs:
+    for name, a, b in (("width pair", wide, narrow[0]), ("same-width pair", narrow[1], narrow[0])):
         t0 = time.perf_counter()
         r = barrier_curve(a, b, text[2], align="weight", vo=True, qk=True, max_tokens=EVAL_TOKENS, device=device)
         out[name] = {"raw": r["raw"], "aligned": r["aligned"], "lambdas": r["lambdas"], "lifted": r.get("lifted"),
@@ -143,9 +162,9 @@ def widths(narrow: list[Path], wide: Path, text: tuple[str, str, str], device: s
     t0 = time.perf_counter()  # the width pair again, with learned matching on text sampled from the two models
     r = barrier_curve(wide, narrow[0], text[2], align="learned", steps=LEARN["steps"], lr=LEARN["lr"],
                       probe_tokens=LEARN["tokens"], max_tokens=EVAL_TOKENS, device=device)
-    out["width pair (192, 128), learned on sampled text"] = {"raw": r["raw"], "aligned": r["aligned"],
-                                                             "lambdas": r["lambdas"], "lifted": r.get("lifted"),
-                                                             "seconds": time.perf_counter() - t0}
+    out["width pair, learned"] = {"raw": r["raw"], "aligned": r["aligned"], "lambdas": r["lambdas"],
+                                  "lifted": r.get("lifted"), "steps": LEARN["steps"], "lr": LEARN["lr"],
+                                  "tokens": LEARN["tokens"], "seconds": time.perf_counter() - t0}
     print(f"width pair, learned: aligned {r['aligned']['barrier']:.4f}", flush=True)
     return out
 
@@ -175,6 +194,7 @@ def plot_simplex(result: dict, png: Path) -> None:
 
 
 def markdown(result: dict) -> str:
+    learn = {**LEARN, **result.get("learned", {})}  # the settings the recorded run used
     r = result["recipe"]
     m = result.get("merges") or {"parents": [float("nan")] * 3, "eval_tokens": EVAL_TOKENS, "rows": {}}
     w = result.get("widths") or {}
@@ -193,11 +213,15 @@ def markdown(result: dict) -> str:
     if not m["rows"]:
         lines.append("| (not measured yet) | | |")
     u = m["rows"].get("universe", {"rounds": 0, "movement": [], "simplex": []})
+    ul = m["rows"].get("universe + learned", {})
+    learned_rows = {n: r for n, r in m["rows"].items() if n.startswith("universe + learned")}
     lines += ["", f"Alignment: weight matching with permutations, orthogonal residual (LayerNorm-aware), V-O and Q-K "
               f"bases. Universe matching: {u['rounds']} rounds, the universe's relative movement per round "
-              f"{', '.join(f'{x:.2g}' for x in u['movement'])}. Learned refinement: {LEARN['steps']} Adam steps "
-              f"(lr {LEARN['lr']:g}) on Dirichlet({LEARN['alpha']:g}) mixtures of the three, on "
-              f"{LEARN['tokens']} tokens sampled from the models themselves (no training text).", "",
+              f"{', '.join(f'{x:.2g}' for x in u['movement'])}. Learned refinement: {learn['steps']} Adam steps "
+              f"(lr {learn['lr']:g}) on Dirichlet(alpha 1) mixtures of the three (alpha {learn['alpha']:g}, the "
+              "paper's and the default, draws near the corners and edges; alpha 1 uniformly over the triangle), on "
+              f"{ul.get('tokens', learn['tokens'])} tokens of "
+              f"{'the training split' if ul.get('probes') == 'text' else 'text sampled from the models'}.", "",
               "Simplex (`universe_simplex.png`): the loss at "
               f"{len(u['simplex'])} points of the triangle of the three models, plain and universe-aligned.", ""]
     if u["movement"]:
@@ -206,33 +230,45 @@ def markdown(result: dict) -> str:
                   f"universe's movement) {'in' if converged else 'within the cap of'} {u['rounds']} rounds"
                   + ("" if converged else ": between independently trained models the permutations of a round "
                      "still move (the movement is not monotone), and the rounds stop at the cap") + "."]
-    ul = m["rows"].get("universe + learned", {})
-    if "mixture_loss" in ul:
-        lines += ["", f"Learned refinement: mixture loss on the sampled text {ul['mixture_loss'][0]:.4f} -> "
-                  f"{ul['mixture_loss'][1]:.4f} over its {LEARN['steps']} steps; Dirichlet({LEARN['alpha']:g}) draws "
-                  "sit mostly near the corners, where the loss is already low.", ""]
-    goal = m["rows"].get("universe + learned", {"gap": float("nan")})["gap"]
-    lines += [f"Goal (universe + learned within 0.1 nats of the parents' mean): {'met' if goal <= 0.1 else 'not met'} "
-              f"({goal:+.3f}).", "", "| pair | barrier without alignment | after weight matching |", "|---|---|---|"]
+    lines += [""]
+    for name, row in learned_rows.items():
+        if "mixture_loss" in row:
+            lines += [f"- {name}: mixture loss on its probe text {row['mixture_loss'][0]:.4f} -> "
+                      f"{row['mixture_loss'][1]:.4f} over {row['steps']} steps ({row['seconds']:.0f} s)."]
+    for other in m.get("other_runs", []):  # the same refinement with another number of steps, kept by hand
+        lines += [f"- with {other['steps']} steps instead: "
+                  + ", ".join(f"{n} {g:+.4f}" for n, g in other["gaps"].items()) + " over the parents' mean."]
+    best = min(learned_rows, key=lambda n: learned_rows[n]["gap"], default=None)
+    goal = learned_rows[best]["gap"] if best else float("nan")
+    lines += ["", f"Goal (universe + learned within 0.1 nats of the parents' mean): "
+              f"{'met' if goal <= 0.1 else 'not met'} ({goal:+.3f}, {best}).", "",
+              "| pair | barrier without alignment | after weight matching |", "|---|---|---|"]
     for name, row in w.items():
         raw = "lifted, unaligned" if row.get("lifted") else "raw"
         if "learned" not in name:
             lines.append(f"| {name} | {row['raw']['barrier']:.4f} ({raw}) | {row['aligned']['barrier']:.4f} |")
     if not w:
         return "\n".join([*lines, "| (not measured yet) | | |", ""])
-    wp, sp = w["width pair (192, 128)"], w["same-width pair (128, 128)"]
+    nw, ww = result.get("narrow", NARROW), result.get("wide", WIDE)
+    wp, sp = w["width pair"], w["same-width pair"]
     ratio = wp["aligned"]["barrier"] / sp["raw"]["barrier"] if sp["raw"]["barrier"] > 0 else float("nan")
-    learned = w.get("width pair (192, 128), learned on sampled text")
+    learned = w.get("width pair, learned")
+    lines += ["", f"Width pair: the width-{nw['n_embd']} model (seed {SEEDS[0]}; {nw['n_head']} heads, MLP "
+              f"{nw['n_inner']}) lifted into the width-{ww['n_embd']} model's shape (seed {SEEDS[1]}; {ww['n_head']} "
+              f"heads of the same size, MLP {ww['n_inner']}), both otherwise the recipe above: residual x -> x T with "
+              f"T = sqrt({ww['n_embd']}/{nw['n_embd']}) times a matrix with orthonormal rows fixing the all-ones "
+              "direction, zero MLP units and heads; then weight matching onto the wide model. The same-width pair: "
+              f"the width-{nw['n_embd']} models of seeds {SEEDS[0]} and {SEEDS[1]}. After weight matching the width "
+              f"pair's barrier is {ratio:.0%} of the same-width pair's vanilla barrier."]
     if learned:
+        lr_ratio = learned["aligned"]["barrier"] / sp["raw"]["barrier"]
         lines += ["", f"With learned matching after the lift (the rotations refined on the midpoint's loss, "
-                  f"{LEARN['steps']} steps on {LEARN['tokens']} tokens sampled from the two models) the width pair's "
-                  f"barrier is {learned['aligned']['barrier']:.4f}, "
-                  f"{learned['aligned']['barrier'] / sp['raw']['barrier']:.0%} of the same-width vanilla barrier."]
-    lines += ["", f"Width pair: the width-128 model (seed {SEEDS[0]}) lifted into the width-192 model's shape "
-              f"(seed {SEEDS[1]}; 6 heads of 32, MLP 768): residual x -> x T with T = sqrt(192/128) times a "
-              "matrix with orthonormal rows fixing the all-ones direction, zero MLP units and heads; then weight "
-              f"matching onto the wide model. Its barrier is {ratio:.0%} of the same-width pair's vanilla barrier "
-              f"(goal: under 25%: {'met' if ratio < 0.25 else 'not met'}).", ""]
+                  f"{learned['steps']} steps on {learned['tokens']} tokens sampled from the two models) the width "
+                  f"pair's barrier is {learned['aligned']['barrier']:.4f}, {lr_ratio:.0%} of the same-width vanilla "
+                  "barrier."]
+        ratio = min(ratio, lr_ratio)
+    lines += ["", f"Goal (the width pair's barrier after the lift and alignment under 25% of the same-width pair's "
+              f"vanilla barrier): {'met' if ratio < 0.25 else 'not met'} ({ratio:.0%}).", ""]
     return "\n".join(lines)
 
 
@@ -242,6 +278,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, help="override the recipe's training steps")
     ap.add_argument("--learn-steps", type=int, help="override learned refinement's Adam steps")
+    ap.add_argument("--learn-lr", type=float, help="override learned refinement's step size")
+    ap.add_argument("--probes", choices=("train", "sampled"), help="learned refinement's probe text")
+    ap.add_argument("--alphas", help="comma-separated Dirichlet alphas of learned refinement (default 0.1,1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
     ap.add_argument("--only", choices=("merges", "widths"), help="measure only this part; keep the other from "
@@ -250,28 +289,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.steps:
         RECIPE["steps"] = args.steps
-    text = splits()
-    narrow = [trained(RECIPE, s, text) for s in SEEDS]
-    wide = None if args.only == "merges" else trained({**RECIPE, **WIDE}, SEEDS[1], text)
-    if args.train_only:
-        print("trained:", *map(str, narrow + [wide]))
-        return
     if args.render:
         result = json.loads((RESULTS / "universe.json").read_text())
         if "merges" in result:
             plot_simplex(result, RESULTS / "universe_simplex.png")
         (RESULTS / "universe.md").write_text(markdown(result))
         return
+    text = splits()
+    narrow = [trained(RECIPE, s, text) for s in SEEDS]
+    pair = [] if args.only == "merges" else [trained({**RECIPE, **NARROW}, s, text) for s in SEEDS[:2]]
+    wide = None if args.only == "merges" else trained({**RECIPE, **WIDE}, SEEDS[1], text)
+    if args.train_only:
+        print("trained:", *map(str, narrow + pair + [wide]))
+        return
     t0 = time.perf_counter()
-    LEARN.update(steps=args.learn_steps or LEARN["steps"])
+    LEARN.update(steps=args.learn_steps or LEARN["steps"], lr=args.learn_lr or LEARN["lr"],
+                 probes=args.probes or LEARN["probes"],
+                 alphas=tuple(float(a) for a in args.alphas.split(",")) if args.alphas else LEARN["alphas"])
     parts = {}
     if args.only != "widths":
         parts["merges"] = merges(narrow, text, args.device, LEARN)
     if args.only != "merges":
-        parts["widths"] = widths(narrow, wide, text, args.device)
+        parts["widths"] = widths(pair, wide, text, args.device)
     old = RESULTS / "universe.json"
     result = json.loads(old.read_text()) if args.only and old.is_file() else {}  # the other part, kept
-    result.update({"recipe": RECIPE, "wide": WIDE, "seeds": SEEDS, "learned": LEARN, **parts,
+    result.update({"recipe": RECIPE, "narrow": NARROW, "wide": WIDE, "seeds": SEEDS, "learned": LEARN, **parts,
                    "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform()}})
     result[f"seconds_{args.only or 'all'}"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
