@@ -60,11 +60,22 @@ def task_file(data: dict, task: str, split: int, n: int | None = None) -> Path:
 
 
 def search_file(name: str, base: Path, fts: dict[str, Path], own_val: dict[str, float], data: dict,
-                population: int, generations: int, sigma: float, n: int | None = None) -> Path:
+                population: int, generations: int, sigma: float, n: int | None = None, method: str = "task_arithmetic",
+                granularity: int = 1, filters: tuple[str, ...] = ()) -> Path:
+    """The search file: ``method``'s per-model ``weight`` per layer group (and tensor filter) in [0, 2] (centre:
+    every weight 1); TIES also searches its global ``lambda`` in [1, 3] (centre 2, the table's choice) at the
+    table's density 0.5."""
+    space = {"weight": {"min": 0.0, "max": 2.0}, "layer_granularity": granularity}
+    fixed = {}
+    if method == "ties":
+        space["lambda"] = {"min": 1.0, "max": 3.0}
+        fixed = {"density": 0.5}
+    if filters:
+        space["filters"] = list(filters)
     spec = {
-        "merge_method": "task_arithmetic", "base_model": str(base), "models": [str(p) for p in fts.values()],
-        "dtype": "float32",
-        "search": {"weight": {"min": 0.0, "max": 2.0}, "layer_granularity": 1},
+        "merge_method": method, "base_model": str(base), "models": [str(p) for p in fts.values()],
+        "dtype": "float32", **({"parameters": fixed} if fixed else {}),
+        "search": space,
         "objective": [{"task": task_file(data, t, 1, n).name, "weight": 1 / (len(fts) * own_val[t])} for t in fts],
         "optimizer": {"population": population, "generations": generations, "seed": 0, "sigma": sigma},
     }
@@ -81,7 +92,9 @@ def test_score(config: Path | dict, out: Path, tok, data: dict, own_test: dict[s
 
 
 def run_search(args, base, fts, own_val, own_test, tok, data, log) -> dict:
-    search = search_file("search.yaml", base, fts, own_val, data, args.population, args.generations, args.sigma)
+    search = search_file("search.yaml", base, fts, own_val, data, args.population, args.generations, args.sigma,
+                         method=args.method, granularity=args.granularity,
+                         filters=tuple(f for f in args.filters.split(",") if f))
     out = WORK / "search"
     if out.exists() and not args.resume:
         shutil.rmtree(out)
@@ -165,8 +178,16 @@ def write(res: dict) -> None:
         s = res["search"]
         rep = s["report"]
         opt = s["search"]["optimizer"]
+        method = mt.METHOD_NAMES[s["search"]["merge_method"]]
+        space = s["search"]["search"]
+        per = "layer" if space.get("layer_granularity", 1) == 1 else f"group of {space['layer_granularity']} layers"
+        desc = (f"`weight` per model per {per}" + (f" and tensor filter ({', '.join(space['filters'])})"
+                                                   if space.get("filters") else "") + " in [0, 2]"
+                + (f", `lambda` in [{space['lambda']['min']:g}, {space['lambda']['max']:g}]"
+                   if "lambda" in space else "")
+                + "".join(f", {k} {v}" for k, v in s["search"].get("parameters", {}).items()))
         head = ["Model", *names, "Avg", "Norm. avg", "Source"]
-        lines += ["## Evolved task arithmetic vs the table's best", "",
+        lines += [f"## Evolved {method} vs the table's best", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def row(label, acc, norm, src):
@@ -174,8 +195,7 @@ def write(res: dict) -> None:
                          + f" | {100 * sum(acc.values()) / len(acc):.1f} | {100 * norm:.1f} | {src} |")
 
         row("Individual fine-tunes (each on its own task)", res["own_test"], 1.0, "measured here")
-        row("Evolved task arithmetic (weight per model per layer)", s["best"]["test"], s["best"]["test_norm"],
-            "measured here")
+        row(f"Evolved {method} ({desc})", s["best"]["test"], s["best"]["test_norm"], "measured here")
         for m in ("distill", "ties", "task_arithmetic"):
             r = rec["methods"][m]
             row(mt.METHOD_NAMES[m] + f" ({mt.fmt_point(r['params'])})", r["test"], r["test_norm"],
@@ -187,8 +207,8 @@ def write(res: dict) -> None:
                   "same seeds differ slightly (own test accuracy within 1 point per task), so the rows merged again "
                   "here are the like-for-like comparison."]
         g0 = rep["generations"][0]
-        lines += ["", f"Search: {len(s['report']['best_values'])} values (task arithmetic, `weight` per model per "
-                  f"layer in [0, 2]), CMA-ES population {opt['population']}, {opt['generations']} generations "
+        lines += ["", f"Search: {len(s['report']['best_values'])} values ({method}, {desc}), CMA-ES population "
+                  f"{opt['population']}, {opt['generations']} generations "
                   f"({rep['evaluations']} candidates), sigma {opt['sigma']}, seed {opt['seed']}, "
                   f"{res['workers']} Ray workers. Fitness = normalized average on the validation split (200 examples "
                   f"per task). First generation: best {g0['best']:.4f}, median {g0['median']:.4f}; best "
@@ -223,6 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--method", default="task_arithmetic", choices=("task_arithmetic", "ties"))
+    ap.add_argument("--granularity", type=int, default=1, help="layers per group")
+    ap.add_argument("--filters", default="", help="comma-separated tensor filters, each its own weights")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
