@@ -7,8 +7,8 @@ Three character-level GPT-2s of one shape that differ only in their seed, on the
 - pairwise to the first: the second and third weight-matched onto the first, then averaged;
 - universe matching: every model weight-matched onto a shared universe built iteratively, then averaged;
 - universe + learned: the universe's rotations refined on the loss of ``sum_k lambda_k T_k(theta_k)``,
-  ``lambda ~ Dirichlet(alpha 1)``, on the training split's text (``--probes sampled``: text sampled
-  from the three models instead, no training text).
+  ``lambda ~ Dirichlet(alpha 1)``, once with alpha 0.1 (the paper's) and once with alpha 1, on text sampled
+  from the three models, no training text (``--probes train``: the training split instead).
 
 Each merged model's test loss against the parents' mean; the loss over the simplex of the three (a
 triangle coloured by loss) for the plain and the universe-aligned models.
@@ -218,8 +218,9 @@ def markdown(result: dict) -> str:
     lines += ["", f"Alignment: weight matching with permutations, orthogonal residual (LayerNorm-aware), V-O and Q-K "
               f"bases. Universe matching: {u['rounds']} rounds, the universe's relative movement per round "
               f"{', '.join(f'{x:.2g}' for x in u['movement'])}. Learned refinement: {learn['steps']} Adam steps "
-              f"(lr {learn['lr']:g}) on Dirichlet(alpha 1) mixtures of the three (alpha {learn['alpha']:g}, the "
-              "paper's and the default, draws near the corners and edges; alpha 1 uniformly over the triangle), on "
+              f"(lr {learn['lr']:g}) on Dirichlet(alpha x (1, 1, 1)) mixtures of the three, once with alpha "
+              f"{learn['alpha']:g} (the paper's and the default: draws near the corners and edges) and once with "
+              "alpha 1 (uniform over the triangle), on "
               f"{ul.get('tokens', learn['tokens'])} tokens of "
               f"{'the training split' if ul.get('probes') == 'text' else 'text sampled from the models'}.", "",
               "Simplex (`universe_simplex.png`): the loss at "

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +54,24 @@ def local_ray():
     yield ray
     ray.shutdown()
 
+
+
+@pytest.fixture
+def killed_search():
+    """Run ``modelcypher evolve SEARCH -o OUT`` as a real process (its own group, with its embedded Ray)
+    and SIGKILL the group as soon as it prints a line starting with ``after``."""
+
+    def run(search: Path, out: Path, after: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.Popen([sys.executable, "-m", "modelcypher", "evolve", str(search), "-o", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                             start_new_session=True)  # its own group: the kill takes its Ray processes too
+        try:
+            for line in p.stdout:
+                if line.startswith(after):
+                    break
+        finally:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    return run

@@ -5,11 +5,7 @@ the models) whose best.yaml merges to the candidate, resume, bad input in one li
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -294,23 +290,13 @@ def test_a_search_stopped_after_a_generation_resumes_to_the_uninterrupted_result
         evolve(other, out, resume=True)
 
 
-
-def test_a_dataflow_search_killed_mid_run_resumes_to_the_uninterrupted_result(zoo, local_ray, tmp_path):
+def test_a_dataflow_search_killed_mid_run_resumes_to_the_uninterrupted_result(zoo, local_ray, tmp_path,
+                                                                              killed_search):
     """A real run (its own process and embedded Ray) killed with SIGKILL once generation 1 is recorded,
     then resumed, reaches the best fitness, values and recipe of a run never interrupted."""
     search = write(zoo, "df-kill.yaml", SEARCH.replace("generations: 2", "generations: 3"))
     whole = evolve(search, tmp_path / "whole", workers=2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    p = subprocess.Popen([sys.executable, "-m", "modelcypher", "evolve", str(search), "-o", str(tmp_path / "cut")],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                         start_new_session=True)  # its own group: the kill takes its Ray processes too
-    try:
-        for line in p.stdout:
-            if line.startswith("generation 1/3"):
-                break
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+    killed_search(search, tmp_path / "cut", after="generation 1/3")
     cut = json.loads((tmp_path / "cut" / "state.json").read_text())
     assert 1 <= len(cut["generations"]) < 3
     resumed = evolve(search, tmp_path / "cut", workers=2, resume=True)

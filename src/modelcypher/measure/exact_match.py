@@ -43,6 +43,10 @@ def _by_prompt_length(enc: list[list[int]], idx: Sequence[int]) -> list[list[int
     return [ids[s : s + CHUNK] for _, ids in sorted(by_len.items()) for s in range(0, len(ids), CHUNK)]
 
 
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 @torch.no_grad()
 def greedy_verdicts(model, tokenizer, examples: Sequence[Example], idx: Sequence[int],
                     enc: list[list[int]], targets: list[list[int]]) -> dict[int, bool]:
@@ -59,13 +63,8 @@ def greedy_verdicts(model, tokenizer, examples: Sequence[Example], idx: Sequence
             new.append(nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         for row, i in zip(torch.stack(new, 1).tolist(), chunk, strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            out[i] = _hit(text, examples[i])
+            out[i] = _hit(_decode(tokenizer, row), examples[i])
     return out
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def exact_match(model, tokenizer, examples: Sequence[Example]) -> float:
