@@ -257,11 +257,13 @@ def _transfer(args: argparse.Namespace) -> int:
     from modelcypher.transfer.move import transfer_adapter
 
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
-                              rank=args.rank, method=args.map, max_anchors=args.max_anchors, device=args.device,
+                              rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
+                              device=args.device,
                               overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
     print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
-          f"({report['anchors']} anchors, {report['map']} maps); update error on the anchors: mean "
+          f"({report['anchors']} {report['anchor_kind']} anchors, {report['map']} maps); "
+          "update error on the anchors: mean "
           f"{sum(errs) / len(errs):.3g}, max {max(errs):.3g}; wrote {report['output']}")
     for c in report["correspondence"]:
         print(f"  block {c['block_a']} of A -> block {c['block_b']} of B")
@@ -446,8 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=_positive_int, default=16, help="rank of the moved updates (default 16)")
     t.add_argument("--map", default="orthogonal", choices=("orthogonal", "ridge"),
                    help="maps between the spaces: orthogonal Procrustes (default) or ridge regression")
-    t.add_argument("--max-anchors", type=_positive_int, default=4096,
-                   help="words of the probe text used (default 4096)")
+    t.add_argument("--anchors", default="tokens", choices=("tokens", "words"),
+                   help="anchor on every character offset where both tokenizers end a token (default), or on "
+                   "whole words (their tokens averaged)")
+    t.add_argument("--max-anchors", type=_positive_int, default=16000,
+                   help="anchors of the probe text used, evenly thinned (default 16000)")
     t.add_argument("--device", default="auto", type=_device)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_transfer)

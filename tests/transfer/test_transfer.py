@@ -86,7 +86,7 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
     with pytest.raises(UserError, match="which do not fit|has shape"):
         transfer_adapter(adapter, other, b, tmp_path / "o1", text=text, device="cpu")  # adapter for another base
     with pytest.raises(UserError, match="at least 64 words"):
-        transfer_adapter(adapter, a, b, tmp_path / "o2", text=cm.probe_text(300), device="cpu")
+        transfer_adapter(adapter, a, b, tmp_path / "o2", text=cm.probe_text(300), anchors="words", device="cpu")
     with pytest.raises(UserError, match="at least 32 are needed"):
         transfer_adapter(adapter, a, b, tmp_path / "o2", text="too short", device="cpu")
     with pytest.raises(UserError, match="not a PEFT adapter"):

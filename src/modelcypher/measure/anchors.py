@@ -51,6 +51,23 @@ def segments(text: str, max_chars: int) -> list[Segment]:
     return out
 
 
+def token_segments(segs: list[Segment], tokenizers) -> list[Segment]:
+    """The same text, anchored where every tokenizer ends a token: one anchor per character offset ``c``
+    that ends a token of each tokenizer, as the one-character span ``[c - 1, c)``. The token holding that
+    character ends at ``c`` in every model, so its hidden state has read exactly ``text[:c]`` in each: the
+    anchors compare models on identical prefixes, token by token (every character for two character-level
+    models, every BPE token against a character model)."""
+    out = []
+    for seg in segs:
+        ends = None
+        for tok in tokenizers:
+            _, offs = _offsets(tok, seg.text)
+            e = {b for a, b in offs if b > a}
+            ends = e if ends is None else ends & e
+        out.append(Segment(seg.text, tuple((c - 1, c) for c in sorted(ends or ()) if c > 0)))
+    return out
+
+
 def pooling_weights(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...], length: int) -> torch.Tensor:
     """``[n_spans, length]``: row ``i`` averages the tokens whose characters overlap span ``i`` (zero rows
     for spans no token covers, e.g. cut off by the context)."""

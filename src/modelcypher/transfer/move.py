@@ -28,7 +28,7 @@ from modelcypher.checkpoint.guard import check_not_in_model, check_output_dir
 from modelcypher.checkpoint.peft import LoraAdapter, lora_config, write_adapter
 from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
-from modelcypher.measure.anchors import default_probes, pool, segments
+from modelcypher.measure.anchors import default_probes, pool, segments, token_segments
 from modelcypher.measure.compare import MAX_SEGMENT_CHARS, MIN_ANCHORS, Side, common, enough, open_side
 from modelcypher.measure.maps import cka, layer_correspondence
 from modelcypher.transfer.spaces import KINDS, Roles, SpaceMap, fit_map, refactor, roles_of
@@ -176,10 +176,13 @@ def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str,
 
 def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str | Path, out: str | Path, *,
                      text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
-                     max_anchors: int = 4096, device: str = "auto", overwrite: bool = False) -> dict:
+                     max_anchors: int = 16000, anchors: str = "tokens", device: str = "auto",
+                     overwrite: bool = False) -> dict:
     """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
     if method not in ("orthogonal", "ridge"):
         raise UserError(f"--map {method!r}: expected orthogonal or ridge")
+    if anchors not in ("tokens", "words"):
+        raise UserError(f"--anchors {anchors!r}: expected tokens or words")
     check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
     check_not_in_model(Path(out) / "x")
     adapter = LoraAdapter(adapter_dir)
@@ -195,6 +198,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     dev = resolve_device(device)
     sides = [open_side(model_a, dev), open_side(model_b, dev)]
     segs = segments(text, min(MAX_SEGMENT_CHARS, *(s.context for s in sides)))
+    if anchors == "tokens":
+        segs = token_segments(segs, [s.tokenizer for s in sides])
     n_blocks = [s.model.config.num_hidden_layers for s in sides]
     pooled = [pool(s.model, s.tokenizer, segs, s.context, hooks(s, r, n), dev)
               for s, r, n in zip(sides, (roles_a, roles_b), n_blocks, strict=True)]
@@ -204,7 +209,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     split_qkv(xb, roles_b, n_blocks[1], qkv_widths(ck_b.config))
     widest = max(v.shape[1] for v in (*xa.values(), *xb.values()))
     if len(keep) < widest:
-        raise UserError(f"transfer: the probe text gives {len(keep)} anchors (words both models read), fewer than "
+        raise UserError(f"transfer: the probe text gives {len(keep)} anchors ({anchors} both models read), fewer than "
                         f"the widest space it maps ({widest} dimensions): give a --probes text of at least "
                         f"{widest} words (several times that for models that are not exact copies)")
     states = tuple([h[keep] for h in p.states] for p in pooled)
@@ -252,7 +257,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                          alpha_pattern={n: r for n, r in ranks.items() if r != r0},
                          fan_in_fan_out=roles_b.conv1d, base_model_name_or_path=str(model_b))
     report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
-              "anchors": len(keep), "map": method, "rank": r0,
+              "anchors": len(keep), "anchor_kind": anchors, "map": method, "rank": r0,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
               "modules": rows,
               "maps": {f"A{i}->B{j}:{s}": m.summary() for (i, j, s), m in maps.cache.items()}}
