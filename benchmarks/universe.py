@@ -97,8 +97,7 @@ def merges(narrow: list[Path], text: tuple[str, str, str], device: str, learn: d
     """The three models merged by a plain average, after pairwise alignment to the first, after universe
     matching, and after universe matching with learned refinement; losses at the centroid and over the
     simplex."""
-    from modelcypher.align.learned_matching import refine_universe
-    from modelcypher.align.pipeline import learning_batches, match, match_to_universe, spec_of
+    from modelcypher.align.pipeline import match, match_to_universe, spec_of
     from modelcypher.align.transform import Alignment, apply
     from modelcypher.checkpoint import Checkpoint
     from modelcypher.hf import causal_lm
@@ -121,19 +120,14 @@ def merges(narrow: list[Path], text: tuple[str, str, str], device: str, learn: d
     t0 = time.perf_counter()
     universe, facts = match_to_universe(cks, spec, opts, torch.device(device))
     found["universe"] = (universe, {**facts, "seconds": time.perf_counter() - t0})
-    # Learned refinement starts from this very universe (what match_to_universe does for method "learned",
-    # without running the weight matching a second time), once per Dirichlet alpha.
+    # Learned refinement starts from this very universe (not matched a second time), once per Dirichlet alpha.
     probe_text = text[0] if learn["probes"] == "train" else None  # the training split, or sampled text
     for alpha in learn["alphas"]:
         t0 = time.perf_counter()
         learned = opts.model_copy(update={"method": "learned", "steps": learn["steps"], "lr": learn["lr"],
                                           "probe_tokens": learn["tokens"], "alpha": alpha})
-        batches, tokens, probes = learning_batches(tuple(cks), spec, learned, torch.device(device), probe_text)
-        refined, losses = refine_universe(raws, cks[0].config, universe, batches, alpha=alpha, steps=learned.steps,
-                                          lr=learned.lr, seed=learned.seed, device=device)
-        found[learned_row(alpha)] = (refined, {**facts, "alpha": alpha, "tokens": tokens, "probes": probes,
-                                               "steps": learned.steps, "mixture_loss": [losses[0], losses[-1]],
-                                               "seconds": time.perf_counter() - t0})
+        refined, more = match_to_universe(cks, spec, learned, torch.device(device), probe_text, start=(universe, facts))
+        found[learned_row(alpha)] = (refined, {**more, "alpha": alpha, "seconds": time.perf_counter() - t0})
     parents = [loss(full((sd, ck.config))) for sd, ck in zip(raws, cks, strict=True)]
     rows = {}
     for name, (aligned, facts) in found.items():

@@ -174,3 +174,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="align_universe"):
         align_checkpoint(a, a, tmp_path / "out", universe=True)
+
+
+def test_learned_refinement_from_a_given_weight_universe_is_the_refinement_match_to_universe_does(tmp_path):
+    from modelcypher.align.pipeline import match_to_universe, spec_of
+    from modelcypher.checkpoint import Checkpoint
+    from modelcypher.options import AlignOptions
+
+    cks = [Checkpoint(zoo_gpt2(tmp_path / f"m{s}", seed=s)) for s in range(3)]
+    spec, dev = spec_of(cks[0]), torch.device("cpu")
+    learned = AlignOptions(method="learned", steps=2, probe_tokens=256, rounds=2)
+    whole, facts = match_to_universe(cks, spec, learned, dev)
+    weight = learned.model_copy(update={"method": "weight", "vo": True, "qk": True, "residual": "orthogonal"})
+    start = match_to_universe(cks, spec, weight, dev)
+    refined, more = match_to_universe(cks, spec, learned, dev, start=start)
+    assert more["mixture_loss"] == facts["mixture_loss"] and more["movement"] == facts["movement"]
+    for x, y in zip(whole, refined, strict=True):
+        same(x.transforms, y.transforms)
+    with pytest.raises(UserError, match="learned matching only"):
+        match_to_universe(cks, spec, weight, dev, start=start)

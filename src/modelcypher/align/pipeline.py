@@ -253,23 +253,32 @@ def match(ck_b: Checkpoint, ck_a: Checkpoint, spec: SymmetrySpec, opts: AlignOpt
 
 
 def match_to_universe(cks: list[Checkpoint], spec: SymmetrySpec, opts: AlignOptions, device: torch.device,
-                      text: str | None = None) -> tuple[list[Alignment], dict]:
+                      text: str | None = None,
+                      start: tuple[list[Alignment], dict] | None = None) -> tuple[list[Alignment], dict]:
     """Every model's transform onto the universe of all of them (``align.universe``): weight matching,
-    and for ``learned`` (with every basis) the rotations then refined on the loss of Dirichlet mixtures."""
+    and for ``learned`` (with every basis) the rotations then refined on the loss of Dirichlet mixtures.
+
+    ``start``: a weight-matched universe of these models and its facts, as this function returned it for
+    method ``weight`` with the value/output and query/key bases; ``learned`` refines it instead of
+    matching again (one weight universe, refined several ways)."""
     if opts.method == "activation":
         raise UserError("universe matching is weight or learned matching: use --method weight or learned")
-    residual = learned_residual(spec, opts) if opts.method == "learned" else resolve_residual(spec, opts.residual)
-    bases = opts.method == "learned"
-    views = [CheckpointView(ck, spec, folded=residual == "orthogonal") for ck in cks]
-    found = match_universe(views, spec, residual=residual, vo=opts.vo or bases, qk=opts.qk or bases,
-                           max_sweeps=opts.max_sweeps, restarts=opts.restarts, seed=opts.seed, max_rounds=opts.rounds,
-                           prepared=True)
-    facts = {"residual": residual, "rounds": len(found.movement), "movement": found.movement}
+    if start is not None and opts.method != "learned":
+        raise UserError("a starting universe is refined by learned matching only: use --method learned")
+    if start is None:
+        residual = learned_residual(spec, opts) if opts.method == "learned" else resolve_residual(spec, opts.residual)
+        bases = opts.method == "learned"
+        views = [CheckpointView(ck, spec, folded=residual == "orthogonal") for ck in cks]
+        found = match_universe(views, spec, residual=residual, vo=opts.vo or bases, qk=opts.qk or bases,
+                               max_sweeps=opts.max_sweeps, restarts=opts.restarts, seed=opts.seed,
+                               max_rounds=opts.rounds, prepared=True)
+        start = found.alignments, {"residual": residual, "rounds": len(found.movement), "movement": found.movement}
+    alignments, facts = start
     if opts.method != "learned":
-        return found.alignments, facts
+        return alignments, facts
     batches, tokens, probes = learning_batches(tuple(cks), spec, opts, device, text)
     states = [{n: ck.get(n) for n in ck.names} for ck in cks]
-    alignments, losses = refine_universe(states, cks[0].config, found.alignments, batches, alpha=opts.alpha,
+    alignments, losses = refine_universe(states, cks[0].config, alignments, batches, alpha=opts.alpha,
                                          steps=opts.steps, lr=opts.lr, seed=opts.seed, device=device)
     return alignments, {**facts, "tokens": tokens, "probes": probes, "steps": opts.steps,
                         "mixture_loss": [losses[0], losses[-1]]}
