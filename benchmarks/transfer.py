@@ -13,8 +13,9 @@ Reported (benchmarks/results/transfer.md and .json): per target model, the task'
 answer's loss (nats per answer, summed over its tokens) for the base, the direct LoRA and the moved one;
 the share of the direct LoRA's gain the moved one keeps (by loss and by exact match); the drift (KL of
 next-token distributions on control text: the histories, which no model was trained on) of both
-adapters; the three-space report of the moved one; moved with word anchors and with token anchors; a
-sweep over the moved rank and the number of anchors. Models and adapters are kept in ``--workdir`` and
+adapters; the three-space report of the moved one; moved with word anchors and with token anchors, with
+general probe text and with text of the adapter's domain; a sweep over the moved rank and the number of
+anchors. Models and adapters are kept in ``--workdir`` and
 reused when their recipe is unchanged (``recipe.json`` beside each).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/transfer.py [--quick] [--workdir DIR]
@@ -206,6 +207,11 @@ def main() -> None:
     def build(name: str, r: Recipe) -> tuple[Path, Path, object]:
         tok = toks[r.family]
 
+        def save(model, path, what):
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            print(f"{what} ({time.time() - t0:.0f}s)", flush=True)
+
         def pretrain(path):
             torch.manual_seed(r.seed)
             if r.family == "gpt2":
@@ -217,17 +223,13 @@ def main() -> None:
                     num_hidden_layers=r.layers, num_attention_heads=r.width // 32, num_key_value_heads=2,
                     max_position_embeddings=256, tie_word_embeddings=False))
             loss = train(model, encode(tok, pretrain_text), r.pretrain_steps, 3e-3, seed=r.seed)
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-            print(f"pre-trained {name}: loss {loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            save(model, path, f"pre-trained {name}: loss {loss:.3f}")
 
         def instruct(path):
             torch.manual_seed(r.seed)
             model = tf.AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32)
             loss = train_answers(model, answer_rows(tok, other), r.instruct_steps, r.instruct_lr, seed=r.seed)
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-            print(f"instructed {name}: answer loss {loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            save(model, path, f"instructed {name}: answer loss {loss:.3f}")
 
         def lora(path):
             torch.manual_seed(r.seed)
@@ -236,8 +238,7 @@ def main() -> None:
             model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, fan_in_fan_out=gpt2,
                                                      target_modules=GPT2_TARGETS if gpt2 else LLAMA_TARGETS))
             loss = train_answers(model, answer_rows(tok, train_ex), r.lora_steps, r.lora_lr, seed=r.seed)
-            model.save_pretrained(path)
-            print(f"LoRA on {name}: answer loss {loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            save(model, path, f"LoRA on {name}: answer loss {loss:.3f}")
 
         key = {"pretrain_text_chars": len(pretrain_text), **asdict(r)}
         pre = cached(work / f"{name}-pretrained", {k: key[k] for k in key if not k.startswith(("instruct", "lora"))},
@@ -246,7 +247,13 @@ def main() -> None:
         return base, cached(work / f"lora-{name}", key, lora), tok
 
     a, lora_a, char = build("A", recipes["A"])
-    probes = default_probes() + "\n" + corpus[-20_000:] + task_text(val_ex)
+    # Two probe texts: general text (the shipped probes, Shakespeare, the task's validation lines), and text
+    # of the adapter's domain (500 of its training lines, 200 lines of each other task, the shipped probes)
+    probe_texts = {"general": default_probes() + "\n" + corpus[-20_000:] + task_text(val_ex),
+                   "domain": task_text(train_ex[:500]) + "".join(
+                       task_text(tasks.make_splits(t, (200, 0, 0), seed=5)[0]) for t in tasks.TASK_NAMES if t != TASK)
+                   + "\n" + default_probes()}
+    probes = probe_texts["general"]
     control = shakespeare.text("history")[:6000]  # a genre no model read
     a_scores = {"base": task_scores(load(a), char, test_ex), "lora": task_scores(load(a, lora_a), char, test_ex)}
     print(f"A: {json.dumps(a_scores)}", flush=True)
@@ -258,23 +265,25 @@ def main() -> None:
         s_base, s_direct = task_scores(base_m, tok, test_ex), task_scores(direct_m, tok, test_ex)
         ctl = encode(tok, control)
         row = {"base": s_base, "direct": s_direct, "drift_direct": kl_drift(base_m, direct_m, ctl, 128), "moved": {}}
-        for anchors, n_anchors in (("words", 4096), ("tokens", 16000)):
-            moved = work / f"moved-{key}-{anchors}"
+        for anchors, n_anchors, probe in (("words", 4096, "general"), ("tokens", 16000, "general"),
+                                          ("tokens", 16000, "domain")):
+            variant = f"{anchors}, {probe} probes"
+            moved = work / f"moved-{key}-{anchors}-{probe}"
             t1 = time.time()
-            rep = transfer_adapter(lora_a, a, target, moved, text=probes, rank=RANK, anchors=anchors,
+            rep = transfer_adapter(lora_a, a, target, moved, text=probe_texts[probe], rank=RANK, anchors=anchors,
                                    max_anchors=n_anchors, device="cpu", overwrite=True)
             secs = time.time() - t1
             moved_m = load(target, moved)
             s = task_scores(moved_m, tok, test_ex)
-            row["moved"][anchors] = {
+            row["moved"][variant] = {
                 **s, "transfer_seconds": secs, "anchors": rep["anchors"],
                 "kept_by_loss": share(-s_base["answer_nll"], -s_direct["answer_nll"], -s["answer_nll"]),
                 "kept_by_exact_match": share(s_base["exact_match"], s_direct["exact_match"], s["exact_match"]),
                 "drift": kl_drift(base_m, moved_m, ctl, 128),
                 "update_error_mean": sum(m["update_error"] for m in rep["modules"]) / len(rep["modules"]),
                 "map_fit_mean": sum(m["fit"] for m in rep["maps"].values()) / len(rep["maps"])}
-        three = drift(target, work / f"moved-{key}-tokens", control, [(e.prompt, e.answer) for e in test_ex[:30]],
-                      device="cpu")
+        three = drift(target, work / f"moved-{key}-tokens-general", control,
+                      [(e.prompt, e.answer) for e in test_ex[:30]], device="cpu")
         row["three_space (token anchors)"] = {
             "cka_per_layer": three["representations"]["cka"],
             "weights_relative_norm_mean": sum(w["relative_norm"] for w in three["weights"])
@@ -283,7 +292,7 @@ def main() -> None:
             / max(1, len(three["weights"]))}
         sweep = []
         for r in (2, 8, 16):
-            for n_anchors in (1000, 4000, 16000):
+            for n_anchors in (1000, 16000):
                 out = work / f"sweep-{key}"
                 try:
                     transfer_adapter(lora_a, a, target, out, text=probes, rank=r, anchors="tokens",
@@ -307,14 +316,14 @@ def main() -> None:
              f"A (GPT-2, char): exact match {a_scores['base']['exact_match']:.2f} -> "
              f"{a_scores['lora']['exact_match']:.2f} with its LoRA; answer NLL {a_scores['base']['answer_nll']:.2f}"
              f" -> {a_scores['lora']['answer_nll']:.2f}", "",
-             "| target | anchors | base EM | direct EM | moved EM | base NLL | direct NLL | moved NLL | kept (loss) | "
-             "kept (EM) | KL direct | KL moved |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| target | anchors, probes | base EM | direct EM | moved EM | base NLL | direct NLL | moved NLL | "
+             "kept (loss) | kept (EM) | KL direct | KL moved |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x):
         return "n/a" if x is None else f"{x:.2f}"
     for name, r in rows.items():
-        for anchors, m in r["moved"].items():
-            lines.append(f"| {name} | {anchors} ({m['anchors']}) | {r['base']['exact_match']:.2f} | "
+        for variant, m in r["moved"].items():
+            lines.append(f"| {name} | {variant} ({m['anchors']}) | {r['base']['exact_match']:.2f} | "
                          f"{r['direct']['exact_match']:.2f} | {m['exact_match']:.2f} | {r['base']['answer_nll']:.2f} | "
                          f"{r['direct']['answer_nll']:.2f} | {m['answer_nll']:.2f} | {f(m['kept_by_loss'])} | "
                          f"{f(m['kept_by_exact_match'])} | {r['drift_direct']['kl']:.4f} | {m['drift']['kl']:.4f} |")

@@ -258,6 +258,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
                               rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
+                              pairing=args.pairing,
                               device=args.device,
                               overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anchors", default="tokens", choices=("tokens", "words"),
                    help="anchor on every character offset where both tokenizers end a token (default), or on "
                    "whole words (their tokens averaged)")
+    t.add_argument("--pairing", default="updates", choices=("updates", "states"),
+                   help="pair blocks by the CKA of what they write into the residual stream (default), or by the "
+                   "layer correspondence of their hidden states")
     t.add_argument("--max-anchors", type=_positive_int, default=16000,
                    help="anchors of the probe text used, evenly thinned (default 16000)")
     t.add_argument("--device", default="auto", type=_device)

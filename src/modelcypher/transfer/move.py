@@ -1,10 +1,12 @@
 """``modelcypher transfer``: a PEFT LoRA adapter made for model A, moved to model B (another family,
 width, depth or tokenizer) without training.
 
-1. Both models read the same probe text; anchors are its words (``measure.anchors``). Hooks pool, per
-   block, what every adapted module reads and writes (:data:`.spaces.KINDS`).
-2. The layer correspondence (``measure.maps.layer_correspondence`` on the CKA of the hidden states)
-   pairs each block of A with a block of B.
+1. Both models read the same probe text; anchors are the character offsets where both tokenizers end a
+   token, or its words (``measure.anchors``). Hooks pool, per block, what every adapted module reads and
+   writes (:data:`.spaces.KINDS`).
+2. Each block of A is paired with a block of B, in order, by the CKA of what the blocks write into the
+   residual stream (:func:`block_pairs`: distinct blocks of B when B is deeper), or, with
+   ``pairing="states"``, by the layer correspondence of the hidden states (``measure.maps``).
 3. Per pair of blocks and space, a map fitted on the anchors (:func:`.spaces.fit_map`). The normed
    residual is mapped with the norm gains taken out (``z = (u - beta) / g``), since a symmetry of the
    residual stream rotates ``z``, not ``u``.
@@ -145,8 +147,7 @@ class Maps:
                 self.cache[key] = fit_map(za, zb, self.method)
                 self.gains[key] = (ga, gb)
             else:
-                self.cache[key] = fit_map(self.xa[f"{i}.{space}"], self.xb[f"{j}.{space}"], self.method,
-                                          scaled=space != "mlp")
+                self.cache[key] = fit_map(self.xa[f"{i}.{space}"], self.xb[f"{j}.{space}"], self.method)
         return self.cache[key]
 
     def p_in(self, i: int, j: int, space: str) -> torch.Tensor:
@@ -159,9 +160,33 @@ class Maps:
 
     def q_out(self, i: int, j: int, space: str) -> torch.Tensor:
         """``[out_a, out_b]``: a row of A's output space in B's (MLP neurons unscaled: the scale fitted after
-        the nonlinearity is not the scale before it)."""
+        the nonlinearity, which the down projection reads, is not the scale before it, which an up or gate
+        update writes)."""
         m = self.space(i, j, space)
         return m.t if space == "mlp" else m.forward()
+
+
+def block_pairs(sim: torch.Tensor) -> dict[int, int]:
+    """Each block of A paired with a block of B, in order, maximizing the summed similarity ``sim[i, j]``
+    (dynamic programming): distinct blocks of B when B is at least as deep (an update never lands twice on
+    one block while others stay untouched), otherwise some blocks of B take several of A's."""
+    n_a, n_b = sim.shape
+    strict = n_a <= n_b
+    best = torch.full((n_a, n_b), float("-inf"), dtype=torch.float64)
+    back = torch.zeros((n_a, n_b), dtype=torch.long)
+    best[0] = sim[0]
+    for i in range(1, n_a):
+        for j in range(n_b):
+            prev = best[i - 1, :j] if strict else best[i - 1, :j + 1]
+            if len(prev) and torch.isfinite(prev.max()):
+                back[i, j] = int(prev.argmax())
+                best[i, j] = prev.max() + sim[i, j]
+    j = int(best[-1].argmax())
+    pairs = {}
+    for i in range(n_a - 1, -1, -1):
+        pairs[i] = j
+        j = int(back[i, j])
+    return pairs
 
 
 def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str, str]:
@@ -176,11 +201,14 @@ def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str,
 
 def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str | Path, out: str | Path, *,
                      text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
-                     max_anchors: int = 16000, anchors: str = "tokens", device: str = "auto",
+                     max_anchors: int = 16000, anchors: str = "tokens", pairing: str = "updates",
+                     device: str = "auto",
                      overwrite: bool = False) -> dict:
     """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
     if method not in ("orthogonal", "ridge"):
         raise UserError(f"--map {method!r}: expected orthogonal or ridge")
+    if pairing not in ("updates", "states"):
+        raise UserError(f"--pairing {pairing!r}: expected updates or states")
     if anchors not in ("tokens", "words"):
         raise UserError(f"--anchors {anchors!r}: expected tokens or words")
     check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
@@ -214,9 +242,12 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                         f"{widest} words (several times that for models that are not exact copies)")
     states = tuple([h[keep] for h in p.states] for p in pooled)
 
-    sim = [[cka(x, y) for x in states[0]] for y in states[1]]  # rows: layers of B, columns: layers of A
-    corr = layer_correspondence(sim)
-    block_of = {p["b"] - 1: max(p["a"] - 1, 0) for p in corr if p["b"] >= 1}
+    if pairing == "updates":
+        writes = [[s[k + 1] - s[k] for k in range(len(s) - 1)] for s in states]  # what each block writes
+        block_of = block_pairs(torch.tensor([[cka(x, y) for y in writes[1]] for x in writes[0]]))
+    else:
+        sim = [[cka(x, y) for x in states[0]] for y in states[1]]  # rows: layers of B, columns: layers of A
+        block_of = {p["b"] - 1: max(p["a"] - 1, 0) for p in layer_correspondence(sim) if p["b"] >= 1}
     maps = Maps(xa, xb, states, (ck_a, ck_b), (roles_a, roles_b), method)
 
     parts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -257,7 +288,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                          alpha_pattern={n: r for n, r in ranks.items() if r != r0},
                          fan_in_fan_out=roles_b.conv1d, base_model_name_or_path=str(model_b))
     report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
-              "anchors": len(keep), "anchor_kind": anchors, "map": method, "rank": r0,
+              "anchors": len(keep), "anchor_kind": anchors, "pairing": pairing, "map": method, "rank": r0,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
               "modules": rows,
               "maps": {f"A{i}->B{j}:{s}": m.summary() for (i, j, s), m in maps.cache.items()}}

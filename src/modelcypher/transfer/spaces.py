@@ -62,8 +62,8 @@ def roles_of(config: dict, what: str) -> Roles:
 
 @dataclass
 class SpaceMap:
-    """``x_b ~ scale * x_a @ t``; ``fit``: relative residual on the anchors; ``det``/``locked`` for square
-    orthogonal maps (``locked``: the anchors decide its handedness)."""
+    """``x_b ~ scale * x_a @ t`` and back, ``x_a ~ x_b @ back``; ``fit``: relative residual on the anchors;
+    ``det``/``locked`` for square orthogonal maps (``locked``: the anchors decide its handedness)."""
 
     t: torch.Tensor
     scale: float
@@ -71,16 +71,15 @@ class SpaceMap:
     method: str
     det: float | None = None
     locked: bool | None = None
+    back: torch.Tensor | None = None
 
     def forward(self) -> torch.Tensor:
         """``[d_a, d_b]``: a row of A's space into B's."""
         return self.scale * self.t
 
     def backward(self) -> torch.Tensor:
-        """``[d_b, d_a]``: a row of B's space back into A's (the pseudo-inverse of :meth:`forward`)."""
-        if self.method == "orthogonal":
-            return self.t.T / self.scale
-        return torch.linalg.pinv(self.forward())
+        """``[d_b, d_a]``: a row of B's space into A's."""
+        return self.back
 
     def summary(self) -> dict:
         return {"method": self.method, "fit": self.fit, "scale": self.scale, "det": self.det, "locked": self.locked,
@@ -91,19 +90,24 @@ def fit_map(x_a: torch.Tensor, x_b: torch.Tensor, method: str = "orthogonal", sc
     """The map ``x_b ~ c x_a T`` fitted on anchors (rows).
 
     ``orthogonal``: ``T = U V^T`` from the SVD of ``x_a^T x_b`` (Procrustes; semi-orthogonal when the
-    widths differ) and ``c = <T, x_a^T x_b> / |x_a|^2``. For a square ``T`` with determinant -1 the anchors
+    widths differ) and ``c = |x_b| / |x_a|``. For a square ``T`` with determinant -1 the anchors
     must lock the reflection: the best rotation (the last singular pair flipped) leaves ``2 c sigma_min``
     more squared residual; when that is no more than the map's own squared residual, the data do not
     decide the handedness and the rotation is kept, so a near-degenerate anchor set cannot mirror the
     space ("anchor-locked"). A reflection the anchors do lock is kept: a model's symmetries include them.
     ``ridge``: ``T = (x_a^T x_a + lambda I)^{-1} x_a^T x_b`` (``c = 1``), any linear map.
+
+    The scale is the ratio of the two spaces' norms on the anchors (``c = |x_b| / |x_a|``), so the map is
+    a similarity and the way back its exact inverse (``T^T / c``). The least-squares scale would shrink by
+    the spaces' correlation ``rho`` and its inverse grow by ``1 / rho``: an update moved with both (back on
+    its input side, forward on its output side) came out ``1 / rho^2`` too large, 4 to 40 times between
+    two families, and broke the target model. A ridge map's way back is fitted in its own direction (ridge
+    from ``x_b`` to ``x_a``), not inverted, for the same reason.
     """
     a, b = x_a.double(), x_b.double()
     if method == "ridge":
-        gram = a.T @ a
-        lam = RIDGE * float(torch.trace(gram)) / gram.shape[0]
-        t = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), a.T @ b)
-        m = SpaceMap(t, 1.0, 0.0, "ridge")
+        t, back = _ridge(a, b), _ridge(b, a)
+        m = SpaceMap(t, 1.0, 0.0, "ridge", back=back)
     else:
         u, s, vh = torch.linalg.svd(a.T @ b, full_matrices=False)
         t = u @ vh
@@ -117,10 +121,17 @@ def fit_map(x_a: torch.Tensor, x_b: torch.Tensor, method: str = "orthogonal", sc
                 u = u.clone()
                 u[:, -1] = -u[:, -1]
                 t, det = u @ vh, 1.0
-        c = float(torch.trace(t.T @ (a.T @ b)) / a.square().sum().clamp_min(1e-300)) if scaled else 1.0
-        m = SpaceMap(t, c, 0.0, "orthogonal", det, locked)
+        c = float(b.norm() / a.norm().clamp_min(1e-300)) if scaled else 1.0
+        m = SpaceMap(t, c, 0.0, "orthogonal", det, locked, back=t.T / c)
     m.fit = float((b - a @ m.forward()).norm() / b.norm().clamp_min(1e-300))
     return m
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``argmin_T |y - x T|^2 + lambda |T|^2``, ``lambda`` relative to the mean variance of a column of ``x``."""
+    gram = x.T @ x
+    lam = RIDGE * float(torch.trace(gram)) / gram.shape[0]
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y)
 
 
 def refactor(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

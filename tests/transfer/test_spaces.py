@@ -1,0 +1,53 @@
+"""The maps between two models' spaces: a moved update is neither inflated nor shrunk by a poor fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelcypher.transfer.spaces import fit_map
+
+
+def pair(noise: float, d_a: int = 12, d_b: int = 12, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, d_a, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, d_a, dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(max(d_a, d_b), max(d_a, d_b), generator=g, dtype=torch.float64))[0][:d_a, :d_b]
+    return a, 3.0 * a @ q + noise * torch.randn(n, d_b, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["orthogonal", "ridge"])
+def test_an_exact_copy_maps_back_by_the_inverse(method):
+    a, b = pair(0.0)
+    m = fit_map(a, b, method)
+    tol = 1e-9 if method == "orthogonal" else 1e-2  # ridge shrinks both ways by its small penalty
+    torch.testing.assert_close(m.backward(), torch.linalg.pinv(m.forward()), atol=tol, rtol=tol)
+    torch.testing.assert_close(b @ m.backward(), a, atol=tol * 10, rtol=tol)
+
+
+def test_a_partly_correlated_space_keeps_its_norm_both_ways():
+    a, b = pair(4.0)  # rho about 0.6: a least-squares scale would shrink by rho, its inverse grow by 1/rho
+    m = fit_map(a, b)
+    torch.testing.assert_close(m.backward(), torch.linalg.pinv(m.forward()))  # a similarity: exact inverses
+    torch.testing.assert_close((a @ m.forward()).norm(), b.norm())
+    torch.testing.assert_close((b @ m.backward()).norm(), a.norm())
+    ls = float(torch.trace(m.t.T @ a.T @ b) / a.square().sum())
+    assert ls < 0.8 * m.scale  # what the least-squares scale would have been
+
+
+def test_a_ridge_map_goes_back_by_its_own_fit_not_the_inverse():
+    a, b = pair(4.0)
+    m = fit_map(a, b, "ridge")
+    assert (a - b @ m.backward()).norm() < 0.9 * (a - b @ torch.linalg.pinv(m.forward())).norm()
+
+
+def test_blocks_pair_in_order_on_distinct_blocks_of_a_deeper_model():
+    from modelcypher.transfer.move import block_pairs
+
+    # A's blocks 1 and 2 both resemble B's block 1 most; B is deeper, so they take distinct blocks in order
+    sim = torch.tensor([[0.9, 0.2, 0.1, 0.0, 0.0],
+                        [0.1, 0.8, 0.6, 0.1, 0.0],
+                        [0.0, 0.7, 0.5, 0.4, 0.1],
+                        [0.0, 0.1, 0.2, 0.3, 0.9]], dtype=torch.float64)
+    assert block_pairs(sim) == {0: 0, 1: 1, 2: 2, 3: 4}  # 3.1; 1 -> 2, 2 -> 3 gives 2.8
+    # a shallower B: several of A's blocks share one of B's
+    assert block_pairs(sim.T[:, :2]) == {0: 0, 1: 1, 2: 1, 3: 1, 4: 1}
