@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modelcypher.transfer.move import block_pairs
 from modelcypher.transfer.spaces import fit_map
 
 
@@ -41,8 +42,6 @@ def test_a_ridge_map_goes_back_by_its_own_fit_not_the_inverse():
 
 
 def test_blocks_pair_in_order_on_distinct_blocks_of_a_deeper_model():
-    from modelcypher.transfer.move import block_pairs
-
     # A's blocks 1 and 2 both resemble B's block 1 most; B is deeper, so they take distinct blocks in order
     sim = torch.tensor([[0.9, 0.2, 0.1, 0.0, 0.0],
                         [0.1, 0.8, 0.6, 0.1, 0.0],

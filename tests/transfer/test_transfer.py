@@ -51,6 +51,19 @@ def test_exact_case_reproduces_the_adapted_logits_on_a_hidden_symmetric_qwen2_co
     assert saved["r"] == 4 and "model.layers.0.self_attn.q_proj" in saved["target_modules"]
 
 
+def test_cli_with_word_anchors_and_state_pairing_is_exact_too(models, tmp_path):
+    root, a, adapter, b = models
+    r = run_cli("transfer", adapter, "--from", a, "--to", b, "-o", tmp_path / "moved", "--probes",
+                root / "probes.txt", "--anchors", "words", "--pairing", "states", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "moved" / "transfer_report.json").read_text())
+    assert (rep["anchor_kind"], rep["pairing"]) == ("words", "states")
+    ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
+    want = logits(cm.with_adapter(a, adapter), ids)
+    got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-3
+
+
 def test_exact_case_on_a_wider_residual_stream(models, tmp_path):
     root, a, adapter, _ = models
     b = cm.lifted(cm.rotated(a, tmp_path / "rot", seed=11), tmp_path / "wide", 48)

@@ -32,6 +32,7 @@ from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
 from modelcypher.measure.anchors import default_probes, pool, segments, token_segments
 from modelcypher.measure.compare import MAX_SEGMENT_CHARS, MIN_ANCHORS, Side, common, enough, open_side
+from modelcypher.measure.compare import updates as block_writes
 from modelcypher.measure.maps import cka, layer_correspondence
 from modelcypher.transfer.spaces import KINDS, Roles, SpaceMap, fit_map, refactor, roles_of
 
@@ -243,7 +244,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     states = tuple([h[keep] for h in p.states] for p in pooled)
 
     if pairing == "updates":
-        writes = [[s[k + 1] - s[k] for k in range(len(s) - 1)] for s in states]  # what each block writes
+        writes = [block_writes(h) for h in states]  # what each block writes into the residual stream
         block_of = block_pairs(torch.tensor([[cka(x, y) for y in writes[1]] for x in writes[0]]))
     else:
         sim = [[cka(x, y) for x in states[0]] for y in states[1]]  # rows: layers of B, columns: layers of A
