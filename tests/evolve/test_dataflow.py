@@ -319,6 +319,7 @@ BAD = [
     (("[ft-a, ft-b]", "[ft-a, {merge: missing.yaml}]"), "merge config 'missing.yaml': not found"),
     (("dataflow:", "merge_method: linear\ndataflow:"), "merge_method: belongs to a parameter-space search"),
     (("dataflow:\n  models: [ft-a, ft-b]\n  repeats: 2\n", ""), "merge_method: missing key"),
+    (("seed: 0", "seed: 0, method: sep_cma"), "optimizer.method: sep_cma searches the parameter space only"),
 ]
 
 

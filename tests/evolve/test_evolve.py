@@ -18,6 +18,7 @@ from modelcypher.cli import main
 from modelcypher.errors import UserError
 from modelcypher.evolve.config import parse_search
 from modelcypher.evolve.objective import Objective
+from modelcypher.evolve.search import optimizer
 from modelcypher.evolve.space import build_space, recipe
 from modelcypher.evolve.worker import Evaluator
 
@@ -135,6 +136,23 @@ def test_resume_refuses_another_search_naming_the_difference(searched, zoo):
         evolve(other, out)
 
 
+def test_separable_cma_searches_and_resumes_to_the_uninterrupted_result(zoo, local_ray, tmp_path):
+    """``optimizer.method: sep_cma``: a search of one generation continued with ``--resume`` to two replays
+    the first and reaches what a search of two generations reaches, candidate for candidate."""
+    sep = SEARCH.replace("seed: 0}", "seed: 0, method: sep_cma}")
+    whole = evolve(write_search(zoo, "s-sep.yaml", sep), tmp_path / "whole", workers=2)
+    evolve(write_search(zoo, "s-sep.yaml", sep.replace("generations: 2", "generations: 1")), tmp_path / "cut")
+    resumed = evolve(write_search(zoo, "s-sep.yaml", sep), tmp_path / "cut", resume=True)
+    points = [[c["point"] for g in json.loads((tmp_path / d / "state.json").read_text())["generations"]
+               for c in g["candidates"]] for d in ("whole", "cut")]
+    assert points[0] == points[1] and len(points[0]) == 8
+    plain = json.loads((tmp_path / "whole" / "state.json").read_text())
+    assert resumed["best_fitness"] == whole["best_fitness"] and resumed["best_values"] == whole["best_values"]
+    assert plain["identity"]["search"]["optimizer"]["method"] == "sep_cma"
+    cfg = parse_search(zoo / "s-sep.yaml")
+    assert type(optimizer(build_space(cfg, zoo)[0], cfg)).__name__ == "SepCMA"
+
+
 def test_a_search_killed_after_a_generation_resumes_to_the_uninterrupted_result(zoo, local_ray, tmp_path,
                                                                                  killed_search):
     """A real run (its own process and embedded Ray) killed with SIGKILL once generation 1 is recorded,
@@ -228,6 +246,7 @@ BAD = [
     (((LAMBDA, "gamma: {min: 0, max: 1}"),), "merge_method task_arithmetic has no parameter 'gamma'"),
     ((("filters: [attn]", "filters: [attn, nowhere]"),), "filter 'nowhere' matches no tensor of the models"),
     ((("seed: 0}", "seed: 0, popsize: 3}"),), "optimizer.popsize: unknown key"),
+    ((("seed: 0}", "seed: 0, method: bfgs}"),), "optimizer.method: Input should be 'cma' or 'sep_cma'"),
     ((("loss: heldout.txt", "loss: missing.txt"),), "objective text 'missing.txt': not found"),
     ((("models: [ft-a, ft-b]", "models: [ft-a, ft-b]\nparameters: {lambda: 1.0}"),), "search.lambda: also fixed"),
     ((("merge_method: task_arithmetic", "merge_method: distill"),), "distill fits its coefficients to data"),

@@ -39,10 +39,10 @@ STATE, REPORT, BEST, PLOT = "state.json", "report.json", "best.yaml", "fitness.p
 
 
 def optimizer(space: Space | DataflowSpace, cfg: SearchConfig):
-    """The parameter space: CMA-ES on the unit cube, from its centre. The data-flow space: CMA-ES with
-    margin, indicators on {0, 1} and scalings on [0, 1] of their bounds, from the start model. Either
-    with the search's population, step and seed."""
-    from cmaes import CMA, CMAwM  # imports scipy.stats, over a second: only the verb that searches pays it
+    """The parameter space: CMA-ES (or separable CMA-ES) on the unit cube, from its centre. The data-flow
+    space: CMA-ES with margin, indicators on {0, 1} and scalings on [0, 1] of their bounds, from the start
+    model. Either with the search's population, step and seed."""
+    from cmaes import CMA, CMAwM, SepCMA  # imports scipy.stats, over a second: only the verb that searches pays it
 
     o = cfg.optimizer
     if isinstance(space, DataflowSpace):
@@ -50,7 +50,8 @@ def optimizer(space: Space | DataflowSpace, cfg: SearchConfig):
         return CMAwM(mean=space.mean(), sigma=o.sigma, bounds=np.array([[0.0, 1.0]] * len(steps)), steps=steps,
                      seed=o.seed, population_size=o.population)
     n = len(space.genes)
-    return CMA(mean=np.full(n, 0.5), sigma=o.sigma, bounds=np.array([[0.0, 1.0]] * n), seed=o.seed,
+    cma = SepCMA if o.method == "sep_cma" else CMA
+    return cma(mean=np.full(n, 0.5), sigma=o.sigma, bounds=np.array([[0.0, 1.0]] * n), seed=o.seed,
                population_size=o.population)
 
 
