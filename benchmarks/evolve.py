@@ -3,6 +3,9 @@
     python benchmarks/evolve.py                          # the search, then the scaling runs
     python benchmarks/evolve.py --part search --generations 30 --workers 2
     python benchmarks/evolve.py --part scaling
+    python benchmarks/evolve.py --part search --optimizer sep_cma --generations 60 --population 16 \
+        --filters ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc           # a weight per model, layer and tensor
+    python benchmarks/evolve.py --part ceiling                           # what gradient reaches in those spaces
 
 What it does
 ------------
@@ -21,8 +24,12 @@ What it does
 4. Scaling: the same small search (validation subset, 8 candidates x 2 generations) with 1 and 2 Ray
    workers (wall time, actor start-up apart), and the same candidates scored by a plain loop in this
    process (one :class:`modelcypher.evolve.worker.Evaluator`): the per-candidate overhead of Ray.
+5. The ceiling of the spaces searched (``--part ceiling``): the same coefficients fitted by gradient on the
+   answers of the training split (:func:`fit_coefficients`), merged from their recipe and scored on test;
+   and, beyond any search, one coefficient per model and output unit.
 
-Results: ``results/evolve.{json,md}`` and ``results/evolve_fitness.png``.
+Each space searched keeps its own entry in the results (a space searched again replaces its entry).
+Results: ``results/evolve.{json,md}`` and ``results/evolve_fitness*.png``.
 """
 
 from __future__ import annotations
@@ -39,13 +46,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multitask as mt  # noqa: E402
 
 from modelcypher.api import evolve, merge  # noqa: E402
 from modelcypher.evolve.config import parse_search  # noqa: E402
+from modelcypher.evolve.space import build_space, recipe, template  # noqa: E402
 from modelcypher.evolve.worker import Evaluator  # noqa: E402
+from modelcypher.merging.statistics import linear_layouts, unit_axis  # noqa: E402
 from modelcypher.zoo import gpt2, tasks  # noqa: E402
 
 WORK = mt.CACHE / "evolve"
@@ -61,7 +71,7 @@ def task_file(data: dict, task: str, split: int, n: int | None = None) -> Path:
 
 def search_file(name: str, base: Path, fts: dict[str, Path], own_val: dict[str, float], data: dict,
                 population: int, generations: int, sigma: float, n: int | None = None, method: str = "task_arithmetic",
-                granularity: int = 1, filters: tuple[str, ...] = ()) -> Path:
+                granularity: int = 1, filters: tuple[str, ...] = (), optimizer: str = "cma") -> Path:
     """The search file: ``method``'s per-model ``weight`` per layer group (and tensor filter) in [0, 2] (centre:
     every weight 1); TIES also searches its global ``lambda`` in [1, 3] (centre 2, the table's choice) at the
     table's density 0.5."""
@@ -77,7 +87,8 @@ def search_file(name: str, base: Path, fts: dict[str, Path], own_val: dict[str, 
         "dtype": "float32", **({"parameters": fixed} if fixed else {}),
         "search": space,
         "objective": [{"task": task_file(data, t, 1, n).name, "weight": 1 / (len(fts) * own_val[t])} for t in fts],
-        "optimizer": {"population": population, "generations": generations, "seed": 0, "sigma": sigma},
+        "optimizer": {"population": population, "generations": generations, "seed": 0, "sigma": sigma,
+                      **({"method": optimizer} if optimizer != "cma" else {})},
     }
     path = WORK / name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -94,7 +105,7 @@ def test_score(config: Path | dict, out: Path, tok, data: dict, own_test: dict[s
 def run_search(args, base, fts, own_val, own_test, tok, data, log) -> dict:
     search = search_file("search.yaml", base, fts, own_val, data, args.population, args.generations, args.sigma,
                          method=args.method, granularity=args.granularity,
-                         filters=tuple(f for f in args.filters.split(",") if f))
+                         filters=tuple(f for f in args.filters.split(",") if f), optimizer=args.optimizer)
     out = WORK / "search"
     if out.exists() and not args.resume:
         shutil.rmtree(out)
@@ -102,11 +113,115 @@ def run_search(args, base, fts, own_val, own_test, tok, data, log) -> dict:
     # the recorded generations and actor start-ups (a resumed search's wall time is spread over its runs)
     wall = report["seconds"] + sum(report["startup_seconds"])
     best = test_score(out / "best.yaml", WORK / "best-merged", tok, data, own_test)
-    shutil.copyfile(out / "fitness.png", RESULTS / "evolve_fitness.png")
+    genes = len(report["best_values"])
+    plot = "evolve_fitness.png" if genes == 72 else f"evolve_fitness_{genes}.png"  # 72: the first space measured
+    shutil.copyfile(out / "fitness.png", RESULTS / plot)
     start = report["generations"][0]
     log(f"best validation fitness {report['best_fitness']:.4f}; test normalized {best['test_norm']:.4f}")
     return {"search": yaml.safe_load(search.read_text()), "report": report, "wall_seconds": wall, "best": best,
+            "plot": plot, "workers": args.workers,
             "first_generation": start, "recipe": yaml.safe_load((out / "best.yaml").read_text())}
+
+
+def fit_coefficients(search: Path, data: dict, tok, steps: int, per_unit: bool = False, lr: float = 0.02,
+                     batch: int = 64, seed: int = 0, log=print) -> dict:
+    """What a search of ``search``'s space could reach at best: its genes (task arithmetic's ``weight``,
+    one per model, layer group and filter, as the search reads them, from its own plan) fitted by
+    gradient, by Adam on the answers' cross-entropy over every task's training examples (2000 per task, far
+    more than the search's fitness sees, and a smooth loss instead of exact match), kept within the
+    bounds. ``per_unit``: one coefficient per model and output unit instead (the distilled coefficients'
+    resolution, without bounds), beyond any search. Returns the genes' values (None per unit), how many
+    coefficients were fitted, the base model holding the fitted merge, and the last 20 steps' mean loss."""
+    cfg = parse_search(search)
+    space, _ = build_space(cfg, search.parent)
+    if cfg.merge_method != "task_arithmetic" or {g.param for g in space.genes} != {"weight"}:
+        raise SystemExit("fit_coefficients: task arithmetic with searched weights only")
+    plan, slots = template(space, cfg, search.parent)
+    model = gpt2.load(cfg.base_model)[0]
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    order = [plan.names.index(e.model) for e in cfg.models]
+    tvs = [{n: p.detach() - base[n] for n, p in gpt2.load(e.model)[0].named_parameters()} for e in cfg.models]
+    lo = torch.tensor([g.lo for g in space.genes])
+    hi = torch.tensor([g.hi for g in space.genes])
+    genes = ((lo + hi) / 2).requires_grad_()  # the search's start: the centre of the bounds
+    reads = {}  # tensor -> the gene of each model (in cfg.models' order)
+    for task, slot in zip(plan.tasks, slots, strict=True):
+        if not task.copy and task.name in base:
+            by_model = dict(zip((m for m, _ in task.sources), slot["weight"], strict=True))
+            reads[task.name] = [by_model[m] for m in order]
+    if per_unit:
+        layouts = linear_layouts(model)
+        units = [{n: torch.ones([s if a == unit_axis(n, tuple(b.shape), layouts) else 1
+                                 for a, s in enumerate(b.shape)], requires_grad=True) for n, b in base.items()}
+                 for _ in tvs]
+        params = [c for u in units for c in u.values()]
+
+        def coef(i, n):
+            return units[i][n]
+    else:
+        params = [genes]
+
+        def coef(i, n):
+            return genes[reads[n][i]] if n in reads else 0.0
+
+    def merged():
+        return {n: b + sum(coef(i, n) * tv[n] for i, tv in enumerate(tvs)) for n, b in base.items()}
+
+    enc = {t: mt.encode_examples(data[t][0], tok) for t in tasks.TASK_NAMES}
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    losses = []
+    for step in range(steps):
+        w, loss = merged(), 0.0
+        for ids, mask in enc.values():
+            pick = torch.randint(len(ids), (batch,), generator=g)
+            logits = torch.func.functional_call(model, w, (ids[pick],)).logits[:, :-1]
+            m = mask[pick][:, 1:]
+            loss = loss + nn.functional.cross_entropy(logits[m], ids[pick][:, 1:][m])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            genes.copy_(torch.maximum(torch.minimum(genes, hi), lo))
+        losses.append(float(loss.detach()) / len(enc))
+        if step % 50 == 0:
+            log(f"  fit step {step}: answer loss {losses[-1]:.4f}")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(merged()[n])
+    return {"values": None if per_unit else genes.detach().tolist(), "coefficients": sum(p.numel() for p in params),
+            "model": model, "answer_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+TENSOR_FILTERS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc")  # the rest: mlp.c_proj (+ ln_f)
+
+
+def run_ceiling(base, fts, own_val, own_test, tok, data, log, steps: int = 300) -> dict:
+    """The ceiling of the spaces searched: each space's genes fitted by gradient (:func:`fit_coefficients`),
+    merged by ``modelcypher.api.merge`` from their recipe and scored on the test split; then per output
+    unit, scored on the fitted model itself."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # one process: every core (the search's workers take one each)
+    out = {}
+    spaces = {"per model, layer and filter": ("attn", "mlp"), "per model, layer and tensor": TENSOR_FILTERS}
+    for label, filters in spaces.items():
+        search = search_file(f"ceiling-{len(filters)}.yaml", base, fts, own_val, data, 8, 1, 0.2, filters=filters)
+        t0 = time.perf_counter()
+        fit = fit_coefficients(search, data, tok, steps, log=log)
+        cfg = parse_search(search)
+        space, _ = build_space(cfg, search.parent)
+        scored = test_score(recipe(space, cfg, fit["values"]), WORK / "ceiling-merged", tok, data, own_test)
+        out[label] = {"coefficients": fit["coefficients"], "filters": list(filters), "answer_loss": fit["answer_loss"],
+                      "values": fit["values"], "seconds": time.perf_counter() - t0, **scored}
+        log(f"ceiling {label}: {fit['coefficients']} genes, test normalized {scored['test_norm']:.4f}")
+    t0 = time.perf_counter()
+    fit = fit_coefficients(search, data, tok, steps, per_unit=True, log=log)
+    acc = mt.evaluate(fit["model"], tok, data, 2)
+    out["per model and output unit"] = {"coefficients": fit["coefficients"], "answer_loss": fit["answer_loss"],
+                              "seconds": time.perf_counter() - t0, "test": acc, "test_avg": mt._mean(acc),
+                              "test_norm": mt.normalized(acc, own_test)}
+    log(f"ceiling per unit: test normalized {out['per model and output unit']['test_norm']:.4f}")
+    return out
 
 
 def run_reference(method: str, base, fts, own_test, tok, data) -> dict:
@@ -164,6 +279,17 @@ def run_scaling(base, fts, own_val, data, log, n: int = 50, repeats: int = 2) ->
     return {"runs": runs, "overhead_per_candidate": overhead, "validation_examples_per_task": n}
 
 
+def describe(search: dict) -> str:
+    """A search's method and space, in words."""
+    space = search["search"]
+    per = "layer" if space.get("layer_granularity", 1) == 1 else f"group of {space['layer_granularity']} layers"
+    return (f"{mt.METHOD_NAMES[search['merge_method']]} (`weight` per model per {per}"
+            + (f" and tensor filter ({', '.join(space['filters'])}, rest)" if space.get("filters") else "")
+            + " in [0, 2]"
+            + (f", `lambda` in [{space['lambda']['min']:g}, {space['lambda']['max']:g}]" if "lambda" in space else "")
+            + "".join(f", {k} {v}" for k, v in search.get("parameters", {}).items()) + ")")
+
+
 def write(res: dict) -> None:
     (RESULTS / "evolve.json").write_text(json.dumps(res, indent=1) + "\n")
     rec = json.loads((RESULTS / "multitask.json").read_text())["variants"]["full"]
@@ -174,20 +300,10 @@ def write(res: dict) -> None:
              f"Machine: {res['machine']}. The machine was shared with other work while this ran: wall times are "
              "upper bounds of what the search needs alone.", ""]
     names = list(tasks.TASK_NAMES)
-    if "search" in res:
-        s = res["search"]
-        rep = s["report"]
-        opt = s["search"]["optimizer"]
-        method = mt.METHOD_NAMES[s["search"]["merge_method"]]
-        space = s["search"]["search"]
-        per = "layer" if space.get("layer_granularity", 1) == 1 else f"group of {space['layer_granularity']} layers"
-        desc = (f"`weight` per model per {per}" + (f" and tensor filter ({', '.join(space['filters'])})"
-                                                   if space.get("filters") else "") + " in [0, 2]"
-                + (f", `lambda` in [{space['lambda']['min']:g}, {space['lambda']['max']:g}]"
-                   if "lambda" in space else "")
-                + "".join(f", {k} {v}" for k, v in s["search"].get("parameters", {}).items()))
+    searches = res.get("searches", [])
+    if searches:
         head = ["Model", *names, "Avg", "Norm. avg", "Source"]
-        lines += [f"## Evolved {method} vs the table's best", "",
+        lines += ["## Evolved recipes vs the table's best", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def row(label, acc, norm, src):
@@ -195,7 +311,8 @@ def write(res: dict) -> None:
                          + f" | {100 * sum(acc.values()) / len(acc):.1f} | {100 * norm:.1f} | {src} |")
 
         row("Individual fine-tunes (each on its own task)", res["own_test"], 1.0, "measured here")
-        row(f"Evolved {method} ({desc})", s["best"]["test"], s["best"]["test_norm"], "measured here")
+        for s in searches:
+            row(f"Evolved {describe(s['search'])}", s["best"]["test"], s["best"]["test_norm"], "measured here")
         for m in ("distill", "ties", "task_arithmetic"):
             r = rec["methods"][m]
             row(mt.METHOD_NAMES[m] + f" ({mt.fmt_point(r['params'])})", r["test"], r["test_norm"],
@@ -205,16 +322,37 @@ def write(res: dict) -> None:
                 "measured here")
         lines += ["", "Rows from `results/multitask.json` are that run's models: the fine-tunes trained here from the "
                   "same seeds differ slightly (own test accuracy within 1 point per task), so the rows merged again "
-                  "here are the like-for-like comparison."]
-        g0 = rep["generations"][0]
-        lines += ["", f"Search: {len(s['report']['best_values'])} values ({method}, {desc}), CMA-ES population "
-                  f"{opt['population']}, {opt['generations']} generations "
-                  f"({rep['evaluations']} candidates), sigma {opt['sigma']}, seed {opt['seed']}, "
-                  f"{res['workers']} Ray workers. Fitness = normalized average on the validation split (200 examples "
-                  f"per task). First generation: best {g0['best']:.4f}, median {g0['median']:.4f}; best "
-                  f"overall {rep['best_fitness']:.4f}. Wall time {s['wall_seconds'] / 60:.1f} min "
-                  f"(actor start-up {sum(rep['startup_seconds']):.0f} s).", "",
-                  "![fitness per generation](evolve_fitness.png)", ""]
+                  "here are the like-for-like comparison.", ""]
+        for s in searches:
+            rep, opt = s["report"], s["search"]["optimizer"]
+            g0 = rep["generations"][0]
+            kind = "separable CMA-ES" if opt.get("method") == "sep_cma" else "CMA-ES"
+            lines += [f"Search of {describe(s['search'])}: {len(rep['best_values'])} values, {kind} population "
+                      f"{opt['population']}, {opt['generations']} generations ({rep['evaluations']} candidates), "
+                      f"sigma {opt['sigma']}, seed {opt['seed']}, {s.get('workers', res['workers'])} Ray workers. "
+                      "Fitness = normalized average on the validation split (200 examples per task). First "
+                      f"generation: best {g0['best']:.4f}, median {g0['median']:.4f}; best overall "
+                      f"{rep['best_fitness']:.4f}. Wall time {s['wall_seconds'] / 60:.1f} min (actor start-up "
+                      f"{sum(rep['startup_seconds']):.0f} s).", "",
+                      f"![fitness per generation]({s.get('plot', 'evolve_fitness.png')})", ""]
+    if "ceiling" in res:
+        head = ["Space", "Coefficients", *names, "Avg", "Norm. avg", "Answer loss (train)"]
+        lines += ["## What the space allows: coefficients fitted by gradient", "",
+                  "Each space's coefficients fitted by gradient instead of searched (`fit_coefficients`): Adam on "
+                  "the answers' cross-entropy over all 2000 training examples per task (64 per task per step, 300 "
+                  "steps, lr 0.02), task arithmetic's `weight` kept within the search's bounds [0, 2], started "
+                  "where the search starts (every weight 1). This sees 10x the search's examples through a smooth "
+                  "loss, so no search of the same space is expected to beat it by much: it is the space's ceiling "
+                  "(as far as 300 Adam steps find it; their last 20 batches' mean loss is in the last column). "
+                  "The two spaces are merged from their recipes by `modelcypher merge` and scored on the test split; "
+                  "the last row, one coefficient per model and output unit (the distilled coefficients' resolution, "
+                  "unbounded, fitted on labelled answers), is beyond what a search can handle and scored on the fitted "
+                  "model.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label, r in res["ceiling"].items():
+            what = label + (f" ({', '.join(r['filters'])}, rest)" if r.get("filters") else "")
+            lines.append(f"| {what} | {r['coefficients']} | " + " | ".join(f"{100 * r['test'][t]:.1f}" for t in names)
+                         + f" | {100 * r['test_avg']:.1f} | {100 * r['test_norm']:.1f} | {r['answer_loss']:.4f} |")
+        lines.append("")
     if "scaling" in res:
         sc = res["scaling"]
         lines += ["## Scaling and overhead", "",
@@ -238,7 +376,7 @@ def write(res: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="all", choices=("all", "search", "references", "scaling"))
+    ap.add_argument("--part", default="all", choices=("all", "search", "references", "scaling", "ceiling"))
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--sigma", type=float, default=0.25)
@@ -246,6 +384,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="task_arithmetic", choices=("task_arithmetic", "ties"))
     ap.add_argument("--granularity", type=int, default=1, help="layers per group")
     ap.add_argument("--filters", default="", help="comma-separated tensor filters, each its own weights")
+    ap.add_argument("--optimizer", default="cma", choices=("cma", "sep_cma"))
     ap.add_argument("--resume", action="store_true", help="continue an interrupted search")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -268,14 +407,22 @@ def main(argv=None) -> int:
     log(f"own fine-tunes: val {own_val}, test {own_test}")
     path = RESULTS / "evolve.json"
     res = json.loads(path.read_text()) if path.exists() else {}
+    if "search" in res:  # the results' earlier form: one search
+        res["searches"] = [res.pop("search")]
     res.update({"own_val": own_val, "own_test": own_test, "workers": args.workers,
                 "machine": f"{len(os.sched_getaffinity(0))} CPU cores (shared), torch {torch.__version__}"})
     if args.part in ("all", "search"):
-        res["search"] = run_search(args, base, fts, own_val, own_test, tok, data, log)
+        new = run_search(args, base, fts, own_val, own_test, tok, data, log)
+        # one entry per space searched (a space searched again replaces its entry)
+        res["searches"] = [s for s in res.get("searches", []) if describe(s["search"]) != describe(new["search"])]
+        res["searches"].append(new)
         write(res)
     if args.part in ("all", "search", "references"):
         res["references"] = {m: run_reference(m, base, fts, own_test, tok, data)
                              for m in ("task_arithmetic", "ties", "distill")}
+        write(res)
+    if args.part in ("all", "ceiling"):
+        res["ceiling"] = run_ceiling(base, fts, own_val, own_test, tok, data, log)
         write(res)
     if args.part in ("all", "scaling"):
         res["scaling"] = run_scaling(base, fts, own_val, data, log)
