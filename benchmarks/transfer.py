@@ -14,7 +14,8 @@ answer's loss (nats per answer, summed over its tokens) for the base, the direct
 the share of the direct LoRA's gain the moved one keeps (by loss and by exact match); the drift (KL of
 next-token distributions on control text: the histories, which no model was trained on) of both
 adapters; the three-space report of the moved one; moved with word anchors and with token anchors, with
-general probe text and with text of the adapter's domain; a sweep over the moved rank and the number of
+general probe text and with text of the adapter's domain, and with one option changed at a time
+(``--gain none``, ``--map ridge``, ``--pairing states``); a sweep over the moved rank and the number of
 anchors. Models and adapters are kept in ``--workdir`` and
 reused when their recipe is unchanged (``recipe.json`` beside each).
 
@@ -132,6 +133,13 @@ def _fit(model, batches, steps: int, lr: float, warmup: int) -> float:
         opt.step()
     model.eval()
     return float(loss.detach())
+
+
+# (anchors, how many, probe text, other options): the defaults on both probe texts and with word anchors,
+# then one option changed at a time
+VARIANTS = (("words", 4096, "general", {}), ("tokens", 16000, "general", {}), ("tokens", 16000, "domain", {}),
+            *(("tokens", 16000, probe, extra) for extra in ({"gain": "none"}, {"map": "ridge"}, {"pairing": "states"})
+              for probe in ("general", "domain")))
 
 
 def task_text(examples) -> str:
@@ -265,13 +273,13 @@ def main() -> None:
         s_base, s_direct = task_scores(base_m, tok, test_ex), task_scores(direct_m, tok, test_ex)
         ctl = encode(tok, control)
         row = {"base": s_base, "direct": s_direct, "drift_direct": kl_drift(base_m, direct_m, ctl, 128), "moved": {}}
-        for anchors, n_anchors, probe in (("words", 4096, "general"), ("tokens", 16000, "general"),
-                                          ("tokens", 16000, "domain")):
-            variant = f"{anchors}, {probe} probes"
-            moved = work / f"moved-{key}-{anchors}-{probe}"
+        for anchors, n_anchors, probe, extra in VARIANTS:
+            variant = f"{anchors}, {probe} probes" + "".join(f", --{k} {v}" for k, v in extra.items())
+            moved = work / (f"moved-{key}-{anchors}-{probe}" + "".join(f"-{v}" for v in extra.values()))
             t1 = time.time()
             rep = transfer_adapter(lora_a, a, target, moved, text=probe_texts[probe], rank=RANK, anchors=anchors,
-                                   max_anchors=n_anchors, device="cpu", overwrite=True)
+                                   max_anchors=n_anchors, device="cpu", overwrite=True,
+                                   **{k.replace("map", "method"): v for k, v in extra.items()})
             secs = time.time() - t1
             moved_m = load(target, moved)
             s = task_scores(moved_m, tok, test_ex)

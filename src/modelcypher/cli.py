@@ -258,7 +258,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
                               rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
-                              pairing=args.pairing,
+                              pairing=args.pairing, gain=args.gain,
                               device=args.device,
                               overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pairing", default="updates", choices=("updates", "states"),
                    help="pair blocks by the CKA of what they write into the residual stream (default), or by the "
                    "layer correspondence of their hidden states")
+    t.add_argument("--gain", default="projection", choices=("projection", "none"),
+                   help="scale each moved update so that its effect on B's anchors, along A's update's effect carried "
+                   "into B, equals that effect (default), or leave it as the maps carry it")
     t.add_argument("--max-anchors", type=_positive_int, default=16000,
                    help="anchors of the probe text used, evenly thinned (default 16000)")
     t.add_argument("--device", default="auto", type=_device)

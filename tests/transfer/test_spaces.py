@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelcypher.transfer.move import block_pairs
+from modelcypher.transfer.move import MIN_COS, block_pairs, projection_gain
 from modelcypher.transfer.spaces import fit_map
 
 
@@ -50,3 +50,21 @@ def test_blocks_pair_in_order_on_distinct_blocks_of_a_deeper_model():
     assert block_pairs(sim) == {0: 0, 1: 1, 2: 2, 3: 4}  # 3.1; 1 -> 2, 2 -> 3 gives 2.8
     # a shallower B: several of A's blocks share one of B's
     assert block_pairs(sim.T[:, :2]) == {0: 0, 1: 1, 2: 1, 3: 1, 4: 1}
+
+
+def test_the_projection_gain_restores_the_share_of_the_effect_along_the_target():
+    """``p = rho t + n`` with ``n`` orthogonal to ``t``: the gain is ``1 / rho``, and ``g p`` projected on ``t``
+    is ``t``; an exact copy gets 1, an update working against ``t`` 0, a nearly orthogonal one the cap."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    n = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    n -= (n * t).sum() / t.square().sum() * t  # orthogonal to t
+    p = 0.5 * t + n
+    gain = projection_gain(p, t)
+    assert gain == pytest.approx(2.0)
+    assert ((gain * p) * t).sum() / t.norm() == pytest.approx(float(t.norm()))
+    assert projection_gain(t, t) == pytest.approx(1.0)
+    assert projection_gain(-p, t) == 0.0
+    q = 0.01 * t + n  # nearly orthogonal: boosted no further than the cap allows
+    cos = float((q * t).sum() / (q.norm() * t.norm()))
+    assert cos < MIN_COS and projection_gain(q, t) == pytest.approx(float(t.norm() / q.norm()) / MIN_COS)

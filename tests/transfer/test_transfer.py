@@ -40,6 +40,7 @@ def test_exact_case_reproduces_the_adapted_logits_on_a_hidden_symmetric_qwen2_co
     assert [(c["block_a"], c["block_b"]) for c in rep["correspondence"]] == [(0, 0), (1, 1), (2, 2)]
     assert len(rep["modules"]) == 21 and max(m["update_error"] for m in rep["modules"]) < 1e-6
     assert all(m["fit"] < 1e-6 for m in rep["maps"].values())
+    assert rep["gain"] == "projection" and all(abs(g - 1) < 1e-6 for m in rep["modules"] for g in m["gain"])
     ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
     want = logits(cm.with_adapter(a, adapter), ids)
     got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)
@@ -51,13 +52,14 @@ def test_exact_case_reproduces_the_adapted_logits_on_a_hidden_symmetric_qwen2_co
     assert saved["r"] == 4 and "model.layers.0.self_attn.q_proj" in saved["target_modules"]
 
 
-def test_cli_with_word_anchors_and_state_pairing_is_exact_too(models, tmp_path):
+def test_cli_with_word_anchors_state_pairing_and_no_gain_is_exact_too(models, tmp_path):
     root, a, adapter, b = models
     r = run_cli("transfer", adapter, "--from", a, "--to", b, "-o", tmp_path / "moved", "--probes",
-                root / "probes.txt", "--anchors", "words", "--pairing", "states", "--device", "cpu")
+                root / "probes.txt", "--anchors", "words", "--pairing", "states", "--gain", "none", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "moved" / "transfer_report.json").read_text())
-    assert (rep["anchor_kind"], rep["pairing"]) == ("words", "states")
+    assert (rep["anchor_kind"], rep["pairing"], rep["gain"]) == ("words", "states", "none")
+    assert all(g == 1.0 for m in rep["modules"] for g in m["gain"])
     ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
     want = logits(cm.with_adapter(a, adapter), ids)
     got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)
@@ -84,6 +86,8 @@ def test_across_families_writes_an_adapter_peft_loads_for_b(models, tmp_path):
                 root / "probes.txt", "--rank", "3", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "moved" / "transfer_report.json").read_text())
+    gains = [g for m in rep["modules"] for g in m["gain"]]
+    assert all(0 <= x <= 4 for x in gains) and any(abs(x - 1) > 0.05 for x in gains)  # spaces that fit in part
     assert {m["module"].split(".", 3)[3] for m in rep["modules"]} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                       "mlp.c_proj"}
     assert rep["rank"] == 3
