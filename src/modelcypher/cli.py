@@ -455,9 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pairing", default="updates", choices=("updates", "states"),
                    help="pair blocks by the CKA of what they write into the residual stream (default), or by the "
                    "layer correspondence of their hidden states")
-    t.add_argument("--gain", default="projection", choices=("projection", "none"),
+    t.add_argument("--gain", default="projection", choices=("projection", "function", "none"),
                    help="scale each moved update so that its effect on B's anchors, along A's update's effect carried "
-                   "into B, equals that effect (default), or leave it as the maps carry it")
+                   "into B, equals that effect (default); function: then the whole adapter likewise, by how it moves "
+                   "the last hidden states; none: leave the updates as the maps carry them")
     t.add_argument("--max-anchors", type=_positive_int, default=16000,
                    help="anchors of the probe text used, evenly thinned (default 16000)")
     t.add_argument("--device", default="auto", type=_device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelcypher.transfer.move import MIN_COS, block_pairs, projection_gain
+from modelcypher.transfer.move import MIN_COS, block_pairs, projection_gain, updated
 from modelcypher.transfer.spaces import fit_map
 
 
@@ -68,3 +68,19 @@ def test_the_projection_gain_restores_the_share_of_the_effect_along_the_target()
     q = 0.01 * t + n  # nearly orthogonal: boosted no further than the cap allows
     cos = float((q * t).sum() / (q.norm() * t.norm()))
     assert cos < MIN_COS and projection_gain(q, t) == pytest.approx(float(t.norm() / q.norm()) / MIN_COS)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_a_model_runs_with_an_update_and_is_restored_after(conv1d):
+    """Inside ``updated`` the module computes with ``W + dW`` (``[out, in]``; transposed for a Conv1D-style
+    ``[in, out]`` weight); afterwards its weight is what it was, bit for bit."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(lin)
+    if conv1d:
+        lin.weight = torch.nn.Parameter(lin.weight.detach().T.clone())  # stored [in, out]
+    before = lin.weight.detach().clone()
+    d = torch.randn(3, 4, dtype=torch.float64)
+    with updated(model, {"0": d}, conv1d):
+        assert torch.allclose(lin.weight, before + (d.T if conv1d else d).float())
+    assert torch.equal(lin.weight, before)

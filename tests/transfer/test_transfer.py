@@ -66,6 +66,20 @@ def test_cli_with_word_anchors_state_pairing_and_no_gain_is_exact_too(models, tm
     assert (got - want).abs().max() / want.abs().max() < 1e-3
 
 
+def test_the_function_gain_is_one_and_exact_on_a_hidden_symmetric_copy(models, tmp_path):
+    """``gain="function"``: A's adapter and the moved one move the last hidden states alike (through the
+    map), so the one factor for the whole adapter is 1 and the logits are A-with-adapter's; the models the
+    gain ran the adapters through are left as they were."""
+    root, a, adapter, b = models
+    rep = transfer_adapter(adapter, a, b, tmp_path / "moved", text=(root / "probes.txt").read_text(), gain="function",
+                           device="cpu")
+    assert rep["gain"] == "function" and rep["overall_gain"] == pytest.approx(1.0, abs=1e-5)
+    ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
+    want = logits(cm.with_adapter(a, adapter), ids)
+    got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-3
+
+
 def test_exact_case_on_a_wider_residual_stream(models, tmp_path):
     root, a, adapter, _ = models
     b = cm.lifted(cm.rotated(a, tmp_path / "rot", seed=11), tmp_path / "wide", 48)
@@ -87,13 +101,24 @@ def test_across_families_writes_an_adapter_peft_loads_for_b(models, tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "moved" / "transfer_report.json").read_text())
     gains = [g for m in rep["modules"] for g in m["gain"]]
-    assert all(0 <= x <= 4 for x in gains) and any(abs(x - 1) > 0.05 for x in gains)  # spaces that fit in part
+    assert all(0 <= x < float("inf") for x in gains) and any(abs(x - 1) > 0.05 for x in gains)  # spaces fit in part
     assert {m["module"].split(".", 3)[3] for m in rep["modules"]} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                       "mlp.c_proj"}
     assert rep["rank"] == 3
     model = cm.with_adapter(g, tmp_path / "moved")
     ids = torch.tensor([[5, 6, 7, 8]])
     assert not torch.allclose(logits(model, ids), logits(cm.load(g), ids))
+    # --gain function: the same updates times one factor for the whole adapter
+    r = run_cli("transfer", adapter, "--from", a, "--to", g, "-o", tmp_path / "moved-f", "--probes",
+                root / "probes.txt", "--rank", "3", "--gain", "function", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rep_f = json.loads((tmp_path / "moved-f" / "transfer_report.json").read_text())
+    k = rep_f["overall_gain"]
+    assert 0 < k < float("inf") and k != 1.0 and rep["overall_gain"] == 1.0
+    one, scaled = (cm.with_adapter(g, tmp_path / d) for d in ("moved", "moved-f"))
+    for (n, p1), (_, p2) in zip(one.named_parameters(), scaled.named_parameters(), strict=True):
+        if "lora_B" in n:
+            assert torch.allclose(p2, k * p1, rtol=1e-5, atol=1e-7), n
 
 
 def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):

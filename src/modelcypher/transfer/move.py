@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,12 +111,14 @@ def split_qkv(pooled: dict[str, torch.Tensor], roles: Roles, n_blocks: int, widt
         pooled[f"{i}.q"], pooled[f"{i}.k"], pooled[f"{i}.v"] = full[:, :a], full[:, a:a + b], full[:, a + b:]
 
 
-def norm_params(ck: Checkpoint, roles: Roles, block: int, norm: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    full = roles.block.format(block) + norm
+def norm_params(ck: Checkpoint, roles: Roles, block: int | None, norm: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A norm's gain and bias: ``norm`` in block ``block``, or the full name ``norm`` when ``block`` is None."""
+    full = norm if block is None else roles.block.format(block) + norm
     # the original gpt2 checkpoints store the base model's tensors without its prefix
     base = next((n for n in (full, full.partition(".")[2]) if n + ".weight" in ck), None)
     if base is None:
-        raise UserError(f"{ck.path}: no tensor {full}.weight (the norm before block {block}'s projections)")
+        where = "the final norm" if block is None else f"the norm before block {block}'s projections"
+        raise UserError(f"{ck.path}: no tensor {full}.weight ({where})")
     b = ck.get(base + ".bias").double() if roles.norm_bias and base + ".bias" in ck else None
     return ck.get(base + ".weight").double(), b
 
@@ -127,7 +131,7 @@ def qkv_widths(config: dict) -> tuple[int, int, int]:
     return heads * hd, kv * hd, kv * hd
 
 
-MIN_COS = 0.25  # below this alignment with A's carried effect, a moved update is boosted no further (at most 4x)
+MIN_COS = 0.25  # below this alignment with A's carried effect, a moved update is boosted no further
 
 
 def projection_gain(produced: torch.Tensor, target: torch.Tensor) -> float:
@@ -145,6 +149,32 @@ def projection_gain(produced: torch.Tensor, target: torch.Tensor) -> float:
         return 0.0
     t, p = float(target.norm()), float(produced.norm())
     return (t / p) / max(dot / (t * p), MIN_COS)
+
+
+@contextmanager
+def updated(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], conv1d: bool) -> Iterator[None]:
+    """``model`` with each named module's weight plus its update (``[out, in]``), restored afterwards."""
+    mods = dict(model.named_modules())
+    saved = []
+    try:
+        with torch.no_grad():
+            for name, d in deltas.items():
+                # the original gpt2 checkpoints name the base model's tensors without its prefix
+                mod = mods.get(name) or next(m for n, m in mods.items() if n.endswith("." + name))
+                saved.append((mod.weight, mod.weight.detach().clone()))
+                mod.weight += (d.T if conv1d else d).to(mod.weight.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for w, w0 in saved:
+                w.copy_(w0)
+
+
+def normalized_last(h: torch.Tensor, ck: Checkpoint, roles: Roles) -> torch.Tensor:
+    """The last hidden states (after the final norm) with the norm's gain and bias taken out: what a
+    symmetry of the residual stream rotates (a folded copy moves the gain into the head)."""
+    g, b = norm_params(ck, roles, None, roles.final_norm)
+    return (h - (0 if b is None else b)) / g.clamp_min(1e-12)
 
 
 class Maps:
@@ -232,8 +262,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         raise UserError(f"--map {method!r}: expected orthogonal or ridge")
     if pairing not in ("updates", "states"):
         raise UserError(f"--pairing {pairing!r}: expected updates or states")
-    if gain not in ("projection", "none"):
-        raise UserError(f"--gain {gain!r}: expected projection or none")
+    if gain not in ("projection", "function", "none"):
+        raise UserError(f"--gain {gain!r}: expected projection, function or none")
     if anchors not in ("tokens", "words"):
         raise UserError(f"--anchors {anchors!r}: expected tokens or words")
     check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
@@ -286,7 +316,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         left, right = q_out.T @ u.left, u.right @ p_in.T
         # what A's update does on its anchors, carried into B's output space: the target of B's update
         target = xa[f"{i}.{space_in}"] @ u.right.T @ u.left.T @ q_out
-        g = projection_gain(xb[f"{j}.{space_in}"] @ right.T @ left.T, target) if gain == "projection" else 1.0
+        g = projection_gain(xb[f"{j}.{space_in}"] @ right.T @ left.T, target) if gain != "none" else 1.0
         gains[name].append(g)
         parts[name][part].append((g * left, right))
         sources[name].append((part, target, f"{j}.{space_in}",
@@ -311,6 +341,21 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         rows.append(module_report(name, sources[name], xb, b_f @ a_f, qkv_b, dropped) | {"gain": gains[name]})
     if not factors:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
+    overall = 1.0
+    if gain == "function":
+        # The projection gain once more, model to model, one factor for the whole adapter: how A's adapter
+        # moves A's last hidden states, carried into B by their map, against how the new one moves B's.
+        def moved(k, deltas, roles, ck):
+            side = sides[k]
+            with updated(side.model, deltas, roles.conv1d):
+                h = pool(side.model, side.tokenizer, segs, side.context, None, dev).states[-1][keep]
+            return normalized_last(h, ck, roles), normalized_last(states[k][-1], ck, roles)
+        own = {n[:-len(".weight")]: adapter.tensor(f.b).double() @ adapter.tensor(f.a).double() * f.scale
+               for n, f in adapter.factors.items()}
+        (za2, za), (zb2, zb) = (moved(0, own, roles_a, ck_a),
+                                moved(1, {n: b @ a for n, (a, b) in factors.items()}, roles_b, ck_b))
+        overall = projection_gain(zb2 - zb, (za2 - za) @ fit_map(za, zb, method).forward())
+        factors = {n: (a, overall * b) for n, (a, b) in factors.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
     r0 = max(ranks.values())
     config = lora_config(target_modules=sorted(factors), r=r0, lora_alpha=r0,
@@ -319,7 +364,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                          fan_in_fan_out=roles_b.conv1d, base_model_name_or_path=str(model_b))
     report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
               "anchors": len(keep), "anchor_kind": anchors, "pairing": pairing, "map": method, "gain": gain,
-              "rank": r0,
+              "overall_gain": overall, "rank": r0,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
               "modules": rows,
               "maps": {f"A{i}->B{j}:{s}": m.summary() for (i, j, s), m in maps.cache.items()}}

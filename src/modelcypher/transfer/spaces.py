@@ -36,6 +36,7 @@ class Roles:
     o: str
     mlp_in: tuple[str, ...]  # read the normed residual, write the MLP's neurons (gate/up, or c_fc)
     mlp_out: str
+    final_norm: str  # the norm after the last block (full name)
     fused_qkv: bool = False  # GPT-2's c_attn: q, k, v are its thirds
     norm_bias: bool = False  # LayerNorm (a bias to remove before dividing by the gain)
     conv1d: bool = False  # weights stored [in, out]; PEFT then needs fan_in_fan_out
@@ -43,9 +44,9 @@ class Roles:
 
 _LLAMA = Roles("model.layers.{}.", "input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", ("mlp.up_proj", "mlp.gate_proj"),
-               "mlp.down_proj")
+               "mlp.down_proj", "model.norm")
 _GPT2 = Roles("transformer.h.{}.", "ln_1", "ln_2", "attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj",
-              ("mlp.c_fc",), "mlp.c_proj", fused_qkv=True, norm_bias=True, conv1d=True)
+              ("mlp.c_fc",), "mlp.c_proj", "transformer.ln_f", fused_qkv=True, norm_bias=True, conv1d=True)
 ROLES: dict[str, Roles] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
 
 # (role, input space, output space) of every module kind
