@@ -130,8 +130,9 @@ def fit_coefficients(search: Path, data: dict, tok, steps: int, per_unit: bool =
     gradient, by Adam on the answers' cross-entropy over every task's training examples (2000 per task, far
     more than the search's fitness sees, and a smooth loss instead of exact match), kept within the
     bounds. ``per_unit``: one coefficient per model and output unit instead (the distilled coefficients'
-    resolution, without bounds), beyond any search. Returns the genes' values (None per unit), how many
-    coefficients were fitted, the base model holding the fitted merge, and the last 20 steps' mean loss."""
+    resolution, without bounds), beyond any search. Returns the genes' values and their merge config (None
+    per unit), how many coefficients were fitted, the base model holding the fitted merge, and the last 20
+    steps' mean loss."""
     cfg = parse_search(search)
     space, _ = build_space(cfg, search.parent)
     if cfg.merge_method != "task_arithmetic" or {g.param for g in space.genes} != {"weight"}:
@@ -188,10 +189,13 @@ def fit_coefficients(search: Path, data: dict, tok, steps: int, per_unit: bool =
         if step % 50 == 0:
             log(f"  fit step {step}: answer loss {losses[-1]:.4f}")
     with torch.no_grad():
+        w = merged()
         for n, p in model.named_parameters():
-            p.copy_(merged()[n])
-    return {"values": None if per_unit else genes.detach().tolist(), "coefficients": sum(p.numel() for p in params),
-            "model": model, "answer_loss": sum(losses[-20:]) / len(losses[-20:])}
+            p.copy_(w[n])
+    values = None if per_unit else genes.detach().tolist()
+    return {"values": values, "recipe": None if per_unit else recipe(space, cfg, values),
+            "coefficients": sum(p.numel() for p in params), "model": model,
+            "answer_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
 TENSOR_FILTERS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc")  # the rest: mlp.c_proj (+ ln_f)
@@ -208,9 +212,7 @@ def run_ceiling(base, fts, own_val, own_test, tok, data, log, steps: int = 300) 
         search = search_file(f"ceiling-{len(filters)}.yaml", base, fts, own_val, data, 8, 1, 0.2, filters=filters)
         t0 = time.perf_counter()
         fit = fit_coefficients(search, data, tok, steps, log=log)
-        cfg = parse_search(search)
-        space, _ = build_space(cfg, search.parent)
-        scored = test_score(recipe(space, cfg, fit["values"]), WORK / "ceiling-merged", tok, data, own_test)
+        scored = test_score(fit["recipe"], WORK / "ceiling-merged", tok, data, own_test)
         out[label] = {"coefficients": fit["coefficients"], "filters": list(filters), "answer_loss": fit["answer_loss"],
                       "values": fit["values"], "seconds": time.perf_counter() - t0, **scored}
         log(f"ceiling {label}: {fit['coefficients']} genes, test normalized {scored['test_norm']:.4f}")

@@ -64,6 +64,12 @@ def module_kinds(roles: Roles, suffix: str) -> list[tuple[str, int]]:
     return found
 
 
+def lora_factors(adapter: LoraAdapter, f) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's update ``left @ right`` (``[out, r] @ [r, in]``; PEFT keeps Linear's layout for Conv1D
+    too), its scale in ``left``."""
+    return adapter.tensor(f.b).double() * f.scale, adapter.tensor(f.a).double()
+
+
 def read_updates(adapter: LoraAdapter, roles: Roles) -> list[Update]:
     out = []
     if adapter.full:
@@ -77,8 +83,7 @@ def read_updates(adapter: LoraAdapter, roles: Roles) -> list[Update]:
         if f.embedding or not kinds:
             raise UserError(f"{adapter.path}: cannot transfer the update of {name!r}: only attention and MLP "
                             "projections inside blocks are transferred")
-        left = adapter.tensor(f.b).double() * f.scale  # [out, r]: PEFT keeps Linear's layout for Conv1D too
-        right = adapter.tensor(f.a).double()  # [r, in]
+        left, right = lora_factors(adapter, f)
         rows = left.shape[0] // len(kinds)
         for j, (kind, index) in enumerate(kinds):
             out.append(Update(name, block, kind, index, left[j * rows:(j + 1) * rows], right))
@@ -160,7 +165,7 @@ def updated(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], conv1d: 
         with torch.no_grad():
             for name, d in deltas.items():
                 # the original gpt2 checkpoints name the base model's tensors without its prefix
-                mod = mods.get(name) or next(m for n, m in mods.items() if n.endswith("." + name))
+                mod = mods[name] if name in mods else next(m for n, m in mods.items() if n.endswith("." + name))
                 saved.append((mod.weight, mod.weight.detach().clone()))
                 mod.weight += (d.T if conv1d else d).to(mod.weight.dtype)
         yield
@@ -170,11 +175,10 @@ def updated(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], conv1d: 
                 w.copy_(w0)
 
 
-def normalized_last(h: torch.Tensor, ck: Checkpoint, roles: Roles) -> torch.Tensor:
-    """The last hidden states (after the final norm) with the norm's gain and bias taken out: what a
-    symmetry of the residual stream rotates (a folded copy moves the gain into the head)."""
-    g, b = norm_params(ck, roles, None, roles.final_norm)
-    return (h - (0 if b is None else b)) / g.clamp_min(1e-12)
+def without_norm(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A norm's output with its gain and bias taken out (``z = (u - beta) / g``): what a symmetry of the
+    residual stream rotates (a folded copy moves the gain into the next weights)."""
+    return (u - (0 if bias is None else bias)) / gain.clamp_min(1e-12)
 
 
 class Maps:
@@ -195,8 +199,7 @@ class Maps:
                 norm = "attn_norm" if space == "resid_attn" else "mlp_norm"
                 (ga, ba), (gb, bb) = (norm_params(ck, r, k, getattr(r, norm))
                                       for ck, r, k in zip(self.cks, self.roles, (i, j), strict=True))
-                za = (self.xa[f"{i}.{space}"] - (0 if ba is None else ba)) / ga.clamp_min(1e-12)
-                zb = (self.xb[f"{j}.{space}"] - (0 if bb is None else bb)) / gb.clamp_min(1e-12)
+                za, zb = without_norm(self.xa[f"{i}.{space}"], ga, ba), without_norm(self.xb[f"{j}.{space}"], gb, bb)
                 self.cache[key] = fit_map(za, zb, self.method)
                 self.gains[key] = (ga, gb)
             else:
@@ -345,15 +348,18 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     if gain == "function":
         # The projection gain once more, model to model, one factor for the whole adapter: how A's adapter
         # moves A's last hidden states, carried into B by their map, against how the new one moves B's.
-        def moved(k, deltas, roles, ck):
-            side = sides[k]
+        def last(k, deltas, roles, ck):
+            """Model k's last hidden states without and with ``deltas``, the final norm taken out."""
+            side, norm = sides[k], norm_params(ck, roles, None, roles.final_norm)
             with updated(side.model, deltas, roles.conv1d):
                 h = pool(side.model, side.tokenizer, segs, side.context, None, dev).states[-1][keep]
-            return normalized_last(h, ck, roles), normalized_last(states[k][-1], ck, roles)
-        own = {n[:-len(".weight")]: adapter.tensor(f.b).double() @ adapter.tensor(f.a).double() * f.scale
-               for n, f in adapter.factors.items()}
-        (za2, za), (zb2, zb) = (moved(0, own, roles_a, ck_a),
-                                moved(1, {n: b @ a for n, (a, b) in factors.items()}, roles_b, ck_b))
+            return without_norm(states[k][-1], *norm), without_norm(h, *norm)
+        own = {}
+        for n, f in adapter.factors.items():
+            left, right = lora_factors(adapter, f)
+            own[n[:-len(".weight")]] = left @ right
+        (za, za2), (zb, zb2) = (last(0, own, roles_a, ck_a),
+                                last(1, {n: b @ a for n, (a, b) in factors.items()}, roles_b, ck_b))
         overall = projection_gain(zb2 - zb, (za2 - za) @ fit_map(za, zb, method).forward())
         factors = {n: (a, overall * b) for n, (a, b) in factors.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
