@@ -15,9 +15,9 @@ the share of the direct LoRA's gain the moved one keeps (by loss and by exact ma
 next-token distributions on control text: the histories, which no model was trained on) of both
 adapters; the three-space report of the moved one; moved with word anchors and with token anchors, with
 general probe text and with text of the adapter's domain, and with one option changed at a time
-(``--gain function``, ``--gain none``, ``--map ridge``, ``--pairing states``); a sweep over the moved rank
-and the number of anchors. Models and adapters are kept in ``--workdir`` and reused when their recipe is
-unchanged (``recipe.json`` beside each).
+(``--gain function``, ``--gain none``, ``--update maps``, ``--map ridge``, ``--pairing states``); a sweep
+over the moved rank and the number of anchors. Models and adapters are kept in ``--workdir`` and reused
+when their recipe is unchanged (``recipe.json`` beside each).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/transfer.py [--quick] [--workdir DIR]
 """
@@ -139,7 +139,8 @@ def _fit(model, batches, steps: int, lr: float, warmup: int) -> float:
 # then one option changed at a time
 VARIANTS = (("words", 4096, "general", {}), ("tokens", 16000, "general", {}), ("tokens", 16000, "domain", {}),
             *(("tokens", 16000, probe, extra)
-              for extra in ({"gain": "function"}, {"gain": "none"}, {"map": "ridge"}, {"pairing": "states"})
+              for extra in ({"gain": "function"}, {"gain": "none"}, {"update": "maps"}, {"map": "ridge"},
+                            {"pairing": "states"})
               for probe in ("general", "domain")))
 
 

@@ -258,8 +258,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
                               rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
-                              pairing=args.pairing, gain=args.gain,
-                              device=args.device,
+                              pairing=args.pairing, gain=args.gain, update=args.update, device=args.device,
                               overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
     print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
@@ -459,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale each moved update so that its effect on B's anchors, along A's update's effect carried "
                    "into B, equals that effect (default); function: then the whole adapter likewise, by how it moves "
                    "the last hidden states; none: leave the updates as the maps carry them")
+    t.add_argument("--update", default="fit", choices=("fit", "maps"),
+                   help="fit each module's update on B's own inputs to do what A's update does, carried into B's "
+                   "output space, then once more with both adapters on (default); maps: carry A's update through "
+                   "the maps of its input and output spaces")
     t.add_argument("--max-anchors", type=_positive_int, default=16000,
                    help="anchors of the probe text used, evenly thinned (default 16000)")
     t.add_argument("--device", default="auto", type=_device)

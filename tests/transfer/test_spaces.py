@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelcypher.transfer.move import MIN_COS, block_pairs, projection_gain, updated
+from modelcypher.transfer.move import MIN_COS, block_pairs, fit_update, projection_gain, updated
 from modelcypher.transfer.spaces import fit_map
 
 
@@ -84,3 +84,30 @@ def test_a_model_runs_with_an_update_and_is_restored_after(conv1d):
     with updated(model, {"0": d}, conv1d):
         assert torch.allclose(lin.weight, before + (d.T if conv1d else d).float())
     assert torch.equal(lin.weight, before)
+
+
+def test_a_fitted_update_recovers_a_low_rank_update_from_its_effect():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 24, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 24, dtype=torch.float64)
+    true = torch.randn(16, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 24, generator=g, dtype=torch.float64)
+    left, right = fit_update(x, x @ true.T, 3)
+    assert left.shape == (16, 3) and right.shape == (3, 24)
+    assert (left @ right - true).norm() / true.norm() < 1e-5  # the ridge that keeps the solve safe is 1e-8
+
+
+def test_a_fitted_update_is_the_best_of_its_rank_on_the_inputs_not_a_truncation_of_the_full_fit():
+    """Reduced-rank regression: its residual on ``x`` is no larger than the full least-squares solution
+    truncated to the rank by its own SVD (the two differ when ``x`` is anisotropic), or than random updates
+    of that rank near it."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 12, dtype=torch.float64)
+    t = torch.randn(400, 10, generator=g, dtype=torch.float64)
+    left, right = fit_update(x, t, 2)
+    best = (t - x @ (left @ right).T).square().sum()
+    w = torch.linalg.lstsq(x, t).solution.T  # [out, in]
+    u, s, vh = torch.linalg.svd(w)
+    truncated = (t - x @ (u[:, :2] * s[:2] @ vh[:2]).T).square().sum()
+    assert best < truncated * (1 - 1e-3)
+    for _ in range(20):
+        near = left @ right + 0.01 * torch.randn(10, 2, generator=g, dtype=torch.float64) @ right
+        assert (t - x @ near.T).square().sum() >= best

@@ -23,7 +23,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     a = cm.llama(root / "a", seed=0)
-    adapter = cm.lora(a, root / "adapter", LLAMA_TARGETS)
+    # factors of std 0.05: an update about the size of the weights (0.3 made the adapted model chaotic, softmax
+    # saturated, so that float32 rounding decides its outputs)
+    adapter = cm.lora(a, root / "adapter", LLAMA_TARGETS, std=0.05)
     b = cm.as_qwen2(cm.rotated(a, root / "a-rotated", seed=7), root / "b-qwen2")
     (root / "probes.txt").write_text(cm.probe_text(3000))
     return root, a, adapter, b
@@ -38,9 +40,11 @@ def test_exact_case_reproduces_the_adapted_logits_on_a_hidden_symmetric_qwen2_co
     root, a, adapter, b = models
     rep = transfer_adapter(adapter, a, b, tmp_path / "moved", text=(root / "probes.txt").read_text(), device="cpu")
     assert [(c["block_a"], c["block_b"]) for c in rep["correspondence"]] == [(0, 0), (1, 1), (2, 2)]
-    assert len(rep["modules"]) == 21 and max(m["update_error"] for m in rep["modules"]) < 1e-6
+    # the updates are fitted once more on float32 passes of both adapted models: exact up to their rounding
+    assert len(rep["modules"]) == 21 and max(m["update_error"] for m in rep["modules"]) < 1e-4
     assert all(m["fit"] < 1e-6 for m in rep["maps"].values())
-    assert rep["gain"] == "projection" and all(abs(g - 1) < 1e-6 for m in rep["modules"] for g in m["gain"])
+    assert (rep["update"], rep["gain"]) == ("fit", "projection")
+    assert all(abs(g - 1) < 1e-4 for m in rep["modules"] for g in m["gain"])
     ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
     want = logits(cm.with_adapter(a, adapter), ids)
     got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)
@@ -52,14 +56,16 @@ def test_exact_case_reproduces_the_adapted_logits_on_a_hidden_symmetric_qwen2_co
     assert saved["r"] == 4 and "model.layers.0.self_attn.q_proj" in saved["target_modules"]
 
 
-def test_cli_with_word_anchors_state_pairing_and_no_gain_is_exact_too(models, tmp_path):
+def test_cli_with_word_anchors_state_pairing_no_gain_and_updates_through_the_maps_is_exact_too(models, tmp_path):
     root, a, adapter, b = models
     r = run_cli("transfer", adapter, "--from", a, "--to", b, "-o", tmp_path / "moved", "--probes",
-                root / "probes.txt", "--anchors", "words", "--pairing", "states", "--gain", "none", "--device", "cpu")
+                root / "probes.txt", "--anchors", "words", "--pairing", "states", "--gain", "none",
+                "--update", "maps", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "moved" / "transfer_report.json").read_text())
-    assert (rep["anchor_kind"], rep["pairing"], rep["gain"]) == ("words", "states", "none")
+    assert (rep["anchor_kind"], rep["pairing"], rep["gain"], rep["update"]) == ("words", "states", "none", "maps")
     assert all(g == 1.0 for m in rep["modules"] for g in m["gain"])
+    assert max(m["update_error"] for m in rep["modules"]) < 1e-6  # no pass of an adapted model: exact
     ids = torch.tensor([cm.tokenizer()(cm.probe_text(200, "tragedy"), add_special_tokens=False)["input_ids"]])
     want = logits(cm.with_adapter(a, adapter), ids)
     got = logits(cm.with_adapter(b, tmp_path / "moved"), ids)

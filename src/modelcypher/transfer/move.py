@@ -10,11 +10,15 @@ width, depth or tokenizer) without training.
 3. Per pair of blocks and space, a map fitted on the anchors (:func:`.spaces.fit_map`). The normed
    residual is mapped with the norm gains taken out (``z = (u - beta) / g``), since a symmetry of the
    residual stream rotates ``z``, not ``u``.
-4. Each update ``dW_A = B_A A_A`` (``[out, in]``) becomes ``dW_B = Q_out^T dW_A P_in^T``: ``P_in`` takes a
-   row of B's input space to A's, ``Q_out`` a row of A's output space to B's; then scaled by
-   :func:`projection_gain` (``gain="projection"``), so that its effect on B's anchors does, along A's
-   update's effect carried into B, all that A's does. Updates landing on one module of B are summed and
-   re-factorized to rank ``r``; the adapter is written for B's module names.
+4. Per module of B, the target: A's updates' effect on A's anchors, carried into the module's output
+   space by the output map. ``update="fit"`` (the default) fits B's update on B's own inputs to reproduce
+   it (reduced-rank least squares, :func:`fit_update`), scaled by :func:`projection_gain` (the part of
+   the target B's inputs cannot predict is left out of the fit; the gain restores its share along the
+   target), then fits once more on what both models' modules read with the adapters on (a later update
+   acts on inputs the earlier ones have changed). ``update="maps"`` carries each update through the maps
+   instead, ``dW_B = Q_out^T dW_A P_in^T`` (``P_in`` takes a row of B's input space to A's, ``Q_out`` a row
+   of A's output space to B's), scaled by its projection gain. Updates landing on one module of B are
+   summed, re-factorized to rank ``r``, and written for B's module names.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from modelcypher.checkpoint.guard import check_not_in_model, check_output_dir
 from modelcypher.checkpoint.peft import LoraAdapter, lora_config, write_adapter
 from modelcypher.errors import UserError
 from modelcypher.hf import resolve_device
-from modelcypher.measure.anchors import default_probes, pool, segments, token_segments
+from modelcypher.measure.anchors import Pooled, default_probes, pool, segments, token_segments
 from modelcypher.measure.compare import MAX_SEGMENT_CHARS, MIN_ANCHORS, Side, common, enough, open_side
 from modelcypher.measure.compare import updates as block_writes
 from modelcypher.measure.maps import cka, layer_correspondence
@@ -136,6 +140,7 @@ def qkv_widths(config: dict) -> tuple[int, int, int]:
     return heads * hd, kv * hd, kv * hd
 
 
+FIT_RIDGE = 1e-8  # keeps the normal equations solvable; relative to the mean variance of an input dimension
 MIN_COS = 0.25  # below this alignment with A's carried effect, a moved update is boosted no further
 
 
@@ -258,7 +263,7 @@ def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str,
 def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str | Path, out: str | Path, *,
                      text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
                      max_anchors: int = 16000, anchors: str = "tokens", pairing: str = "updates",
-                     gain: str = "projection", device: str = "auto",
+                     gain: str = "projection", update: str = "fit", device: str = "auto",
                      overwrite: bool = False) -> dict:
     """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
     if method not in ("orthogonal", "ridge"):
@@ -267,6 +272,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         raise UserError(f"--pairing {pairing!r}: expected updates or states")
     if gain not in ("projection", "function", "none"):
         raise UserError(f"--gain {gain!r}: expected projection, function or none")
+    if update not in ("fit", "maps"):
+        raise UserError(f"--update {update!r}: expected fit or maps")
     if anchors not in ("tokens", "words"):
         raise UserError(f"--anchors {anchors!r}: expected tokens or words")
     check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
@@ -308,58 +315,44 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         block_of = {p["b"] - 1: max(p["a"] - 1, 0) for p in layer_correspondence(sim) if p["b"] >= 1}
     maps = Maps(xa, xb, states, (ck_a, ck_b), (roles_a, roles_b), method)
 
-    parts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    sources: dict[str, list] = defaultdict(list)
-    gains: dict[str, list[float]] = defaultdict(list)
-    for u in updates:
-        i, j = u.block, block_of[u.block]
-        space_in, space_out = KINDS[u.kind]
-        p_in, q_out = maps.p_in(i, j, space_in), maps.q_out(i, j, space_out)
-        name, part = target_module(roles_b, j, u.kind, u.index)
-        left, right = q_out.T @ u.left, u.right @ p_in.T
-        # what A's update does on its anchors, carried into B's output space: the target of B's update
-        target = xa[f"{i}.{space_in}"] @ u.right.T @ u.left.T @ q_out
-        g = projection_gain(xb[f"{j}.{space_in}"] @ right.T @ left.T, target) if gain != "none" else 1.0
-        gains[name].append(g)
-        parts[name][part].append((g * left, right))
-        sources[name].append((part, target, f"{j}.{space_in}",
-                              f"A{i}->B{j}:{space_in}", f"A{i}->B{j}:{space_out}"))
-
     qkv_b = qkv_widths(ck_b.config)
-    factors, rows = {}, []
-    for name, by_part in sorted(parts.items()):
-        lefts, rights = [], []
-        for part, pairs in by_part.items():
-            for left, right in pairs:
-                if part != "all":  # a third of a fused q/k/v projection: zero rows elsewhere
-                    lo = {"q": 0, "k": qkv_b[0], "v": qkv_b[0] + qkv_b[1]}[part]
-                    full = torch.zeros(sum(qkv_b), left.shape[1], dtype=left.dtype)
-                    full[lo:lo + left.shape[0]] = left
-                    left = full
-                lefts.append(left)
-                rights.append(right)
-        r_max = sum(x.shape[1] for x in lefts) if rank is None else rank
-        b_f, a_f, dropped = refactor(torch.cat(lefts, 1), torch.cat(rights, 0), r_max)
-        factors[name] = (a_f, b_f)
-        rows.append(module_report(name, sources[name], xb, b_f @ a_f, qkv_b, dropped) | {"gain": gains[name]})
+    gains: dict[str, list[float]] = defaultdict(list)
+    if update == "maps":
+        factors = moved_through_maps(updates, block_of, maps, roles_b, xb, qkv_b, rank, gain, gains)
+    else:
+        factors = fitted(targets(updates, block_of, maps, roles_b, xa, qkv_b), xb, rank, gain, gains)
     if not factors:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
+    own = {}
+    for n, f in adapter.factors.items():
+        left, right = lora_factors(adapter, f)
+        own[n[:-len(".weight")]] = left @ right
+
+    def adapted(k: int, deltas: Mapping[str, torch.Tensor]) -> Pooled:
+        """Model k's pooled states and hooked activations with ``deltas`` added to its weights."""
+        side, roles = sides[k], (roles_a, roles_b)[k]
+        with updated(side.model, deltas, roles.conv1d):
+            p = pool(side.model, side.tokenizer, segs, side.context, hooks(side, roles, n_blocks[k]), dev)
+        return Pooled([h[keep] for h in p.states], {key: v[keep] for key, v in p.hooked.items()}, p.covered)
+
+    a_on = adapted(0, own) if update == "fit" or gain == "function" else None
+    if update == "fit":
+        # Once more on what the modules read with the adapters on: a later module's update acts on inputs
+        # that the earlier updates have already changed, in A as in B.
+        gains.clear()
+        xb_on = adapted(1, deltas(factors)).hooked
+        factors = fitted(targets(updates, block_of, maps, roles_b, a_on.hooked, qkv_b), xb_on, rank, gain, gains)
+    final = targets(updates, block_of, maps, roles_b, xa, qkv_b)
+    rows = [module_report(n, final[n], xb, b_f @ a_f) | {"gain": gains[n]}
+            for n, (a_f, b_f) in sorted(factors.items())]
     overall = 1.0
     if gain == "function":
         # The projection gain once more, model to model, one factor for the whole adapter: how A's adapter
         # moves A's last hidden states, carried into B by their map, against how the new one moves B's.
-        def last(k, deltas, roles, ck):
-            """Model k's last hidden states without and with ``deltas``, the final norm taken out."""
-            side, norm = sides[k], norm_params(ck, roles, None, roles.final_norm)
-            with updated(side.model, deltas, roles.conv1d):
-                h = pool(side.model, side.tokenizer, segs, side.context, None, dev).states[-1][keep]
-            return without_norm(states[k][-1], *norm), without_norm(h, *norm)
-        own = {}
-        for n, f in adapter.factors.items():
-            left, right = lora_factors(adapter, f)
-            own[n[:-len(".weight")]] = left @ right
-        (za, za2), (zb, zb2) = (last(0, own, roles_a, ck_a),
-                                last(1, {n: b @ a for n, (a, b) in factors.items()}, roles_b, ck_b))
+        norms = [norm_params(ck, r, None, r.final_norm) for ck, r in ((ck_a, roles_a), (ck_b, roles_b))]
+        za, zb = (without_norm(states[k][-1], *norms[k]) for k in (0, 1))
+        za2 = without_norm(a_on.states[-1], *norms[0])
+        zb2 = without_norm(adapted(1, deltas(factors)).states[-1], *norms[1])
         overall = projection_gain(zb2 - zb, (za2 - za) @ fit_map(za, zb, method).forward())
         factors = {n: (a, overall * b) for n, (a, b) in factors.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
@@ -369,7 +362,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                          alpha_pattern={n: r for n, r in ranks.items() if r != r0},
                          fan_in_fan_out=roles_b.conv1d, base_model_name_or_path=str(model_b))
     report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
-              "anchors": len(keep), "anchor_kind": anchors, "pairing": pairing, "map": method, "gain": gain,
+              "anchors": len(keep), "anchor_kind": anchors, "pairing": pairing, "map": method, "update": update,
+              "gain": gain,
               "overall_gain": overall, "rank": r0,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
               "modules": rows,
@@ -384,13 +378,107 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     return report
 
 
-def module_report(name: str, sources: list, xb: dict, delta_b: torch.Tensor, qkv_b, dropped: float) -> dict:
+def deltas(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each module's update ``B @ A`` from its LoRA factors ``(A, B)``."""
+    return {n: b @ a for n, (a, b) in factors.items()}
+
+
+@dataclass
+class Target:
+    """What B's new update of one module should do on the anchors: A's updates' effect on A's anchors,
+    carried into the module's output space (``[n, out_b]``; a fused q/k/v module's thirds in their rows),
+    the key of the space it reads, the summed rank of those updates, and the maps used."""
+
+    effect: torch.Tensor
+    space_in: str
+    rank: int
+    maps: set[str]
+
+
+def part_offset(part: str, qkv_b: tuple[int, int, int]) -> int:
+    """Where a part's rows begin in B's module (q, k, v: thirds of a fused projection)."""
+    return (0, 0, qkv_b[0], qkv_b[0] + qkv_b[1])[("all", "q", "k", "v").index(part)]
+
+
+def targets(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b: Roles, xa: dict,
+            qkv_b: tuple[int, int, int]) -> dict[str, Target]:
+    """Per module of B, A's updates' effect on A's anchors (inputs ``xa``) carried into its output space."""
+    out: dict[str, Target] = {}
+    for u in updates:
+        i, j = u.block, block_of[u.block]
+        space_in, space_out = KINDS[u.kind]
+        name, part = target_module(roles_b, j, u.kind, u.index)
+        effect = xa[f"{i}.{space_in}"] @ u.right.T @ u.left.T @ maps.q_out(i, j, space_out)
+        if name not in out:
+            width = sum(qkv_b) if part != "all" else effect.shape[1]
+            out[name] = Target(torch.zeros(effect.shape[0], width, dtype=torch.float64), f"{j}.{space_in}", 0, set())
+        lo = part_offset(part, qkv_b)
+        out[name].rank += u.left.shape[1]
+        out[name].effect[:, lo:lo + effect.shape[1]] += effect
+        out[name].maps |= {f"A{i}->B{j}:{space_in}", f"A{i}->B{j}:{space_out}"}
+    return out
+
+
+def fit_update(x: torch.Tensor, t: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update ``dW = left @ right`` of rank ``rank`` whose effect ``x @ dW.T`` on the inputs ``x``
+    (``[n, in]``) best reproduces ``t`` (``[n, out]``): reduced-rank ridge regression (the ridge solution
+    ``W``, then its fitted values' top ``rank`` right singular vectors ``V``: ``dW = V V^T W^T``)."""
+    gram = x.T @ x
+    lam = FIT_RIDGE * float(torch.trace(gram)) / gram.shape[0]
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ t)  # [in, out]
+    v = torch.linalg.svd(x @ w, full_matrices=False)[2][:rank].T  # [out, r]
+    return v, v.T @ w.T
+
+
+def fitted(goal: dict[str, Target], xb: dict, rank: int | None, gain: str,
+           gains: dict[str, list[float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each module's update fitted on B's own inputs ``xb`` to reproduce its target, scaled by the
+    projection gain (the fit reproduces only the part of the target that B's inputs predict)."""
+    factors = {}
+    for name, tg in goal.items():
+        x = xb[tg.space_in].double()
+        r = tg.rank if rank is None else min(rank, tg.rank)  # no more rank than A's updates had
+        left, right = fit_update(x, tg.effect, r)
+        g = projection_gain(x @ right.T @ left.T, tg.effect) if gain != "none" else 1.0
+        gains[name].append(g)
+        b_f, a_f, _ = refactor(g * left, right, r)
+        factors[name] = (a_f, b_f)
+    return factors
+
+
+def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b: Roles, xb: dict,
+                       qkv_b: tuple[int, int, int], rank: int | None, gain: str,
+                       gains: dict[str, list[float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each update carried by the maps (``dW_B = Q_out^T dW_A P_in^T``), scaled by its projection gain;
+    those landing on one module of B summed and re-factorized to rank ``rank``."""
+    parts: dict[str, list] = defaultdict(list)
+    for u in updates:
+        i, j = u.block, block_of[u.block]
+        space_in, space_out = KINDS[u.kind]
+        p_in, q_out = maps.p_in(i, j, space_in), maps.q_out(i, j, space_out)
+        name, part = target_module(roles_b, j, u.kind, u.index)
+        left, right = q_out.T @ u.left, u.right @ p_in.T
+        # what A's update does on its anchors, carried into B's output space: the target of B's update
+        target = maps.xa[f"{i}.{space_in}"] @ u.right.T @ u.left.T @ q_out
+        g = projection_gain(xb[f"{j}.{space_in}"] @ right.T @ left.T, target) if gain != "none" else 1.0
+        gains[name].append(g)
+        if part != "all":  # a third of a fused q/k/v projection: zero rows elsewhere
+            full = torch.zeros(sum(qkv_b), left.shape[1], dtype=left.dtype)
+            lo = part_offset(part, qkv_b)
+            full[lo:lo + left.shape[0]] = left
+            left = full
+        parts[name].append((g * left, right))
+    factors = {}
+    for name, pairs in parts.items():
+        lefts, rights = zip(*pairs, strict=True)
+        r_max = sum(x.shape[1] for x in lefts) if rank is None else rank
+        b_f, a_f, _ = refactor(torch.cat(lefts, 1), torch.cat(rights, 0), r_max)
+        factors[name] = (a_f, b_f)
+    return factors
+
+
+def module_report(name: str, tg: Target, xb: dict, delta_b: torch.Tensor) -> dict:
     """How well B's new update reproduces, on B's anchors, A's update carried into B's output space."""
-    produced = xb[sources[0][2]] @ delta_b.T
-    target = torch.zeros_like(produced)
-    for part, effect, *_ in sources:
-        lo = {"all": 0, "q": 0, "k": qkv_b[0], "v": qkv_b[0] + qkv_b[1]}[part]
-        target[:, lo:lo + effect.shape[1]] += effect
-    err = float((produced - target).norm() / target.norm().clamp_min(1e-300))
-    return {"module": name, "update_error": err, "truncated_energy": dropped,
-            "maps": sorted({m for src in sources for m in src[3:]})}
+    produced = xb[tg.space_in] @ delta_b.T
+    err = float((produced - tg.effect).norm() / tg.effect.norm().clamp_min(1e-300))
+    return {"module": name, "update_error": err, "maps": sorted(tg.maps)}
