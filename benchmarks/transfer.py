@@ -144,6 +144,14 @@ VARIANTS = (("words", 4096, "general", {}), ("tokens", 16000, "general", {}), ("
               for probe in ("general", "domain")))
 
 
+# (row, the adapter's model, the target, variants): A's LoRA to B and to A'; and the other way across
+# families, B's direct LoRA moved to A (against A's own LoRA), default and --update maps.
+PAIRS = (("B (Llama, BPE)", "A", "B", VARIANTS), ("A' (GPT-2, char, other seed)", "A", "A2", VARIANTS),
+         ("A (GPT-2, char) from B's LoRA", "B", "A",
+          tuple(("tokens", 16000, probe, extra) for extra in ({}, {"update": "maps"})
+                for probe in ("general", "domain"))))
+
+
 def task_text(examples) -> str:
     return "".join("\n" + e.line for e in examples)
 
@@ -269,18 +277,22 @@ def main() -> None:
     print(f"A: {json.dumps(a_scores)}", flush=True)
 
     rows = {}
-    for name, key in (("B (Llama, BPE)", "B"), ("A' (GPT-2, char, other seed)", "A2")):
-        target, direct, tok = build(key, recipes[key])
+    built = {"A": (a, lora_a, char)}
+    for name, src, key, variants in PAIRS:
+        if key not in built:
+            built[key] = build(key, recipes[key])
+        target, direct, tok = built[key]
+        model_src, lora_src, _ = built[src]
         base_m, direct_m = load(target), load(target, direct)
         s_base, s_direct = task_scores(base_m, tok, test_ex), task_scores(direct_m, tok, test_ex)
         ctl = encode(tok, control)
         row = {"base": s_base, "direct": s_direct, "drift_direct": kl_drift(base_m, direct_m, ctl, 128), "moved": {}}
-        for anchors, n_anchors, probe, extra in VARIANTS:
+        for anchors, n_anchors, probe, extra in variants:
             variant = f"{anchors}, {probe} probes" + "".join(f", --{k} {v}" for k, v in extra.items())
-            moved = work / (f"moved-{key}-{anchors}-{probe}" + "".join(f"-{v}" for v in extra.values()))
+            moved = work / (f"moved-{src}-{key}-{anchors}-{probe}" + "".join(f"-{v}" for v in extra.values()))
             t1 = time.time()
-            rep = transfer_adapter(lora_a, a, target, moved, text=probe_texts[probe], rank=RANK, anchors=anchors,
-                                   max_anchors=n_anchors, device="cpu", overwrite=True,
+            rep = transfer_adapter(lora_src, model_src, target, moved, text=probe_texts[probe], rank=RANK,
+                                   anchors=anchors, max_anchors=n_anchors, device="cpu", overwrite=True,
                                    **{k.replace("map", "method"): v for k, v in extra.items()})
             secs = time.time() - t1
             moved_m = load(target, moved)
@@ -292,7 +304,12 @@ def main() -> None:
                 "drift": kl_drift(base_m, moved_m, ctl, 128),
                 "update_error_mean": sum(m["update_error"] for m in rep["modules"]) / len(rep["modules"]),
                 "map_fit_mean": sum(m["fit"] for m in rep["maps"].values()) / len(rep["maps"])}
-        three = drift(target, work / f"moved-{key}-tokens-general", control,
+        rows[name] = row
+        print(f"{name}: {json.dumps({k: row[k] for k in ('base', 'direct', 'moved')})} ({time.time() - t0:.0f}s)",
+              flush=True)
+        if src != "A":  # the other direction: its variants only
+            continue
+        three = drift(target, work / f"moved-{src}-{key}-tokens-general", control,
                       [(e.prompt, e.answer) for e in test_ex[:30]], device="cpu")
         row["three_space (token anchors)"] = {
             "cka_per_layer": three["representations"]["cka"],
@@ -315,9 +332,6 @@ def main() -> None:
                               "kept_by_loss": share(-s_base["answer_nll"], -s_direct["answer_nll"],
                                                     -s["answer_nll"])})
         row["sweep (token anchors, first 100 test examples)"] = sweep
-        rows[name] = row
-        print(f"{name}: {json.dumps({k: row[k] for k in ('base', 'direct', 'moved')})} ({time.time() - t0:.0f}s)",
-              flush=True)
     log.update({"A": a_scores, "targets": rows, "seconds": time.time() - t0})
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
