@@ -316,34 +316,30 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     maps = Maps(xa, xb, states, (ck_a, ck_b), (roles_a, roles_b), method)
 
     qkv_b = qkv_widths(ck_b.config)
-    gains: dict[str, list[float]] = defaultdict(list)
+    goal = targets(updates, block_of, maps, roles_b, xa, qkv_b)
     if update == "maps":
-        factors = moved_through_maps(updates, block_of, maps, roles_b, xb, qkv_b, rank, gain, gains)
+        factors, gains = moved_through_maps(updates, block_of, maps, roles_b, xb, qkv_b, rank, gain)
     else:
-        factors = fitted(targets(updates, block_of, maps, roles_b, xa, qkv_b), xb, rank, gain, gains)
+        factors, gains = fitted(goal, xb, rank, gain)
     if not factors:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
-    own = {}
-    for n, f in adapter.factors.items():
-        left, right = lora_factors(adapter, f)
-        own[n[:-len(".weight")]] = left @ right
 
-    def adapted(k: int, deltas: Mapping[str, torch.Tensor]) -> Pooled:
-        """Model k's pooled states and hooked activations with ``deltas`` added to its weights."""
+    def adapted(k: int, changes: Mapping[str, torch.Tensor]) -> Pooled:
+        """Model k's pooled states and hooked activations with ``changes`` added to its weights."""
         side, roles = sides[k], (roles_a, roles_b)[k]
-        with updated(side.model, deltas, roles.conv1d):
+        with updated(side.model, changes, roles.conv1d):
             p = pool(side.model, side.tokenizer, segs, side.context, hooks(side, roles, n_blocks[k]), dev)
         return Pooled([h[keep] for h in p.states], {key: v[keep] for key, v in p.hooked.items()}, p.covered)
 
-    a_on = adapted(0, own) if update == "fit" or gain == "function" else None
+    if update == "fit" or gain == "function":  # A with its own adapter
+        own = {n[:-len(".weight")]: torch.mm(*lora_factors(adapter, f)) for n, f in adapter.factors.items()}
+        a_on = adapted(0, own)
     if update == "fit":
         # Once more on what the modules read with the adapters on: a later module's update acts on inputs
         # that the earlier updates have already changed, in A as in B.
-        gains.clear()
         xb_on = adapted(1, deltas(factors)).hooked
-        factors = fitted(targets(updates, block_of, maps, roles_b, a_on.hooked, qkv_b), xb_on, rank, gain, gains)
-    final = targets(updates, block_of, maps, roles_b, xa, qkv_b)
-    rows = [module_report(n, final[n], xb, b_f @ a_f) | {"gain": gains[n]}
+        factors, gains = fitted(targets(updates, block_of, maps, roles_b, a_on.hooked, qkv_b), xb_on, rank, gain)
+    rows = [module_report(n, goal[n], xb, b_f @ a_f) | {"gain": gains[n]}
             for n, (a_f, b_f) in sorted(factors.items())]
     overall = 1.0
     if gain == "function":
@@ -378,7 +374,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     return report
 
 
-def deltas(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def deltas(factors: Factors) -> dict[str, torch.Tensor]:
     """Each module's update ``B @ A`` from its LoRA factors ``(A, B)``."""
     return {n: b @ a for n, (a, b) in factors.items()}
 
@@ -400,6 +396,13 @@ def part_offset(part: str, qkv_b: tuple[int, int, int]) -> int:
     return (0, 0, qkv_b[0], qkv_b[0] + qkv_b[1])[("all", "q", "k", "v").index(part)]
 
 
+def carried(u: Update, j: int, maps: Maps, xa: dict) -> torch.Tensor:
+    """What A's update ``u`` does on A's anchors (inputs ``xa``), carried into block ``j`` of B's output
+    space: the target of B's update."""
+    space_in, space_out = KINDS[u.kind]
+    return xa[f"{u.block}.{space_in}"] @ u.right.T @ u.left.T @ maps.q_out(u.block, j, space_out)
+
+
 def targets(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b: Roles, xa: dict,
             qkv_b: tuple[int, int, int]) -> dict[str, Target]:
     """Per module of B, A's updates' effect on A's anchors (inputs ``xa``) carried into its output space."""
@@ -408,7 +411,7 @@ def targets(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b
         i, j = u.block, block_of[u.block]
         space_in, space_out = KINDS[u.kind]
         name, part = target_module(roles_b, j, u.kind, u.index)
-        effect = xa[f"{i}.{space_in}"] @ u.right.T @ u.left.T @ maps.q_out(i, j, space_out)
+        effect = carried(u, j, maps, xa)
         if name not in out:
             width = sum(qkv_b) if part != "all" else effect.shape[1]
             out[name] = Target(torch.zeros(effect.shape[0], width, dtype=torch.float64), f"{j}.{space_in}", 0, set())
@@ -430,11 +433,14 @@ def fit_update(x: torch.Tensor, t: torch.Tensor, rank: int) -> tuple[torch.Tenso
     return v, v.T @ w.T
 
 
-def fitted(goal: dict[str, Target], xb: dict, rank: int | None, gain: str,
-           gains: dict[str, list[float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per module of B, its LoRA factors (A, B)
+
+
+def fitted(goal: dict[str, Target], xb: dict, rank: int | None, gain: str) -> tuple[Factors, dict[str, list[float]]]:
     """Each module's update fitted on B's own inputs ``xb`` to reproduce its target, scaled by the
-    projection gain (the fit reproduces only the part of the target that B's inputs predict)."""
-    factors = {}
+    projection gain (the fit reproduces only the part of the target that B's inputs predict); and the
+    gains."""
+    factors, gains = {}, defaultdict(list)
     for name, tg in goal.items():
         x = xb[tg.space_in].double()
         r = tg.rank if rank is None else min(rank, tg.rank)  # no more rank than A's updates had
@@ -443,24 +449,24 @@ def fitted(goal: dict[str, Target], xb: dict, rank: int | None, gain: str,
         gains[name].append(g)
         b_f, a_f, _ = refactor(g * left, right, r)
         factors[name] = (a_f, b_f)
-    return factors
+    return factors, gains
 
 
 def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b: Roles, xb: dict,
-                       qkv_b: tuple[int, int, int], rank: int | None, gain: str,
-                       gains: dict[str, list[float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                       qkv_b: tuple[int, int, int], rank: int | None,
+                       gain: str) -> tuple[Factors, dict[str, list[float]]]:
     """Each update carried by the maps (``dW_B = Q_out^T dW_A P_in^T``), scaled by its projection gain;
-    those landing on one module of B summed and re-factorized to rank ``rank``."""
+    those landing on one module of B summed and re-factorized to rank ``rank``; and the gains."""
     parts: dict[str, list] = defaultdict(list)
+    gains: dict[str, list[float]] = defaultdict(list)
     for u in updates:
         i, j = u.block, block_of[u.block]
         space_in, space_out = KINDS[u.kind]
         p_in, q_out = maps.p_in(i, j, space_in), maps.q_out(i, j, space_out)
         name, part = target_module(roles_b, j, u.kind, u.index)
         left, right = q_out.T @ u.left, u.right @ p_in.T
-        # what A's update does on its anchors, carried into B's output space: the target of B's update
-        target = maps.xa[f"{i}.{space_in}"] @ u.right.T @ u.left.T @ q_out
-        g = projection_gain(xb[f"{j}.{space_in}"] @ right.T @ left.T, target) if gain != "none" else 1.0
+        produced = xb[f"{j}.{space_in}"] @ right.T @ left.T
+        g = projection_gain(produced, carried(u, j, maps, maps.xa)) if gain != "none" else 1.0
         gains[name].append(g)
         if part != "all":  # a third of a fused q/k/v projection: zero rows elsewhere
             full = torch.zeros(sum(qkv_b), left.shape[1], dtype=left.dtype)
@@ -474,7 +480,7 @@ def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Ma
         r_max = sum(x.shape[1] for x in lefts) if rank is None else rank
         b_f, a_f, _ = refactor(torch.cat(lefts, 1), torch.cat(rights, 0), r_max)
         factors[name] = (a_f, b_f)
-    return factors
+    return factors, gains
 
 
 def module_report(name: str, tg: Target, xb: dict, delta_b: torch.Tensor) -> dict:
