@@ -258,8 +258,8 @@ def _transfer(args: argparse.Namespace) -> int:
 
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
                               rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
-                              pairing=args.pairing, gain=args.gain, update=args.update, device=args.device,
-                              overwrite=args.overwrite)
+                              pairing=args.pairing, gain=args.gain, update=args.update,
+                              memory_gb=args.memory_gb, device=args.device, overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
     print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
           f"({report['anchors']} {report['anchor_kind']} anchors, {report['map']} maps); "
@@ -321,6 +321,16 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
     return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number")
+    return x
 
 
 def _device(text: str) -> str:
@@ -464,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the maps of its input and output spaces")
     t.add_argument("--max-anchors", type=_positive_int, default=16000,
                    help="anchors of the probe text used, evenly thinned (default 16000)")
+    t.add_argument("--memory-gb", type=_positive_float, default=8.0,
+                   help="bound on the pooled activations held at once (default 8): beyond it the blocks are read "
+                   "in groups, one more pass of each model per group")
     t.add_argument("--device", default="auto", type=_device)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_transfer)

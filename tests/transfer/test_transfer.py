@@ -127,6 +127,26 @@ def test_across_families_writes_an_adapter_peft_loads_for_b(models, tmp_path):
             assert torch.allclose(p2, k * p1, rtol=1e-5, atol=1e-7), n
 
 
+def test_blocks_read_in_groups_within_a_memory_bound_give_the_same_adapter(models, tmp_path):
+    """Under ``memory_gb`` too small for every block at once, each block of B is read in its own group (with
+    the blocks of A paired with it): more passes, the same updates, maps and report."""
+    root, a, adapter, _ = models
+    g = cm.gpt2(root / "gpt2-groups", hidden=48, layers=2)
+    text = (root / "probes.txt").read_text()
+    whole = transfer_adapter(adapter, a, g, tmp_path / "whole", text=text, rank=3, device="cpu")
+    grouped = transfer_adapter(adapter, a, g, tmp_path / "grouped", text=text, rank=3, device="cpu", memory_gb=1e-9)
+    assert len(whole["block_groups"]) == 1 and len(grouped["block_groups"]) == 2
+    assert sorted(i for grp in grouped["block_groups"] for i in grp["blocks_a"]) == [0, 1, 2]
+    assert [grp["blocks_b"] for grp in grouped["block_groups"]] == [[0], [1]]
+    assert whole["maps"].keys() == grouped["maps"].keys()
+    for m, n in zip(whole["modules"], grouped["modules"], strict=True):
+        assert m["module"] == n["module"] and m["update_error"] == pytest.approx(n["update_error"], rel=1e-6)
+    one, two = (cm.with_adapter(g, tmp_path / d) for d in ("whole", "grouped"))
+    lora = [(n, p1, p2) for (n, p1), (_, p2) in zip(one.named_parameters(), two.named_parameters(), strict=True)
+            if "lora_" in n]
+    assert lora and all(torch.allclose(p1, p2, rtol=1e-5, atol=1e-7) for _, p1, p2 in lora)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
     root, a, adapter, b = models
     text = (root / "probes.txt").read_text()

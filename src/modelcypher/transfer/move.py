@@ -19,13 +19,18 @@ width, depth or tokenizer) without training.
    instead, ``dW_B = Q_out^T dW_A P_in^T`` (``P_in`` takes a row of B's input space to A's, ``Q_out`` a row
    of A's output space to B's), scaled by its projection gain. Updates landing on one module of B are
    summed, re-factorized to rank ``r``, and written for B's module names.
+
+Memory: when the pooled activations of every block of both models exceed ``memory_gb``, a first pass
+reads the hidden states alone (for the pairing), then B's blocks that receive updates are read in groups
+(:func:`block_groups`), each with its blocks of A, one pass of each model per group and fit: the same
+updates, bounded memory.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,12 +99,12 @@ def read_updates(adapter: LoraAdapter, roles: Roles) -> list[Update]:
     return out
 
 
-def hooks(side: Side, roles: Roles, n_blocks: int) -> dict[str, tuple[torch.nn.Module, str]]:
+def hooks(side: Side, roles: Roles, blocks: Iterable[int]) -> dict[str, tuple[torch.nn.Module, str]]:
     """Per block: the inputs of the residual readers, attention output and MLP neurons; the outputs of
     the query, key and value projections."""
     mods = dict(side.model.named_modules())
     out = {}
-    for i in range(n_blocks):
+    for i in blocks:
         blk = roles.block.format(i)
         out[f"{i}.resid_attn"] = (mods[blk + roles.q], "input")
         out[f"{i}.resid_mlp"] = (mods[blk + roles.mlp_in[0]], "input")
@@ -110,11 +115,12 @@ def hooks(side: Side, roles: Roles, n_blocks: int) -> dict[str, tuple[torch.nn.M
     return out
 
 
-def split_qkv(pooled: dict[str, torch.Tensor], roles: Roles, n_blocks: int, widths: tuple[int, int, int]) -> None:
+def split_qkv(pooled: dict[str, torch.Tensor], roles: Roles, blocks: Iterable[int],
+              widths: tuple[int, int, int]) -> None:
     """GPT-2's fused c_attn output, cut into its query, key and value thirds."""
     if not roles.fused_qkv:
         return
-    for i in range(n_blocks):
+    for i in blocks:
         full = pooled[f"{i}.q"]
         a, b, _ = widths
         pooled[f"{i}.q"], pooled[f"{i}.k"], pooled[f"{i}.v"] = full[:, :a], full[:, a:a + b], full[:, a + b:]
@@ -195,6 +201,11 @@ class Maps:
         self.cache: dict[tuple[int, int, str], SpaceMap] = {}
         self.gains: dict[tuple[int, int, str], tuple] = {}
 
+    def release(self) -> Maps:
+        """The maps fitted so far, without the activations they were fitted on (those of one group of blocks)."""
+        self.xa = self.xb = None
+        return self
+
     def space(self, i: int, j: int, space: str) -> SpaceMap:
         key = (i, j, space)
         if key not in self.cache:
@@ -225,6 +236,33 @@ class Maps:
         update writes)."""
         m = self.space(i, j, space)
         return m.t if space == "mlp" else m.forward()
+
+
+def block_width(side: Side, roles: Roles) -> int:
+    """The numbers pooled per anchor for one block (:func:`hooks`: each hook's input or output width)."""
+    width = 0
+    for module, where in hooks(side, roles, [0]).values():
+        w = module.weight  # [in, out] for GPT-2's Conv1D, [out, in] for Linear
+        width += w.shape[0 if (where == "input") == roles.conv1d else 1]
+    return width
+
+
+def block_groups(block_of: dict[int, int], per_block: list[int], budget: float) -> list[tuple[list, list]]:
+    """The blocks of B that receive updates, in consecutive groups whose pooled activations, with those of
+    the blocks of A paired with them, fit ``budget`` bytes (at least one block of B a group); each group
+    as (its blocks of A, its blocks of B)."""
+    groups: list[tuple[list, list]] = []
+    size = 0
+    for j in sorted(set(block_of.values())):
+        mine = [i for i, b in block_of.items() if b == j]
+        cost = per_block[1] + per_block[0] * len(mine)
+        if not groups or size + cost > budget:
+            groups.append(([], []))
+            size = 0
+        groups[-1][0].extend(mine)
+        groups[-1][1].append(j)
+        size += cost
+    return [(sorted(a), b) for a, b in groups]
 
 
 def block_pairs(sim: torch.Tensor) -> dict[int, int]:
@@ -263,7 +301,7 @@ def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str,
 def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str | Path, out: str | Path, *,
                      text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
                      max_anchors: int = 16000, anchors: str = "tokens", pairing: str = "updates",
-                     gain: str = "projection", update: str = "fit", device: str = "auto",
+                     gain: str = "projection", update: str = "fit", memory_gb: float = 8.0, device: str = "auto",
                      overwrite: bool = False) -> dict:
     """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
     if method not in ("orthogonal", "ridge"):
@@ -293,19 +331,18 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     segs = segments(text, min(MAX_SEGMENT_CHARS, *(s.context for s in sides)))
     if anchors == "tokens":
         segs = token_segments(segs, [s.tokenizer for s in sides])
+    all_roles = (roles_a, roles_b)
     n_blocks = [s.model.config.num_hidden_layers for s in sides]
-    pooled = [pool(s.model, s.tokenizer, segs, s.context, hooks(s, r, n), dev)
-              for s, r, n in zip(sides, (roles_a, roles_b), n_blocks, strict=True)]
-    keep = common(pooled, max_anchors, MIN_ANCHORS, "transfer")
-    xa, xb = ({k: v[keep] for k, v in p.hooked.items()} for p in pooled)
-    split_qkv(xa, roles_a, n_blocks[0], qkv_widths(ck_a.config))
-    split_qkv(xb, roles_b, n_blocks[1], qkv_widths(ck_b.config))
-    widest = max(v.shape[1] for v in (*xa.values(), *xb.values()))
-    if len(keep) < widest:
-        raise UserError(f"transfer: the probe text gives {len(keep)} anchors ({anchors} both models read), fewer than "
-                        f"the widest space it maps ({widest} dimensions): give a --probes text of at least "
-                        f"{widest} words (several times that for models that are not exact copies)")
-    states = tuple([h[keep] for h in p.states] for p in pooled)
+    n_spans = sum(len(s.spans) for s in segs)
+    per_block = [8 * n_spans * block_width(s, r) for s, r in zip(sides, all_roles, strict=True)]  # bytes pooled
+    budget = memory_gb * 2**30
+    at_once = sum(b * n for b, n in zip(per_block, n_blocks, strict=True)) <= budget
+    # One pass of each model reads every block when their activations fit the budget; otherwise a first
+    # pass reads the hidden states alone and the blocks are read in groups (more passes, bounded memory).
+    first = [pool(s.model, s.tokenizer, segs, s.context, hooks(s, r, range(n)) if at_once else {}, dev)
+             for s, r, n in zip(sides, all_roles, n_blocks, strict=True)]
+    keep = common(first, max_anchors, MIN_ANCHORS, "transfer")
+    states = tuple([h[keep] for h in p.states] for p in first)
 
     if pairing == "updates":
         writes = [block_writes(h) for h in states]  # what each block writes into the residual stream
@@ -313,42 +350,67 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     else:
         sim = [[cka(x, y) for x in states[0]] for y in states[1]]  # rows: layers of B, columns: layers of A
         block_of = {p["b"] - 1: max(p["a"] - 1, 0) for p in layer_correspondence(sim) if p["b"] >= 1}
-    maps = Maps(xa, xb, states, (ck_a, ck_b), (roles_a, roles_b), method)
+    groups = [(list(range(n_blocks[0])), list(range(n_blocks[1])))] if at_once else \
+        block_groups(block_of, per_block, budget)
+
+    def read(k: int, blocks: list[int], changes: Mapping[str, torch.Tensor] | None = None) -> Pooled:
+        """Model k's pooled states and the activations of its ``blocks``, with ``changes`` added to its
+        weights."""
+        if changes is None and at_once:
+            p = first[k]
+        else:
+            side, roles = sides[k], all_roles[k]
+            with updated(side.model, changes or {}, roles.conv1d):
+                p = pool(side.model, side.tokenizer, segs, side.context, hooks(side, roles, blocks), dev)
+        hooked = {key: v[keep] for key, v in p.hooked.items()}
+        split_qkv(hooked, all_roles[k], blocks, qkv_widths((ck_a, ck_b)[k].config))
+        return Pooled([h[keep] for h in p.states], hooked, p.covered)
 
     qkv_b = qkv_widths(ck_b.config)
-    goal = targets(updates, block_of, maps, roles_b, xa, qkv_b)
-    if update == "maps":
-        factors, gains = moved_through_maps(updates, block_of, maps, roles_b, xb, qkv_b, rank, gain)
-    else:
-        factors, gains = fitted(goal, xb, rank, gain)
+    factors, gains, rows, all_maps = {}, {}, {}, []
+    for blocks_a, blocks_b in groups:
+        xa, xb = read(0, blocks_a).hooked, read(1, blocks_b).hooked
+        widest = max(v.shape[1] for v in (*xa.values(), *xb.values()))
+        if len(keep) < widest:
+            raise UserError(f"transfer: the probe text gives {len(keep)} anchors ({anchors} both models read), fewer "
+                            f"than the widest space it maps ({widest} dimensions): give a --probes text of at least "
+                            f"{widest} words (several times that for models that are not exact copies)")
+        maps = Maps(xa, xb, states, (ck_a, ck_b), all_roles, method)
+        mine = [u for u in updates if u.block in blocks_a]
+        goal = targets(mine, block_of, maps, roles_b, xa, qkv_b)
+        if update == "maps":
+            f, g = moved_through_maps(mine, block_of, maps, roles_b, xb, qkv_b, rank, gain)
+            rows |= {n: module_report(n, goal[n], xb, b_f @ a_f) for n, (a_f, b_f) in f.items()}
+        else:
+            f, g = fitted(goal, xb, rank, gain)
+        factors |= f
+        gains |= g
+        all_maps.append(maps.release())
     if not factors:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
 
-    def adapted(k: int, changes: Mapping[str, torch.Tensor]) -> Pooled:
-        """Model k's pooled states and hooked activations with ``changes`` added to its weights."""
-        side, roles = sides[k], (roles_a, roles_b)[k]
-        with updated(side.model, changes, roles.conv1d):
-            p = pool(side.model, side.tokenizer, segs, side.context, hooks(side, roles, n_blocks[k]), dev)
-        return Pooled([h[keep] for h in p.states], {key: v[keep] for key, v in p.hooked.items()}, p.covered)
-
     if update == "fit" or gain == "function":  # A with its own adapter
         own = {n[:-len(".weight")]: torch.mm(*lora_factors(adapter, f)) for n, f in adapter.factors.items()}
-        a_on = adapted(0, own)
     if update == "fit":
         # Once more on what the modules read with the adapters on: a later module's update acts on inputs
         # that the earlier updates have already changed, in A as in B.
-        xb_on = adapted(1, deltas(factors)).hooked
-        factors, gains = fitted(targets(updates, block_of, maps, roles_b, a_on.hooked, qkv_b), xb_on, rank, gain)
-    rows = [module_report(n, goal[n], xb, b_f @ a_f) | {"gain": gains[n]}
-            for n, (a_f, b_f) in sorted(factors.items())]
+        first_fit, factors = deltas(factors), {}
+        for (blocks_a, blocks_b), maps in zip(groups, all_maps, strict=True):
+            xa_on, xb_on = read(0, blocks_a, own).hooked, read(1, blocks_b, first_fit).hooked
+            goal = targets([u for u in updates if u.block in blocks_a], block_of, maps, roles_b, xa_on, qkv_b)
+            f, g = fitted(goal, xb_on, rank, gain)
+            rows |= {n: module_report(n, goal[n], xb_on, b_f @ a_f) for n, (a_f, b_f) in f.items()}
+            factors |= f
+            gains |= g
+    rows = [rows[n] | {"gain": gains[n]} for n in sorted(factors)]
     overall = 1.0
     if gain == "function":
         # The projection gain once more, model to model, one factor for the whole adapter: how A's adapter
         # moves A's last hidden states, carried into B by their map, against how the new one moves B's.
         norms = [norm_params(ck, r, None, r.final_norm) for ck, r in ((ck_a, roles_a), (ck_b, roles_b))]
         za, zb = (without_norm(states[k][-1], *norms[k]) for k in (0, 1))
-        za2 = without_norm(a_on.states[-1], *norms[0])
-        zb2 = without_norm(adapted(1, deltas(factors)).states[-1], *norms[1])
+        za2 = without_norm(read(0, [], own).states[-1], *norms[0])
+        zb2 = without_norm(read(1, [], deltas(factors)).states[-1], *norms[1])
         overall = projection_gain(zb2 - zb, (za2 - za) @ fit_map(za, zb, method).forward())
         factors = {n: (a, overall * b) for n, (a, b) in factors.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
@@ -362,8 +424,11 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
               "gain": gain,
               "overall_gain": overall, "rank": r0,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
+              "block_groups": [{"blocks_a": a, "blocks_b": b,
+                                "pooled_gb": (len(a) * per_block[0] + len(b) * per_block[1]) / 2**30}
+                               for a, b in groups],
               "modules": rows,
-              "maps": {f"A{i}->B{j}:{s}": m.summary() for (i, j, s), m in maps.cache.items()}}
+              "maps": {f"A{i}->B{j}:{s}": m.summary() for maps in all_maps for (i, j, s), m in maps.cache.items()}}
     entries, tensors = [], {}
     for n, (a_f, b_f) in factors.items():
         for key, t in ((f"{n}.lora_A.weight", a_f), (f"{n}.lora_B.weight", b_f)):
