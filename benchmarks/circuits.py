@@ -16,11 +16,13 @@ weight matching as it is (permutations, orthogonal residual, V-O and Q-K bases) 
 from the circuit rotation, and the circuit rotation with weight matching's permutations and bases fitted
 around it with the residual held fixed.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/circuits.py      (results: benchmarks/results/circuits.md)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/circuits.py [--pair universe|quick|long|full]
+    (results: benchmarks/results/circuits.json, circuits_<pair>.json for barrier.py's pairs; quoted in circuits.md)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -32,6 +34,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+import barrier as barrier_bench  # noqa: E402  (barrier.py's pairs, with --pair)
 import universe as bench  # noqa: E402  (the models, their recipe and their cache)
 
 RESULTS = HERE / "results"
@@ -116,13 +119,31 @@ def main() -> None:
     from modelcypher.measure.barrier import lm_loss_fn
     from modelcypher.zoo.chartok import encode_ids
 
-    torch.set_num_threads(1)
-    text = bench.splits()
-    dirs = [bench.trained(bench.RECIPE, s, text) for s in bench.SEEDS[:2]]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", choices=("universe", *barrier_bench.GPT2_RECIPES), default="universe",
+                    help="universe: the width-128 pair of universe.py; quick, long or full: barrier.py's pair of "
+                    "that recipe (trained there first; cached)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.pair == "universe":
+        text = bench.splits()
+        dirs = [bench.trained(bench.RECIPE, s, text) for s in bench.SEEDS[:2]]
+        tok, n_eval, stem = bench.tokenizer(), bench.EVAL_TOKENS, "circuits"
+    else:
+        text = barrier_bench.shakespeare_splits()
+        barrier_bench.GPT2_RECIPE.clear()
+        barrier_bench.GPT2_RECIPE.update(barrier_bench.GPT2_RECIPES[args.pair])
+        dirs = [barrier_bench.CACHE / f"gpt2-{barrier_bench.recipe_key(barrier_bench.GPT2_RECIPE, s)}-seed{s}"
+                for s in barrier_bench.SEEDS]
+        if not all((d / "train.json").is_file() for d in dirs):
+            raise SystemExit(f"train the {args.pair} pair first: python benchmarks/barrier.py --recipe {args.pair} "
+                             "--train-only")
+        tok, n_eval, stem = barrier_bench.char_tokenizer(), barrier_bench.EVAL_TOKENS, f"circuits_{args.pair}"
     ck_a, ck_b = (Checkpoint(d) for d in dirs)
     spec = spec_of(ck_a)
     a, b = ({n: v for n, v in CheckpointView(ck, spec, folded=True).items()} for ck in (ck_a, ck_b))
-    ids = encode_ids(text[2], bench.tokenizer())[: bench.EVAL_TOKENS]
+    ids = encode_ids(text[2], tok)[:n_eval]
     loss = lm_loss_fn(causal_lm(ck_a.config, {n: ck_a.get(n) for n in ck_a.names})[0], ids, torch.device("cpu"))
     rows = {}
 
@@ -130,7 +151,7 @@ def main() -> None:
         rows[name] = row
         print(f"{name:60s} barrier {row['barrier']:.4f} objective {row['objective']:.6g}", flush=True)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "circuits.json").write_text(json.dumps({"models": [str(d) for d in dirs], "rows": rows},
+        (RESULTS / f"{stem}.json").write_text(json.dumps({"models": [str(d) for d in dirs], "rows": rows},
                                                           indent=2) + "\n")
 
     t0 = time.perf_counter()
