@@ -71,19 +71,37 @@ def test_the_projection_gain_restores_the_share_of_the_effect_along_the_target()
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_a_model_runs_with_an_update_and_is_restored_after(conv1d):
-    """Inside ``updated`` the module computes with ``W + dW`` (``[out, in]``; transposed for a Conv1D-style
-    ``[in, out]`` weight); afterwards its weight is what it was, bit for bit."""
+def test_a_model_runs_with_a_low_rank_update_and_is_left_untouched(conv1d):
+    """Inside ``updated`` the module computes as with ``W + left @ right`` (``[out, in]``; a Conv1D-style
+    module stores ``[in, out]`` and computes ``x W``); its weight is never changed, and afterwards it
+    computes as before, bit for bit."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
     model = torch.nn.Sequential(lin)
-    if conv1d:
-        lin.weight = torch.nn.Parameter(lin.weight.detach().T.clone())  # stored [in, out]
-    before = lin.weight.detach().clone()
-    d = torch.randn(3, 4, dtype=torch.float64)
-    with updated(model, {"0": d}, conv1d):
-        assert torch.allclose(lin.weight, before + (d.T if conv1d else d).float())
-    assert torch.equal(lin.weight, before)
+    if conv1d:  # GPT-2's Conv1D: weight [in, out], output x W + b
+        w = lin.weight.detach().T.clone()
+
+        class Conv1D(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight, self.bias = torch.nn.Parameter(w), lin.bias
+
+            def forward(self, x):
+                return x @ self.weight + self.bias
+
+        model = torch.nn.Sequential(Conv1D())
+    mod = model[0]
+    before = mod.weight.detach().clone()
+    left, right = torch.randn(3, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    x = torch.randn(5, 4)
+    plain = model(x)
+    dense = (left @ right).float()
+    want = x @ ((before + dense.T) if conv1d else (before + dense).T) + lin.bias
+    with updated(model, {"0": (left, right)}):
+        got = model(x)
+        assert torch.equal(mod.weight, before)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    assert torch.equal(model(x), plain) and torch.equal(mod.weight, before)
 
 
 def test_a_fitted_update_recovers_a_low_rank_update_from_its_effect():

@@ -105,17 +105,27 @@ def pool(model: torch.nn.Module, tokenizer, segs: list[Segment], context: int,
          hooks: Mapping[str, tuple[torch.nn.Module, str]] | None = None,
          device: torch.device | str = "cpu") -> Pooled:
     """Run every segment through ``model`` and pool its hidden states (and the ``input`` or ``output`` of
-    every hooked module, keyed as given) over the segments' spans."""
+    every hooked module, keyed as given) over the segments' spans. Each result is filled in place, one
+    ``[n_spans, d]`` tensor per layer and hook (no per-segment pieces joined at the end: half the peak)."""
     hooks = dict(hooks or {})
-    states: list[list[torch.Tensor]] = []
-    hooked: dict[str, list[torch.Tensor]] = {k: [] for k in hooks}
-    covered: list[torch.Tensor] = []
+    n = sum(len(s.spans) for s in segs)
+    states: list[torch.Tensor] = []
+    hooked: dict[str, torch.Tensor] = {}
+    covered = torch.zeros(n, dtype=torch.bool)
     current: dict[str, torch.Tensor] = {}
     handles = []
     for key, (module, where) in hooks.items():
         def grab(mod, args, out, key=key, where=where):
             current[key] = (args[0] if where == "input" else out).detach()
         handles.append(module.register_forward_hook(grab))
+
+    def put(store: torch.Tensor | None, at: int, rows: torch.Tensor) -> torch.Tensor:
+        if store is None:
+            store = torch.zeros(n, rows.shape[1], dtype=torch.float64)
+        store[at:at + len(rows)] = rows
+        return store
+
+    at = 0
     try:
         for k in range(0, len(segs), SEGMENT_BATCH):
             batch = segs[k:k + SEGMENT_BATCH]
@@ -129,16 +139,16 @@ def pool(model: torch.nn.Module, tokenizer, segs: list[Segment], context: int,
                 weights.append(pooling_weights(offs[:len(tok)], seg.spans, length))
             # Right padding needs no attention mask: a causal model's real tokens never see later pads.
             out = model(input_ids=ids.to(device), output_hidden_states=True)
+            if not states:
+                states = [None] * len(out.hidden_states)
             for r, w in enumerate(weights):
-                covered.append(w.sum(1) > 0)
-                per_layer = [w @ h[r].double().cpu() for h in out.hidden_states]
-                states.append(per_layer)
+                covered[at:at + len(w)] = w.sum(1) > 0
+                for i, h in enumerate(out.hidden_states):
+                    states[i] = put(states[i], at, w @ h[r].double().cpu())
                 for key in hooks:
-                    hooked[key].append(w @ current[key][r].double().cpu())
+                    hooked[key] = put(hooked.get(key), at, w @ current[key][r].double().cpu())
+                at += len(w)
     finally:
         for h in handles:
             h.remove()
-    n_layers = len(states[0]) if states else 0
-    return Pooled([torch.cat([s[i] for s in states]) for i in range(n_layers)],
-                  {k: torch.cat(v) for k, v in hooked.items()},
-                  torch.cat(covered) if covered else torch.zeros(0, dtype=torch.bool))
+    return Pooled(states, hooked, covered)

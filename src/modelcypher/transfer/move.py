@@ -28,6 +28,7 @@ updates, bounded memory.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -168,22 +169,27 @@ def projection_gain(produced: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @contextmanager
-def updated(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], conv1d: bool) -> Iterator[None]:
-    """``model`` with each named module's weight plus its update (``[out, in]``), restored afterwards."""
+def updated(model: torch.nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """``model`` computing as if each named module's weight had its low-rank update ``left @ right``
+    (``[out, r] @ [r, in]``) added: a forward hook adds ``x right^T left^T`` to the module's output, as a
+    LoRA layer does (the same for GPT-2's Conv1D, whose output is laid out alike). The weights are never
+    touched and no dense update is formed: memory stays that of the factors."""
     mods = dict(model.named_modules())
-    saved = []
+    handles = []
+
+    def hook(mod, args, out, left, right):
+        x = args[0]
+        return out + (x @ right.to(x).T) @ left.to(x).T
+
     try:
-        with torch.no_grad():
-            for name, d in deltas.items():
-                # the original gpt2 checkpoints name the base model's tensors without its prefix
-                mod = mods[name] if name in mods else next(m for n, m in mods.items() if n.endswith("." + name))
-                saved.append((mod.weight, mod.weight.detach().clone()))
-                mod.weight += (d.T if conv1d else d).to(mod.weight.dtype)
+        for name, (left, right) in factors.items():
+            # the original gpt2 checkpoints name the base model's tensors without its prefix
+            mod = mods[name] if name in mods else next(m for n, m in mods.items() if n.endswith("." + name))
+            handles.append(mod.register_forward_hook(functools.partial(hook, left=left, right=right)))
         yield
     finally:
-        with torch.no_grad():
-            for w, w0 in saved:
-                w.copy_(w0)
+        for h in handles:
+            h.remove()
 
 
 def without_norm(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -343,6 +349,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
              for s, r, n in zip(sides, all_roles, n_blocks, strict=True)]
     keep = common(first, max_anchors, MIN_ANCHORS, "transfer")
     states = tuple([h[keep] for h in p.states] for p in first)
+    first = [Pooled([], p.hooked, p.covered) for p in first]  # the states of every span: kept only at the anchors
 
     if pairing == "updates":
         writes = [block_writes(h) for h in states]  # what each block writes into the residual stream
@@ -353,14 +360,15 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     groups = [(list(range(n_blocks[0])), list(range(n_blocks[1])))] if at_once else \
         block_groups(block_of, per_block, budget)
 
-    def read(k: int, blocks: list[int], changes: Mapping[str, torch.Tensor] | None = None) -> Pooled:
-        """Model k's pooled states and the activations of its ``blocks``, with ``changes`` added to its
-        weights."""
+    def read(k: int, blocks: list[int], changes: Mapping[str, tuple] | None = None) -> Pooled:
+        """Model k's pooled states and the activations of its ``blocks``, computing with the low-rank
+        ``changes`` (``name: (left, right)``) added to its weights."""
         if changes is None and at_once:
             p = first[k]
+            first[k] = Pooled(p.states, {}, p.covered)  # read once: not held through the later passes
         else:
             side, roles = sides[k], all_roles[k]
-            with updated(side.model, changes or {}, roles.conv1d):
+            with updated(side.model, changes or {}):
                 p = pool(side.model, side.tokenizer, segs, side.context, hooks(side, roles, blocks), dev)
         hooked = {key: v[keep] for key, v in p.hooked.items()}
         split_qkv(hooked, all_roles[k], blocks, qkv_widths((ck_a, ck_b)[k].config))
@@ -390,11 +398,11 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
 
     if update == "fit" or gain == "function":  # A with its own adapter
-        own = {n[:-len(".weight")]: torch.mm(*lora_factors(adapter, f)) for n, f in adapter.factors.items()}
+        own = {n[:-len(".weight")]: lora_factors(adapter, f) for n, f in adapter.factors.items()}
     if update == "fit":
         # Once more on what the modules read with the adapters on: a later module's update acts on inputs
         # that the earlier updates have already changed, in A as in B.
-        first_fit, factors = deltas(factors), {}
+        first_fit, factors = low_rank(factors), {}
         for (blocks_a, blocks_b), maps in zip(groups, all_maps, strict=True):
             xa_on, xb_on = read(0, blocks_a, own).hooked, read(1, blocks_b, first_fit).hooked
             goal = targets([u for u in updates if u.block in blocks_a], block_of, maps, roles_b, xa_on, qkv_b)
@@ -410,7 +418,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         norms = [norm_params(ck, r, None, r.final_norm) for ck, r in ((ck_a, roles_a), (ck_b, roles_b))]
         za, zb = (without_norm(states[k][-1], *norms[k]) for k in (0, 1))
         za2 = without_norm(read(0, [], own).states[-1], *norms[0])
-        zb2 = without_norm(read(1, [], deltas(factors)).states[-1], *norms[1])
+        zb2 = without_norm(read(1, [], low_rank(factors)).states[-1], *norms[1])
         overall = projection_gain(zb2 - zb, (za2 - za) @ fit_map(za, zb, method).forward())
         factors = {n: (a, overall * b) for n, (a, b) in factors.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
@@ -439,9 +447,9 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     return report
 
 
-def deltas(factors: Factors) -> dict[str, torch.Tensor]:
-    """Each module's update ``B @ A`` from its LoRA factors ``(A, B)``."""
-    return {n: b @ a for n, (a, b) in factors.items()}
+def low_rank(factors: Factors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each module's update as ``(left, right)`` (``left @ right``) from its LoRA factors ``(A, B)``."""
+    return {n: (b, a) for n, (a, b) in factors.items()}
 
 
 @dataclass
