@@ -299,6 +299,9 @@ def markdown(result: dict) -> str:
         if sampled:
             lines += ["", f"Without any data, learned matching on text the two models generate brings it to "
                       f"{sampled['barrier'] / vanilla:.1%} of vanilla."]
+    if g and any(r.get("device", "cpu") != "cpu" for r in g["rows"].values()):
+        where = ", ".join(f"{n} on {r.get('device', 'cpu')}" for n, r in g["rows"].items())
+        lines += ["", f"Measured (each row's alignment and losses): {where}."]
     lines += ["", "Barrier = max over 11 lambdas of L(mix) - ((1-lambda) L_A + lambda L_B) (SYMMETRIES.md 5). "
               "The MLP has no residual stream: its only symmetries are the hidden-unit permutations.", ""]
     return "\n".join(lines)
