@@ -207,11 +207,6 @@ class Maps:
         self.cache: dict[tuple[int, int, str], SpaceMap] = {}
         self.gains: dict[tuple[int, int, str], tuple] = {}
 
-    def release(self) -> Maps:
-        """The maps fitted so far, without the activations they were fitted on (those of one group of blocks)."""
-        self.xa = self.xb = None
-        return self
-
     def space(self, i: int, j: int, space: str) -> SpaceMap:
         key = (i, j, space)
         if key not in self.cache:
@@ -354,6 +349,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     if pairing == "updates":
         writes = [block_writes(h) for h in states]  # what each block writes into the residual stream
         block_of = block_pairs(torch.tensor([[cka(x, y) for y in writes[1]] for x in writes[0]]))
+        del writes  # as large as the hidden states
     else:
         sim = [[cka(x, y) for x in states[0]] for y in states[1]]  # rows: layers of B, columns: layers of A
         block_of = {p["b"] - 1: max(p["a"] - 1, 0) for p in layer_correspondence(sim) if p["b"] >= 1}
@@ -375,7 +371,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         return Pooled([h[keep] for h in p.states], hooked, p.covered)
 
     qkv_b = qkv_widths(ck_b.config)
-    factors, gains, rows, all_maps = {}, {}, {}, []
+    factors, gains, rows, outs, map_fits = {}, {}, {}, {}, {}
     for blocks_a, blocks_b in groups:
         xa, xb = read(0, blocks_a).hooked, read(1, blocks_b).hooked
         widest = max(v.shape[1] for v in (*xa.values(), *xb.values()))
@@ -385,7 +381,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                             f"{widest} words (several times that for models that are not exact copies)")
         maps = Maps(xa, xb, states, (ck_a, ck_b), all_roles, method)
         mine = [u for u in updates if u.block in blocks_a]
-        goal = targets(mine, block_of, maps, roles_b, xa, qkv_b)
+        outs |= {(u.name, u.kind): carried_left(u, block_of[u.block], maps) for u in mine}
+        goal = targets(mine, block_of, outs, roles_b, xa, qkv_b)
         if update == "maps":
             f, g = moved_through_maps(mine, block_of, maps, roles_b, xb, qkv_b, rank, gain)
             rows |= {n: module_report(n, goal[n], xb, b_f @ a_f) for n, (a_f, b_f) in f.items()}
@@ -393,7 +390,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
             f, g = fitted(goal, xb, rank, gain)
         factors |= f
         gains |= g
-        all_maps.append(maps.release())
+        map_fits |= {f"A{i}->B{j}:{sp}": m.summary() for (i, j, sp), m in maps.cache.items()}
     if not factors:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
 
@@ -403,9 +400,9 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         # Once more on what the modules read with the adapters on: a later module's update acts on inputs
         # that the earlier updates have already changed, in A as in B.
         first_fit, factors = low_rank(factors), {}
-        for (blocks_a, blocks_b), maps in zip(groups, all_maps, strict=True):
+        for blocks_a, blocks_b in groups:
             xa_on, xb_on = read(0, blocks_a, own).hooked, read(1, blocks_b, first_fit).hooked
-            goal = targets([u for u in updates if u.block in blocks_a], block_of, maps, roles_b, xa_on, qkv_b)
+            goal = targets([u for u in updates if u.block in blocks_a], block_of, outs, roles_b, xa_on, qkv_b)
             f, g = fitted(goal, xb_on, rank, gain)
             rows |= {n: module_report(n, goal[n], xb_on, b_f @ a_f) for n, (a_f, b_f) in f.items()}
             factors |= f
@@ -436,7 +433,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                                 "pooled_gb": (len(a) * per_block[0] + len(b) * per_block[1]) / 2**30}
                                for a, b in groups],
               "modules": rows,
-              "maps": {f"A{i}->B{j}:{s}": m.summary() for maps in all_maps for (i, j, s), m in maps.cache.items()}}
+              "maps": map_fits}
     entries, tensors = [], {}
     for n, (a_f, b_f) in factors.items():
         for key, t in ((f"{n}.lora_A.weight", a_f), (f"{n}.lora_B.weight", b_f)):
@@ -469,14 +466,19 @@ def part_offset(part: str, qkv_b: tuple[int, int, int]) -> int:
     return (0, 0, qkv_b[0], qkv_b[0] + qkv_b[1])[("all", "q", "k", "v").index(part)]
 
 
-def carried(u: Update, j: int, maps: Maps, xa: dict) -> torch.Tensor:
-    """What A's update ``u`` does on A's anchors (inputs ``xa``), carried into block ``j`` of B's output
-    space: the target of B's update."""
-    space_in, space_out = KINDS[u.kind]
-    return xa[f"{u.block}.{space_in}"] @ u.right.T @ u.left.T @ maps.q_out(u.block, j, space_out)
+def carried_left(u: Update, j: int, maps: Maps) -> torch.Tensor:
+    """``[r, out_b]``: A's update's output factor carried into block ``j`` of B's output space (all that
+    the targets need of the maps: kept instead of them, which are as large as the spaces squared)."""
+    return u.left.T @ maps.q_out(u.block, j, KINDS[u.kind][1])
 
 
-def targets(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b: Roles, xa: dict,
+def carried(u: Update, out: torch.Tensor, xa: dict) -> torch.Tensor:
+    """What A's update ``u`` does on A's anchors (inputs ``xa``), carried into B's output space by its
+    carried output factor ``out`` (:func:`carried_left`): the target of B's update."""
+    return xa[f"{u.block}.{KINDS[u.kind][0]}"] @ u.right.T @ out
+
+
+def targets(updates: list[Update], block_of: dict[int, int], outs: dict, roles_b: Roles, xa: dict,
             qkv_b: tuple[int, int, int]) -> dict[str, Target]:
     """Per module of B, A's updates' effect on A's anchors (inputs ``xa``) carried into its output space."""
     out: dict[str, Target] = {}
@@ -484,7 +486,7 @@ def targets(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b
         i, j = u.block, block_of[u.block]
         space_in, space_out = KINDS[u.kind]
         name, part = target_module(roles_b, j, u.kind, u.index)
-        effect = carried(u, j, maps, xa)
+        effect = carried(u, outs[u.name, u.kind], xa)
         if name not in out:
             width = sum(qkv_b) if part != "all" else effect.shape[1]
             out[name] = Target(torch.zeros(effect.shape[0], width, dtype=torch.float64), f"{j}.{space_in}", 0, set())
@@ -539,7 +541,7 @@ def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Ma
         name, part = target_module(roles_b, j, u.kind, u.index)
         left, right = q_out.T @ u.left, u.right @ p_in.T
         produced = xb[f"{j}.{space_in}"] @ right.T @ left.T
-        g = projection_gain(produced, carried(u, j, maps, maps.xa)) if gain != "none" else 1.0
+        g = projection_gain(produced, carried(u, carried_left(u, j, maps), maps.xa)) if gain != "none" else 1.0
         gains[name].append(g)
         if part != "all":  # a third of a fused q/k/v projection: zero rows elsewhere
             full = torch.zeros(sum(qkv_b), left.shape[1], dtype=left.dtype)
