@@ -385,7 +385,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         goal = targets(mine, block_of, outs, roles_b, xa, qkv_b)
         if update == "maps":
             f, g = moved_through_maps(mine, block_of, maps, roles_b, xb, qkv_b, rank, gain)
-            rows |= {n: module_report(n, goal[n], xb, b_f @ a_f) for n, (a_f, b_f) in f.items()}
+            rows |= {n: module_report(n, goal[n], xb, a_f, b_f) for n, (a_f, b_f) in f.items()}
         else:
             f, g = fitted(goal, xb, rank, gain)
         factors |= f
@@ -404,7 +404,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
             xa_on, xb_on = read(0, blocks_a, own).hooked, read(1, blocks_b, first_fit).hooked
             goal = targets([u for u in updates if u.block in blocks_a], block_of, outs, roles_b, xa_on, qkv_b)
             f, g = fitted(goal, xb_on, rank, gain)
-            rows |= {n: module_report(n, goal[n], xb_on, b_f @ a_f) for n, (a_f, b_f) in f.items()}
+            rows |= {n: module_report(n, goal[n], xb_on, a_f, b_f) for n, (a_f, b_f) in f.items()}
             factors |= f
             gains |= g
     rows = [rows[n] | {"gain": gains[n]} for n in sorted(factors)]
@@ -558,8 +558,9 @@ def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Ma
     return factors, gains
 
 
-def module_report(name: str, tg: Target, xb: dict, delta_b: torch.Tensor) -> dict:
-    """How well B's new update reproduces, on B's anchors, A's update carried into B's output space."""
-    produced = xb[tg.space_in] @ delta_b.T
+def module_report(name: str, tg: Target, xb: dict, a_f: torch.Tensor, b_f: torch.Tensor) -> dict:
+    """How well B's new update (LoRA factors ``a_f``, ``b_f``) reproduces, on B's anchors, A's update carried
+    into B's output space."""
+    produced = xb[tg.space_in] @ a_f.T @ b_f.T
     err = float((produced - tg.effect).norm() / tg.effect.norm().clamp_min(1e-300))
     return {"module": name, "update_error": err, "maps": sorted(tg.maps)}
