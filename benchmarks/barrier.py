@@ -77,11 +77,22 @@ def char_tokenizer():
     return chartok.build_char_tokenizer(shakespeare.vocab())
 
 
+def use_recipe(name: str) -> None:
+    """Make ``name`` (a key of GPT2_RECIPES) the recipe that the GPT-2 pair is trained and cached by."""
+    GPT2_RECIPE.clear()
+    GPT2_RECIPE.update(GPT2_RECIPES[name])
+
+
+def gpt2_dir(seed: int) -> Path:
+    """Where the GPT-2 of the current recipe and this seed is cached."""
+    return CACHE / f"gpt2-{recipe_key(GPT2_RECIPE, seed)}-seed{seed}"
+
+
 def trained_gpt2(seed: int, splits: tuple[str, str, str], device: str = "cpu") -> Path:
     """The cached checkpoint of the GPT-2 recipe with this seed, trained first if needed."""
     from modelcypher.zoo import gpt2
 
-    out = CACHE / f"gpt2-{recipe_key(GPT2_RECIPE, seed)}-seed{seed}"
+    out = gpt2_dir(seed)
     if (out / "train.json").is_file():
         return out
     cfg = gpt2.TrainConfig(**GPT2_RECIPE, seed=seed, eval_interval=max(25, GPT2_RECIPE["steps"] // 20),
@@ -338,8 +349,7 @@ def main() -> None:
                     "results/barrier.json (a run stopped early); keep the rest, and the MLP table")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = ap.parse_args()
-    GPT2_RECIPE.clear()
-    GPT2_RECIPE.update(GPT2_RECIPES[args.recipe])
+    use_recipe(args.recipe)
     global RESULT
     RESULT = "barrier" if args.recipe == "quick" else f"barrier_{args.recipe}"
     if args.gpt2_steps:

@@ -132,10 +132,8 @@ def main() -> None:
         tok, n_eval, stem = bench.tokenizer(), bench.EVAL_TOKENS, "circuits"
     else:
         text = barrier_bench.shakespeare_splits()
-        barrier_bench.GPT2_RECIPE.clear()
-        barrier_bench.GPT2_RECIPE.update(barrier_bench.GPT2_RECIPES[args.pair])
-        dirs = [barrier_bench.CACHE / f"gpt2-{barrier_bench.recipe_key(barrier_bench.GPT2_RECIPE, s)}-seed{s}"
-                for s in barrier_bench.SEEDS]
+        barrier_bench.use_recipe(args.pair)
+        dirs = [barrier_bench.gpt2_dir(s) for s in barrier_bench.SEEDS]
         if not all((d / "train.json").is_file() for d in dirs):
             raise SystemExit(f"train the {args.pair} pair first: python benchmarks/barrier.py --recipe {args.pair} "
                              "--train-only")

@@ -167,4 +167,9 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
         transfer_adapter(adapter, a, bert, tmp_path / "o4", text=text, device="cpu")
     r = run_cli("transfer", a, "--from", a, "--to", b, "-o", tmp_path / "o5")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("modelcypher: error:")
+    with pytest.raises(UserError, match="--memory-gb 0: must be a positive number"):
+        transfer_adapter(adapter, a, b, tmp_path / "o6", text=text, memory_gb=0, device="cpu")
+    r = run_cli("transfer", adapter, "--from", a, "--to", b, "-o", tmp_path / "o7", "--memory-gb", "-1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["modelcypher: error: transfer: argument "
+                                                                   "--memory-gb: -1: must be a positive number"]
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())

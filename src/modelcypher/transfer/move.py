@@ -315,6 +315,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         raise UserError(f"--update {update!r}: expected fit or maps")
     if anchors not in ("tokens", "words"):
         raise UserError(f"--anchors {anchors!r}: expected tokens or words")
+    if not memory_gb > 0:
+        raise UserError(f"--memory-gb {memory_gb}: must be a positive number")
     check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
     check_not_in_model(Path(out) / "x")
     adapter = LoraAdapter(adapter_dir)
@@ -384,7 +386,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         outs |= {(u.name, u.kind): carried_left(u, block_of[u.block], maps) for u in mine}
         goal = targets(mine, block_of, outs, roles_b, xa, qkv_b)
         if update == "maps":
-            f, g = moved_through_maps(mine, block_of, maps, roles_b, xb, qkv_b, rank, gain)
+            f, g = moved_through_maps(mine, block_of, maps, outs, roles_b, xb, qkv_b, rank, gain)
             rows |= {n: module_report(n, goal[n], xb, a_f, b_f) for n, (a_f, b_f) in f.items()}
         else:
             f, g = fitted(goal, xb, rank, gain)
@@ -527,21 +529,22 @@ def fitted(goal: dict[str, Target], xb: dict, rank: int | None, gain: str) -> tu
     return factors, gains
 
 
-def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Maps, roles_b: Roles, xb: dict,
-                       qkv_b: tuple[int, int, int], rank: int | None,
+def moved_through_maps(updates: list[Update], block_of: dict[int, int], maps: Maps, outs: dict, roles_b: Roles,
+                       xb: dict, qkv_b: tuple[int, int, int], rank: int | None,
                        gain: str) -> tuple[Factors, dict[str, list[float]]]:
-    """Each update carried by the maps (``dW_B = Q_out^T dW_A P_in^T``), scaled by its projection gain;
-    those landing on one module of B summed and re-factorized to rank ``rank``; and the gains."""
+    """Each update carried by the maps (``dW_B = Q_out^T dW_A P_in^T``; ``outs``: each update's output factor
+    already carried, ``(Q_out^T left)^T``, :func:`carried_left`), scaled by its projection gain; those landing
+    on one module of B summed and re-factorized to rank ``rank``; and the gains."""
     parts: dict[str, list] = defaultdict(list)
     gains: dict[str, list[float]] = defaultdict(list)
     for u in updates:
         i, j = u.block, block_of[u.block]
-        space_in, space_out = KINDS[u.kind]
-        p_in, q_out = maps.p_in(i, j, space_in), maps.q_out(i, j, space_out)
+        space_in = KINDS[u.kind][0]
+        out = outs[u.name, u.kind]
         name, part = target_module(roles_b, j, u.kind, u.index)
-        left, right = q_out.T @ u.left, u.right @ p_in.T
+        left, right = out.T, u.right @ maps.p_in(i, j, space_in).T
         produced = xb[f"{j}.{space_in}"] @ right.T @ left.T
-        g = projection_gain(produced, carried(u, carried_left(u, j, maps), maps.xa)) if gain != "none" else 1.0
+        g = projection_gain(produced, carried(u, out, maps.xa)) if gain != "none" else 1.0
         gains[name].append(g)
         if part != "all":  # a third of a fused q/k/v projection: zero rows elsewhere
             full = torch.zeros(sum(qkv_b), left.shape[1], dtype=left.dtype)
