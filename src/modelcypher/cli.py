@@ -258,7 +258,7 @@ def _transfer(args: argparse.Namespace) -> int:
 
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
                               rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
-                              pairing=args.pairing, gain=args.gain, update=args.update,
+                              pairing=args.pairing, gain=args.gain, update=args.update, refine_steps=args.refine,
                               memory_gb=args.memory_gb, device=args.device, overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
     print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
@@ -311,6 +311,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         verb = self.prog.removeprefix("modelcypher").strip()
         self.exit(2, f"modelcypher: error: {verb + ': ' if verb else ''}{message}\n")
+
+
+def _steps(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return n
 
 
 def _positive_int(text: str) -> int:
@@ -472,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit each module's update on B's own inputs to do what A's update does, carried into B's "
                    "output space, then once more with both adapters on (default); maps: carry A's update through "
                    "the maps of its input and output spaces")
+    t.add_argument("--refine", type=_steps, default=0, metavar="STEPS",
+                   help="then train the moved adapter STEPS steps on the probe text so that it moves B's next "
+                   "characters as A's adapter moves A's (default 0: no training)")
     t.add_argument("--max-anchors", type=_positive_int, default=16000,
                    help="anchors of the probe text used, evenly thinned (default 16000)")
     t.add_argument("--memory-gb", type=_positive_float, default=8.0,

@@ -172,4 +172,9 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
     r = run_cli("transfer", adapter, "--from", a, "--to", b, "-o", tmp_path / "o7", "--memory-gb", "-1")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["modelcypher: error: transfer: argument "
                                                                    "--memory-gb: -1: must be a positive number"]
+    with pytest.raises(UserError, match="--refine -3: must be 0"):
+        transfer_adapter(adapter, a, b, tmp_path / "o8", text=text, refine_steps=-3, device="cpu")
+    r = run_cli("transfer", adapter, "--from", a, "--to", b, "-o", tmp_path / "o9", "--refine", "-2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["modelcypher: error: transfer: argument "
+                                                                   "--refine: -2: must be 0 or more"]
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())

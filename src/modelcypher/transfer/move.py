@@ -28,11 +28,9 @@ updates, bounded memory.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +46,8 @@ from modelcypher.measure.anchors import Pooled, default_probes, pool, segments, 
 from modelcypher.measure.compare import MAX_SEGMENT_CHARS, MIN_ANCHORS, Side, common, enough, open_side
 from modelcypher.measure.compare import updates as block_writes
 from modelcypher.measure.maps import cka, layer_correspondence
-from modelcypher.transfer.spaces import KINDS, Roles, SpaceMap, fit_map, refactor, roles_of
+from modelcypher.transfer import refine
+from modelcypher.transfer.spaces import KINDS, Roles, SpaceMap, fit_map, refactor, roles_of, updated
 
 REPORT_FILE = "transfer_report.json"
 
@@ -168,30 +167,6 @@ def projection_gain(produced: torch.Tensor, target: torch.Tensor) -> float:
     return (t / p) / max(dot / (t * p), MIN_COS)
 
 
-@contextmanager
-def updated(model: torch.nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """``model`` computing as if each named module's weight had its low-rank update ``left @ right``
-    (``[out, r] @ [r, in]``) added: a forward hook adds ``x right^T left^T`` to the module's output, as a
-    LoRA layer does (the same for GPT-2's Conv1D, whose output is laid out alike). The weights are never
-    touched and no dense update is formed: memory stays that of the factors."""
-    mods = dict(model.named_modules())
-    handles = []
-
-    def hook(mod, args, out, left, right):
-        x = args[0]
-        return out + (x @ right.to(x).T) @ left.to(x).T
-
-    try:
-        for name, (left, right) in factors.items():
-            # the original gpt2 checkpoints name the base model's tensors without its prefix
-            mod = mods[name] if name in mods else next(m for n, m in mods.items() if n.endswith("." + name))
-            handles.append(mod.register_forward_hook(functools.partial(hook, left=left, right=right)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def without_norm(u: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A norm's output with its gain and bias taken out (``z = (u - beta) / g``): what a symmetry of the
     residual stream rotates (a folded copy moves the gain into the next weights)."""
@@ -302,8 +277,8 @@ def target_module(roles: Roles, block: int, kind: str, index: int) -> tuple[str,
 def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str | Path, out: str | Path, *,
                      text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
                      max_anchors: int = 16000, anchors: str = "tokens", pairing: str = "updates",
-                     gain: str = "projection", update: str = "fit", memory_gb: float = 8.0, device: str = "auto",
-                     overwrite: bool = False) -> dict:
+                     gain: str = "projection", update: str = "fit", refine_steps: int = 0, memory_gb: float = 8.0,
+                     device: str = "auto", overwrite: bool = False) -> dict:
     """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
     if method not in ("orthogonal", "ridge"):
         raise UserError(f"--map {method!r}: expected orthogonal or ridge")
@@ -315,6 +290,8 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         raise UserError(f"--update {update!r}: expected fit or maps")
     if anchors not in ("tokens", "words"):
         raise UserError(f"--anchors {anchors!r}: expected tokens or words")
+    if refine_steps < 0:
+        raise UserError(f"--refine {refine_steps}: must be 0 (no refinement) or more (steps)")
     if not memory_gb > 0:
         raise UserError(f"--memory-gb {memory_gb}: must be a positive number")
     check_output_dir(out, [adapter_dir, model_a, model_b], overwrite=overwrite)  # before any work
@@ -396,7 +373,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     if not factors:
         raise UserError(f"{adapter_dir}: the adapter has no LoRA factors to transfer")
 
-    if update == "fit" or gain == "function":  # A with its own adapter
+    if update == "fit" or gain == "function" or refine_steps:  # A with its own adapter
         own = {n[:-len(".weight")]: lora_factors(adapter, f) for n, f in adapter.factors.items()}
     if update == "fit":
         # Once more on what the modules read with the adapters on: a later module's update acts on inputs
@@ -420,6 +397,11 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
         zb2 = without_norm(read(1, [], low_rank(factors)).states[-1], *norms[1])
         overall = projection_gain(zb2 - zb, (za2 - za) @ fit_map(za, zb, method).forward())
         factors = {n: (a, overall * b) for n, (a, b) in factors.items()}
+    refined = None
+    if refine_steps:
+        chars = segs if anchors == "tokens" else token_segments(segs, [s.tokenizer for s in sides])
+        moved, refined = refine.refine_in_characters(sides, own, low_rank(factors), chars, text, refine_steps, dev)
+        factors = {n: (right, left) for n, (left, right) in moved.items()}
     ranks = {n: a.shape[0] for n, (a, _) in factors.items()}
     r0 = max(ranks.values())
     config = lora_config(target_modules=sorted(factors), r=r0, lora_alpha=r0,
@@ -429,7 +411,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
               "anchors": len(keep), "anchor_kind": anchors, "pairing": pairing, "map": method, "update": update,
               "gain": gain,
-              "overall_gain": overall, "rank": r0,
+              "overall_gain": overall, "rank": r0, "refine": refined,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
               "block_groups": [{"blocks_a": a, "blocks_b": b,
                                 "pooled_gb": (len(a) * per_block[0] + len(b) * per_block[1]) / 2**30}

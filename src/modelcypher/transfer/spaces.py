@@ -14,6 +14,9 @@ or columns when the widths differ), or ridge regression when asked (``method="ri
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -145,3 +148,27 @@ def refactor(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.
     root = s[:r].sqrt()
     dropped = float(s[r:].square().sum() / s.square().sum().clamp_min(1e-300))
     return (q1 @ u[:, :r]) * root, root[:, None] * (vh[:r] @ q2.T), dropped
+
+
+@contextmanager
+def updated(model: torch.nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """``model`` computing as if each named module's weight had its low-rank update ``left @ right``
+    (``[out, r] @ [r, in]``) added: a forward hook adds ``x right^T left^T`` to the module's output, as a
+    LoRA layer does (the same for GPT-2's Conv1D, whose output is laid out alike). The weights are never
+    touched and no dense update is formed: memory stays that of the factors."""
+    mods = dict(model.named_modules())
+    handles = []
+
+    def hook(mod, args, out, left, right):
+        x = args[0]
+        return out + (x @ right.to(x).T) @ left.to(x).T
+
+    try:
+        for name, (left, right) in factors.items():
+            # the original gpt2 checkpoints name the base model's tensors without its prefix
+            mod = mods[name] if name in mods else next(m for n, m in mods.items() if n.endswith("." + name))
+            handles.append(mod.register_forward_hook(functools.partial(hook, left=left, right=right)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
