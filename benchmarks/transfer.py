@@ -5,9 +5,9 @@ A: a GPT-2-style model reading characters (the zoo's Shakespeare tokenizer). B: 
 (RoPE, SwiGLU, grouped-query attention), wider and deeper, reading a byte-level BPE tokenizer trained here
 with ``tokenizers``. Also the same-family pair: A and A' (A's recipe, another seed). Every model is
 pre-trained on the same text (the comedies, with lines of the zoo's other tasks mixed in), then
-instructed on the five other zoo tasks (loss on the answers only, as ``benchmarks/multitask.py`` does: a
-base that follows the task format, like the instruct models adapters are made for); then a rank-8 LoRA
-learns the held-out task ``up`` (a word in capitals), answers only.
+instructed on the five other zoo tasks (loss on the answers, plus windows of the pre-training text so
+that it still models text: a base that follows the task format, like the instruct models adapters are made
+for); then a rank-8 LoRA learns the held-out task ``up`` (a word in capitals), answers only.
 
 Reported (benchmarks/results/transfer.md and .json): per target model, the task's exact match and the
 answer's loss (nats per answer, summed over its tokens) for the base, the direct LoRA and the moved one;
@@ -15,7 +15,8 @@ the share of the direct LoRA's gain the moved one keeps (by loss and by exact ma
 next-token distributions on control text: the histories, which no model was trained on) of both
 adapters; the three-space report of the moved one; moved with word anchors and with token anchors, with
 general probe text and with text of the adapter's domain, and with one option changed at a time
-(``--gain function``, ``--gain none``, ``--update maps``, ``--map ridge``, ``--pairing states``); a sweep
+(``--gain function``, ``--gain none``, ``--update maps``, ``--map ridge``, ``--pairing states``,
+``--refine 300``); a sweep
 over the moved rank and the number of anchors. Models and adapters are kept in ``--workdir`` and reused
 when their recipe is unchanged (``recipe.json`` beside each).
 

@@ -10,9 +10,9 @@ A's). The moved factors are the start; they are trained on the probe text to ``m
 over anchors, Adam), and kept only if they end with a lower loss than they started (a start already at
 the target, as in the exact case, is left as it is).
 
-Only the first character of B's next token is taught: for a BPE model that is most of the token where
-the adapter matters (fragments of the text it was not trained on are short), and it is what a character
-model can say about it without running on every token of B's vocabulary.
+Only the first character of B's next token is taught (what A's one pass says about every token of B's
+vocabulary at once): the rest of a longer token is left to B. Every anchor of the probe text is used
+(``--max-anchors`` thins the fits' anchors only).
 """
 
 from __future__ import annotations
