@@ -13,6 +13,8 @@ from modelcypher.align.transform import apply, fold_norms, random_alignment
 from modelcypher.arch.families import spec_for
 from modelcypher.zoo import chartok, shakespeare
 
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def tokenizer():
     return chartok.build_char_tokenizer(shakespeare.vocab())

@@ -313,24 +313,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"modelcypher: error: {verb + ': ' if verb else ''}{message}\n")
 
 
-def _steps(text: str) -> int:
+def _int_from(text: str, low: int, rule: str) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
     return n
+
+
+def _steps(text: str) -> int:
+    return _int_from(text, 0, "0 or more")
 
 
 def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return n
+    return _int_from(text, 1, "at least 1")
 
 
 def _positive_float(text: str) -> float:

@@ -11,14 +11,11 @@ from modelcypher.transfer.move import transfer_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer-cuda")
     a = cm.llama(root / "a", seed=0)
-    adapter = cm.lora(a, root / "adapter", LLAMA_TARGETS, std=0.05)
+    adapter = cm.lora(a, root / "adapter", cm.LLAMA_TARGETS, std=0.05)
     return root, a, adapter, cm.gpt2(root / "b", hidden=48, layers=2), cm.probe_text(3000)
 
 

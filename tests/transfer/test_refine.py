@@ -17,8 +17,6 @@ from modelcypher.measure.anchors import _offsets, segments, token_segments
 from modelcypher.transfer import refine as R
 from modelcypher.transfer.move import transfer_adapter
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def bpe(text: str, vocab: int = 300) -> tf.PreTrainedTokenizerFast:
     tok = tk.Tokenizer(tk.models.BPE(unk_token=None))
@@ -35,7 +33,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("refine")
     text = cm.probe_text(3000)
     a = cm.llama(root / "a", seed=0)
-    adapter = cm.lora(a, root / "adapter", LLAMA_TARGETS, std=0.05)
+    adapter = cm.lora(a, root / "adapter", cm.LLAMA_TARGETS, std=0.05)
     tok = bpe(cm.probe_text(20000, start=0))
     torch.manual_seed(3)
     g = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256))
@@ -92,7 +90,7 @@ def test_refinement_across_tokenizers_lowers_its_loss_and_writes_an_adapter_peft
 
 def test_refinement_leaves_an_exact_transfer_as_it_is(tmp_path):
     a = cm.llama(tmp_path / "a", seed=0)
-    adapter = cm.lora(a, tmp_path / "adapter", LLAMA_TARGETS, std=0.05)
+    adapter = cm.lora(a, tmp_path / "adapter", cm.LLAMA_TARGETS, std=0.05)
     b = cm.rotated(a, tmp_path / "b", seed=7)
     text = cm.probe_text(3000)
     rep = transfer_adapter(adapter, a, b, tmp_path / "moved", text=text, refine_steps=10, device="cpu")

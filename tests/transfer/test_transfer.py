@@ -16,8 +16,6 @@ from cli_util import run_cli
 from modelcypher.errors import UserError
 from modelcypher.transfer.move import transfer_adapter
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -25,7 +23,7 @@ def models(tmp_path_factory):
     a = cm.llama(root / "a", seed=0)
     # factors of std 0.05: an update about the size of the weights (0.3 made the adapted model chaotic, softmax
     # saturated, so that float32 rounding decides its outputs)
-    adapter = cm.lora(a, root / "adapter", LLAMA_TARGETS, std=0.05)
+    adapter = cm.lora(a, root / "adapter", cm.LLAMA_TARGETS, std=0.05)
     b = cm.as_qwen2(cm.rotated(a, root / "a-rotated", seed=7), root / "b-qwen2")
     (root / "probes.txt").write_text(cm.probe_text(3000))
     return root, a, adapter, b
