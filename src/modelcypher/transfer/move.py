@@ -19,6 +19,8 @@ width, depth or tokenizer) without training.
    instead, ``dW_B = Q_out^T dW_A P_in^T`` (``P_in`` takes a row of B's input space to A's, ``Q_out`` a row
    of A's output space to B's), scaled by its projection gain. Updates landing on one module of B are
    summed, re-factorized to rank ``r``, and written for B's module names.
+5. With ``refine_steps``, the moved factors are then trained on the probe text to move B's next characters
+   as A's adapter moves A's (:mod:`.refine`).
 
 Memory: when the pooled activations of every block of both models exceed ``memory_gb``, a first pass
 reads the hidden states alone (for the pairing), then B's blocks that receive updates are read in groups
