@@ -42,6 +42,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from modelcypher.measure.anchors import default_probes
 from modelcypher.measure.drift import drift, kl_drift
 from modelcypher.measure.exact_match import Example, exact_match
+from modelcypher.measure.loss import lm_loss
 from modelcypher.transfer.move import transfer_adapter
 from modelcypher.zoo import chartok, shakespeare, tasks
 
@@ -192,13 +193,6 @@ def task_scores(model, tok, examples) -> dict:
     return {"exact_match": em, "answer_nll": nll / len(examples)}
 
 
-@torch.no_grad()
-def text_nll(model, ids: torch.Tensor, seq: int = 128) -> float:
-    """Mean next-token loss on ``ids`` in windows of ``seq`` (does the model still model text?)."""
-    rows = ids[:len(ids) // (seq + 1) * (seq + 1)].view(-1, seq + 1)
-    return float(F.cross_entropy(model(input_ids=rows[:, :-1]).logits.flatten(0, 1), rows[:, 1:].flatten()))
-
-
 def load(path: Path, adapter: Path | None = None):
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return PeftModel.from_pretrained(model, adapter).eval() if adapter else model
@@ -306,7 +300,7 @@ def main() -> None:
         s_base, s_direct = task_scores(base_m, tok, test_ex), task_scores(direct_m, tok, test_ex)
         ctl = encode(tok, control)
         row = {"base": s_base, "direct": s_direct, "drift_direct": kl_drift(base_m, direct_m, ctl, 128), "moved": {},
-               "base_control_nll": text_nll(base_m, ctl)}
+               "base_control_nll": lm_loss(base_m, ctl, 128)}
         for anchors, n_anchors, probe, extra in variants:
             variant = f"{anchors}, {probe} probes" + "".join(f", --{k} {v}" for k, v in extra.items())
             moved = work / (f"moved-{src}-{key}-{anchors}-{probe}" + "".join(f"-{v}" for v in extra.values()))
