@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 import cross_models as cm
-from modelcypher.measure.anchors import _offsets, segments, token_segments
+from modelcypher.measure.anchors import segments, token_offsets, token_segments
 from modelcypher.transfer import refine as R
 from modelcypher.transfer.move import transfer_adapter
 
@@ -48,7 +48,7 @@ def test_every_token_maps_to_its_first_character(models, which):
     tok = tok if which == "bpe" else cm.tokenizer()
     alphabet = {c: i for i, c in enumerate(sorted(set(text)))}
     fc = R.first_chars(tok, alphabet)
-    ids, offs = _offsets(tok, text)
+    ids, offs = token_offsets(tok, text)
     assert len(ids) > 100
     assert all(int(fc[t]) == alphabet[text[a]] for t, (a, b) in zip(ids, offs, strict=True) if b > a)
     assert int(fc[tok.convert_tokens_to_ids(tok.eos_token)]) == len(alphabet) if which == "bpe" else True

@@ -61,7 +61,7 @@ def token_segments(segs: list[Segment], tokenizers) -> list[Segment]:
     for seg in segs:
         ends = None
         for tok in tokenizers:
-            _, offs = _offsets(tok, seg.text)
+            _, offs = token_offsets(tok, seg.text)
             e = {b for a, b in offs if b > a}
             ends = e if ends is None else ends & e
         out.append(Segment(seg.text, tuple((c - 1, c) for c in sorted(ends or ()) if c > 0)))
@@ -91,7 +91,8 @@ class Pooled:
     covered: torch.Tensor
 
 
-def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text``'s token ids and each token's character range ``(start, end)`` (a fast tokenizer's offsets)."""
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     except NotImplementedError:
@@ -129,7 +130,7 @@ def pool(model: torch.nn.Module, tokenizer, segs: list[Segment], context: int,
     try:
         for k in range(0, len(segs), SEGMENT_BATCH):
             batch = segs[k:k + SEGMENT_BATCH]
-            encoded = [_offsets(tokenizer, s.text) for s in batch]
+            encoded = [token_offsets(tokenizer, s.text) for s in batch]
             length = min(context, max(len(ids) for ids, _ in encoded))
             ids = torch.zeros(len(batch), length, dtype=torch.long)
             weights = []

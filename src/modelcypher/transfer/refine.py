@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from modelcypher.errors import UserError
-from modelcypher.measure.anchors import SEGMENT_BATCH, Segment, _offsets
+from modelcypher.measure.anchors import SEGMENT_BATCH, Segment, token_offsets
 from modelcypher.transfer.spaces import updated
 
 LR = 2e-3
@@ -52,7 +52,7 @@ def anchor_rows(tokenizer, segs: list[Segment], context: int) -> list[tuple[list
     that has a next character."""
     rows = []
     for seg in segs:
-        ids, offs = _offsets(tokenizer, seg.text)
+        ids, offs = token_offsets(tokenizer, seg.text)
         end = {b: k for k, (a, b) in enumerate(offs[:context]) if b > a}
         rows.append((ids[:context], [end[c] for _, c in seg.spans if c < len(seg.text) and c in end]))
     return rows
