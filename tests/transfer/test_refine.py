@@ -36,7 +36,8 @@ def models(tmp_path_factory):
     adapter = cm.lora(a, root / "adapter", cm.LLAMA_TARGETS, std=0.05)
     tok = bpe(cm.probe_text(20000, start=0))
     torch.manual_seed(3)
-    g = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256))
+    # its vocabulary padded past the tokenizer's, as real models' often are
+    g = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok) + 7, n_embd=32, n_layer=2, n_head=4, n_positions=256))
     g.save_pretrained(root / "gpt2-bpe")
     tok.save_pretrained(root / "gpt2-bpe")
     return root, text, a, adapter, root / "gpt2-bpe", tok

@@ -73,8 +73,10 @@ def char_logprobs(model: torch.nn.Module, rows, fc: torch.Tensor, n_chars: int,
         return torch.zeros(0, n_chars + 1, device=logits.device)
     r_idx, p_idx = (torch.tensor(x, device=logits.device) for x in zip(*picks, strict=True))
     lp = torch.log_softmax(logits[r_idx, p_idx].float(), -1)  # [n, vocab]
-    fc = fc.to(lp.device)[:lp.shape[1]]
-    per_char = torch.zeros(lp.shape[0], n_chars + 1, device=lp.device).index_add(1, fc, lp.exp())
+    # A vocabulary padded past its tokenizer (as Qwen2's is) sends its extra rows to the rest
+    cols = torch.full((lp.shape[1],), n_chars, dtype=torch.long)
+    cols[:min(len(fc), len(cols))] = fc[:len(cols)]
+    per_char = torch.zeros(lp.shape[0], n_chars + 1, device=lp.device).index_add(1, cols.to(lp.device), lp.exp())
     return per_char.clamp_min(1e-30).log()
 
 
