@@ -213,6 +213,15 @@ def cached(path: Path, recipe: dict, make) -> Path:
     return path
 
 
+def probe_sets(train_ex, val_ex) -> dict[str, str]:
+    """Two probe texts: general text (the shipped probes, Shakespeare, the task's validation lines), and text
+    of the adapter's domain (500 of its training lines, 200 lines of each other task, the shipped probes)."""
+    return {"general": default_probes() + "\n" + shakespeare.text("comedy")[-20_000:] + task_text(val_ex),
+            "domain": task_text(train_ex[:500]) + "".join(
+                task_text(tasks.make_splits(t, (200, 0, 0), seed=5)[0]) for t in tasks.TASK_NAMES if t != TASK)
+            + "\n" + default_probes()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small models and few steps (a smoke run, minutes)")
@@ -278,12 +287,7 @@ def main() -> None:
         return base, cached(work / f"lora-{name}", key, lora), tok
 
     a, lora_a, char = build("A", recipes["A"])
-    # Two probe texts: general text (the shipped probes, Shakespeare, the task's validation lines), and text
-    # of the adapter's domain (500 of its training lines, 200 lines of each other task, the shipped probes)
-    probe_texts = {"general": default_probes() + "\n" + corpus[-20_000:] + task_text(val_ex),
-                   "domain": task_text(train_ex[:500]) + "".join(
-                       task_text(tasks.make_splits(t, (200, 0, 0), seed=5)[0]) for t in tasks.TASK_NAMES if t != TASK)
-                   + "\n" + default_probes()}
+    probe_texts = probe_sets(train_ex, val_ex)
     probes = probe_texts["general"]
     control = shakespeare.text("history")[:6000]  # a genre no model read
     a_scores = {"base": task_scores(load(a), char, test_ex), "lora": task_scores(load(a, lora_a), char, test_ex)}
