@@ -37,8 +37,9 @@ from modelcypher.zoo import tasks  # noqa: E402
 
 
 def answer_losses(tok_a, tok_b, lines, probe_text: str):
-    """For ``lines`` (task examples): per model, a function of (model, its adapter) giving the answer loss
-    (nats per example) at the answer characters where both tokenizers end a token (B begins the next)."""
+    """Two functions for ``lines`` (task examples): ``logprobs(side, model)``, a model's next-character
+    log-probabilities where both tokenizers end a token (side 0: A's tokenizer, 1: B's), and ``loss`` of
+    those, in nats per example over the answer's characters (B begins a token at each)."""
     alphabet = {c: i for i, c in enumerate(sorted(set(probe_text)))}
     texts = ["\n" + e.prompt + e.answer + "\n" for e in lines]
     segs = token_segments([Segment(t, ()) for t in texts], [tok_a, tok_b])
