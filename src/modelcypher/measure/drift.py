@@ -52,6 +52,11 @@ def load_changed(base: torch.nn.Module, path: Path) -> torch.nn.Module:
         raise UserError(f"{path}: cannot apply this adapter to the base model ({str(e).splitlines()[0]})") from None
 
 
+def kl_rows(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` of each row (last axis) of two tensors of log-probabilities."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
 @torch.no_grad()
 def kl_drift(p: torch.nn.Module, q: torch.nn.Module, ids: torch.Tensor, context: int) -> dict:
     """Mean per-token ``KL(p || q)`` (nats) and top-1 agreement over consecutive windows of ``ids``."""
@@ -60,7 +65,7 @@ def kl_drift(p: torch.nn.Module, q: torch.nn.Module, ids: torch.Tensor, context:
     for w in ids[: len(ids) // context * context].view(-1, context).split(8) if len(ids) >= context else [ids[None]]:
         lp = F.log_softmax(p(input_ids=w.to(dev)).logits.double(), -1)
         lq = F.log_softmax(q(input_ids=w.to(dev)).logits.double(), -1)
-        kl += float((lp.exp() * (lp - lq)).sum())
+        kl += float(kl_rows(lp, lq).sum())
         agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
         n += lp.shape[0] * lp.shape[1]
     return {"kl": kl / n, "top1_agreement": agree / n, "tokens": n}

@@ -23,6 +23,7 @@ import torch
 
 from modelcypher.errors import UserError
 from modelcypher.measure.anchors import SEGMENT_BATCH, Segment, token_offsets
+from modelcypher.measure.drift import kl_rows
 from modelcypher.transfer.spaces import updated
 
 LR = 2e-3
@@ -89,7 +90,7 @@ def all_logprobs(model, rows, fc, n_chars, device, factors=None) -> torch.Tensor
 
 def kl(q_log: torch.Tensor, p_log: torch.Tensor) -> torch.Tensor:
     """Mean ``KL(q || p)`` over rows of log-probabilities."""
-    return (q_log.exp() * (q_log - p_log)).sum(1).mean()
+    return kl_rows(q_log, p_log).mean()
 
 
 def refine(model, rows, fc, n_chars, device, target: torch.Tensor, factors: dict, steps: int,
