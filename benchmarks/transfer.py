@@ -16,7 +16,7 @@ next-token distributions on control text: the histories, which no model was trai
 adapters; the three-space report of the moved one; moved with word anchors and with token anchors, with
 general probe text and with text of the adapter's domain, and with one option changed at a time
 (``--gain function``, ``--gain none``, ``--update maps``, ``--map ridge``, ``--pairing states``,
-``--refine 300``); a sweep
+``--refine 300``, and ``--refine 300 --probe-lines``: the probes hold the task's lines one per line); a sweep
 over the moved rank and the number of anchors. Models and adapters are kept in ``--workdir`` and reused
 when their recipe is unchanged (``recipe.json`` beside each).
 
@@ -145,14 +145,15 @@ def _fit(model, batches, steps: int, lr: float, warmup: int) -> float:
 
 
 REFINE = 300  # steps of --refine
-OPTION = {"map": "method", "refine": "refine_steps"}  # the CLI's option names to transfer_adapter's
+# the CLI's option names to transfer_adapter's
+OPTION = {"map": "method", "refine": "refine_steps", "probe-lines": "lines"}
 
 # (anchors, how many, probe text, other options): the defaults on both probe texts and with word anchors,
 # then one option changed at a time
 VARIANTS = (("words", 4096, "general", {}), ("tokens", 16000, "general", {}), ("tokens", 16000, "domain", {}),
             *(("tokens", 16000, probe, extra)
               for extra in ({"gain": "function"}, {"gain": "none"}, {"update": "maps"}, {"map": "ridge"},
-                            {"pairing": "states"}, {"refine": REFINE})
+                            {"pairing": "states"}, {"refine": REFINE}, {"refine": REFINE, "probe-lines": True})
               for probe in ("general", "domain")))
 
 
@@ -160,7 +161,8 @@ VARIANTS = (("words", 4096, "general", {}), ("tokens", 16000, "general", {}), ("
 # families, B's direct LoRA moved to A (against A's own LoRA), default and --update maps.
 PAIRS = (("B (Llama, BPE)", "A", "B", VARIANTS), ("A' (GPT-2, char, other seed)", "A", "A2", VARIANTS),
          ("A (GPT-2, char) from B's LoRA", "B", "A",
-          tuple(("tokens", 16000, probe, extra) for extra in ({}, {"update": "maps"}, {"refine": REFINE})
+          tuple(("tokens", 16000, probe, extra)
+                for extra in ({}, {"update": "maps"}, {"refine": REFINE}, {"refine": REFINE, "probe-lines": True})
                 for probe in ("general", "domain"))))
 
 
@@ -306,8 +308,10 @@ def main() -> None:
         row = {"base": s_base, "direct": s_direct, "drift_direct": kl_drift(base_m, direct_m, ctl, 128), "moved": {},
                "base_control_nll": lm_loss(base_m, ctl, 128)}
         for anchors, n_anchors, probe, extra in variants:
-            variant = f"{anchors}, {probe} probes" + "".join(f", --{k} {v}" for k, v in extra.items())
-            moved = work / (f"moved-{src}-{key}-{anchors}-{probe}" + "".join(f"-{v}" for v in extra.values()))
+            variant = f"{anchors}, {probe} probes" + "".join(
+                f", --{k}" if v is True else f", --{k} {v}" for k, v in extra.items())
+            moved = work / (f"moved-{src}-{key}-{anchors}-{probe}" + "".join(
+                f"-{k}" if v is True else f"-{v}" for k, v in extra.items()))
             t1 = time.time()
             rep = transfer_adapter(lora_src, model_src, target, moved, text=probe_texts[probe], rank=RANK,
                                    anchors=anchors, max_anchors=n_anchors, device="cpu", overwrite=True,

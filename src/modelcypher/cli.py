@@ -259,7 +259,8 @@ def _transfer(args: argparse.Namespace) -> int:
     report = transfer_adapter(args.adapter, args.model_a, args.model_b, args.output, text=_probes(args.probes),
                               rank=args.rank, method=args.map, max_anchors=args.max_anchors, anchors=args.anchors,
                               pairing=args.pairing, gain=args.gain, update=args.update, refine_steps=args.refine,
-                              memory_gb=args.memory_gb, device=args.device, overwrite=args.overwrite)
+                              memory_gb=args.memory_gb, lines=args.probe_lines, device=args.device,
+                              overwrite=args.overwrite)
     errs = [m["update_error"] for m in report["modules"]]
     print(f"moved {len(report['modules'])} modules onto {report['model_b']} at rank {report['rank']} "
           f"({report['anchors']} {report['anchor_kind']} anchors, {report['map']} maps); "
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--to", required=True, dest="model_b", help="model B, the new base")
     t.add_argument("-o", "--output", required=True, help="output adapter directory (must not exist)")
     t.add_argument("--probes", help="probe text (default: the corpus shipped with the package)")
+    t.add_argument("--probe-lines", action="store_true",
+                   help="read each line of the probe text alone, between its line breaks (a text of one example per "
+                   "line, as the adapter was trained and is asked; default: pieces of up to the context)")
     t.add_argument("--rank", type=_positive_int, default=16, help="rank of the moved updates (default 16)")
     t.add_argument("--map", default="orthogonal", choices=("orthogonal", "ridge"),
                    help="maps between the spaces: orthogonal Procrustes (default) or ridge regression")

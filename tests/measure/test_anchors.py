@@ -46,3 +46,12 @@ def test_token_anchors_sit_where_both_tokenizers_end_a_token_and_hold_the_state_
             ids = torch.tensor([enc["input_ids"][:t + 1]])  # that prefix alone, nothing after it
             last = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
             torch.testing.assert_close(pooled.states[-1][k].float(), last, rtol=1e-4, atol=1e-4)
+
+
+def test_probe_lines_are_read_alone_between_their_line_breaks():
+    text = "ab cd\n\n  \nefg\n" + "x" * 30 + " y\n"
+    segs = segments(text, 16, lines=True)
+    # blank lines dropped; each line framed by its breaks, words at their offsets there; a long line cut as usual
+    assert [s.text for s in segs] == ["\nab cd\n", "\nefg\n", "x" * 16, "y"]  # (a too-long word is cut)
+    assert segs[0].spans == ((1, 3), (4, 6)) and segs[1].spans == ((1, 4),)
+    assert segments(text, 16) != segs  # by default pieces run across lines

@@ -13,6 +13,7 @@ import torch
 import transformers as tf
 
 import cross_models as cm
+from cli_util import run_cli
 from modelcypher.measure.anchors import segments, token_offsets, token_segments
 from modelcypher.transfer import refine as R
 from modelcypher.transfer.move import transfer_adapter
@@ -101,3 +102,16 @@ def test_refinement_leaves_an_exact_transfer_as_it_is(tmp_path):
         want = cm.with_adapter(a, adapter)(input_ids=ids).logits
         got = cm.with_adapter(b, tmp_path / "moved")(input_ids=ids).logits
     assert (got - want).abs().max() / want.abs().max() < 1e-3
+
+
+def test_probe_lines_refine_on_each_line_read_alone(models, tmp_path):
+    root, text, a, adapter, g, tok = models
+    (tmp_path / "probes.txt").write_text(text)
+    r = run_cli("transfer", adapter, "--from", a, "--to", g, "-o", tmp_path / "lines", "--probes",
+                tmp_path / "probes.txt", "--probe-lines", "--refine", "5", "--rank", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "lines" / "transfer_report.json").read_text())
+    by = {lines: sum(len(p) for _, p in R.anchor_rows(tok, token_segments(segments(text, 256, lines=lines),
+                                                                           [cm.tokenizer(), tok]), 256))
+          for lines in (False, True)}
+    assert rep["probe_lines"] and rep["refine"]["anchors"] == by[True] != by[False]

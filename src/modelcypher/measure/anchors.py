@@ -34,9 +34,20 @@ class Segment:
     spans: tuple[tuple[int, int], ...]  # character ranges [start, end) of the anchors inside ``text``
 
 
-def segments(text: str, max_chars: int) -> list[Segment]:
+def segments(text: str, max_chars: int, *, lines: bool = False) -> list[Segment]:
     """``text`` cut at whitespace into pieces of at most ``max_chars`` characters, each with its words.
-    A word longer than ``max_chars`` is cut."""
+    A word longer than ``max_chars`` is cut.
+
+    ``lines``: each non-blank line is a piece of its own, read between its line breaks (``"\n" + line +
+    "\n"``: the last character read is the line's end), as a text of one example per line is trained and
+    asked, each example alone; a line longer than ``max_chars`` is cut as above."""
+    if lines:
+        out = []
+        for line in filter(str.strip, text.split("\n")):
+            framed = "\n" + line + "\n"
+            out += ([Segment(framed, tuple(m.span() for m in WORD.finditer(framed)))] if len(framed) <= max_chars
+                    else segments(line, max_chars))
+        return out
     out, words, start = [], [], None
     for m in WORD.finditer(text):
         s, e = m.start(), min(m.end(), m.start() + max_chars)

@@ -280,8 +280,9 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                      text: str | None = None, rank: int | None = 16, method: str = "orthogonal",
                      max_anchors: int = 16000, anchors: str = "tokens", pairing: str = "updates",
                      gain: str = "projection", update: str = "fit", refine_steps: int = 0, memory_gb: float = 8.0,
-                     device: str = "auto", overwrite: bool = False) -> dict:
-    """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``."""
+                     lines: bool = False, device: str = "auto", overwrite: bool = False) -> dict:
+    """Move the LoRA adapter at ``adapter_dir`` (made for ``model_a``) to ``model_b``; write it to ``out``.
+    ``lines``: read each line of the probe text alone (``measure.anchors.segments``)."""
     if method not in ("orthogonal", "ridge"):
         raise UserError(f"--map {method!r}: expected orthogonal or ridge")
     if pairing not in ("updates", "states"):
@@ -306,11 +307,11 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
     adapter.check_base(ck_a.names, ck_a.shape, str(model_a), conv1d=fam.conv1d, tied=tied)
     updates = read_updates(adapter, roles_a)
     text = default_probes() if text is None else text
-    enough(segments(text, MAX_SEGMENT_CHARS), MIN_ANCHORS, "transfer")
+    enough(segments(text, MAX_SEGMENT_CHARS, lines=lines), MIN_ANCHORS, "transfer")
 
     dev = resolve_device(device)
     sides = [open_side(model_a, dev), open_side(model_b, dev)]
-    segs = segments(text, min(MAX_SEGMENT_CHARS, *(s.context for s in sides)))
+    segs = segments(text, min(MAX_SEGMENT_CHARS, *(s.context for s in sides)), lines=lines)
     if anchors == "tokens":
         segs = token_segments(segs, [s.tokenizer for s in sides])
     all_roles = (roles_a, roles_b)
@@ -412,7 +413,7 @@ def transfer_adapter(adapter_dir: str | Path, model_a: str | Path, model_b: str 
                          fan_in_fan_out=roles_b.conv1d, base_model_name_or_path=str(model_b))
     report = {"adapter": str(adapter_dir), "model_a": str(model_a), "model_b": str(model_b), "output": str(out),
               "anchors": len(keep), "anchor_kind": anchors, "pairing": pairing, "map": method, "update": update,
-              "gain": gain,
+              "gain": gain, "probe_lines": lines,
               "overall_gain": overall, "rank": r0, "refine": refined,
               "correspondence": [{"block_a": a, "block_b": b} for a, b in sorted(block_of.items())],
               "block_groups": [{"blocks_a": a, "blocks_b": b,
