@@ -233,7 +233,7 @@ def distilled_coefficients(model: nn.Module, base: Mapping[str, torch.Tensor],
                         model, teacher, (ids,), {"attention_mask": mask.long()}).logits.float(), -1)[mask]
                 logp = torch.log_softmax(torch.func.functional_call(
                     model, merged, (ids,), {"attention_mask": mask.long()}).logits.float(), -1)[mask]
-                loss = loss + (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
+                loss = loss + nn.functional.kl_div(logp, t_logp, reduction="batchmean", log_target=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
