@@ -2,15 +2,18 @@
 and the data, measured apart (issue 23's "where the gain is small, say why").
 
 On the models and adapters ``benchmarks/transfer.py`` left in its work directory (A: GPT-2, characters; B:
-Llama, BPE; A's LoRA; B's direct LoRA; A's LoRA moved to B with general probes, training-free and with
-``--refine 300``), the answer loss per character at the characters where B begins a token (the only
-place ``--refine`` teaches, :mod:`modelcypher.transfer.refine`), on the task's test lines and on the task
-lines the general probes hold (the refinement's own text):
+Llama, BPE; A's LoRA; B's direct LoRA; A's LoRA moved to B with general probes, training-free, with
+``--refine 300``, and with ``--refine 300 --probe-lines``), the answer loss per character at the
+characters where B begins a token (the only place ``--refine`` teaches, :mod:`modelcypher.transfer.refine`),
+on the task's test lines and on the task lines the general probes hold (the refinement's own text):
 
 - B, B with its direct LoRA, and the moved adapters;
 - the refinement's target itself, ``q ∝ p_B p_A+ / p_A``: what B would score if it matched it exactly;
 - a LoRA of the same rank trained on B (the direct recipe) with only the probes' task lines and their
-  answers: the same text, read with labels.
+  answers: the same text, read with labels;
+
+and A's answer loss, with and without its adapter, on the probes' task lines read alone and after the lines
+before them (what the refinement's target can teach, by how the probe text is cut).
 
 Results: benchmarks/results/transfer_limits.{json,md}.
 
@@ -34,6 +37,8 @@ import transfer as bench  # noqa: E402  (the models, their recipes, probes and s
 from modelcypher.measure.anchors import Segment, token_segments  # noqa: E402
 from modelcypher.transfer import refine  # noqa: E402
 from modelcypher.zoo import tasks  # noqa: E402
+
+CONTEXT_LINES = (0, 1, 4)
 
 
 def answer_losses(tok_a, tok_b, lines, probe_text: str):
@@ -61,6 +66,21 @@ def answer_losses(tok_a, tok_b, lines, probe_text: str):
     return logprobs, loss
 
 
+@torch.no_grad()
+def in_context_loss(model, tok, lines, k: int) -> float:
+    """A character model's answer loss (nats per example) on ``lines``, each read after the ``k`` lines before
+    it, as a piece of probe text cut across lines reads it (``k = 0``: alone, as the task is trained and
+    asked)."""
+    nll = 0.0
+    for i, e in enumerate(lines):
+        before = bench.task_text(lines[max(0, i - k):i])
+        ids = bench.encode(tok, before + "\n" + e.prompt + e.answer + "\n")
+        start = len(before) + 1 + len(e.prompt)  # one token a character
+        lp = torch.log_softmax(model(input_ids=ids[None, :-1]).logits[0], -1)
+        nll -= float(lp[torch.arange(start - 1, len(ids) - 1), ids[start:]].sum())
+    return nll / len(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the models of transfer.py --quick")
@@ -69,7 +89,8 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     work = Path(args.workdir) / ("quick" if args.quick else "full")
-    need = ["A", "B", "lora-A", "lora-B", "moved-A-B-tokens-general", "moved-A-B-tokens-general-300"]
+    need = ["A", "B", "lora-A", "lora-B", "moved-A-B-tokens-general", "moved-A-B-tokens-general-300",
+            "moved-A-B-tokens-general-300-probe-lines"]
     if missing := [n for n in need if not (work / n).is_dir()]:
         raise SystemExit(f"{work} lacks {', '.join(missing)}: run benchmarks/transfer.py"
                          f"{' --quick' if args.quick else ''} --workdir {args.workdir} first")
@@ -88,6 +109,8 @@ def main() -> None:
     models = {"B": bench.load(work / "B"), "B, direct LoRA": bench.load(work / "B", work / "lora-B"),
               "B, moved (training-free)": bench.load(work / "B", work / "moved-A-B-tokens-general"),
               "B, moved and refined (--refine 300)": bench.load(work / "B", work / "moved-A-B-tokens-general-300"),
+              "B, moved and refined, each probe line alone (--refine 300 --probe-lines)":
+                  bench.load(work / "B", work / "moved-A-B-tokens-general-300-probe-lines"),
               "B, LoRA on the probes' task lines only": few}
     result = {"setting": "quick" if args.quick else "full", "probe_task_lines": len(val_ex), "splits": {}}
     for split, lines in (("test lines", test_ex), ("the probes' task lines", val_ex)):
@@ -103,6 +126,9 @@ def main() -> None:
     base, direct = (tok_scores[k]["answer_nll"] for k in ("B", "B, direct LoRA"))
     result["token_level_test"] = {n: {**s, "kept": bench.share(-base, -direct, -s["answer_nll"])}
                                   for n, s in tok_scores.items()}
+    # Why reading the probes a line at a time matters: A's adapter was trained on lines alone
+    result["in_context"] = {name: {k: in_context_loss(m, tok_a, val_ex, k) for k in CONTEXT_LINES}
+                            for name, m in (("A", a), ("A with its LoRA", a_plus))}
     result["seconds"] = time.time() - t0
     out = Path(__file__).parent / "results"
     suffix = "_quick" if args.quick else ""
@@ -118,6 +144,12 @@ def main() -> None:
         cells = [f"{result['splits'][s][name]['loss']:.2f} | {result['splits'][s][name]['kept']:.0%}" for s in splits]
         tl = result["token_level_test"].get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {format(tl['kept'], '.0%') if tl else ''} |")
+    lines += ["", "A's answer loss on the probes' task lines, each read after the k lines before it (as a piece "
+              "of probe text cut across lines reads most of them; k = 0: alone, as `--probe-lines` reads them):", "",
+              "| model | " + " | ".join(f"k = {k}" for k in CONTEXT_LINES) + " |",
+              "|---|" + "---|" * len(CONTEXT_LINES)]
+    lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in by_k.values()) + " |"
+              for name, by_k in result["in_context"].items()]
     lines += ["", f"{len(val_ex)} task lines in the general probes; {time.time() - t0:.0f}s on the CPU."]
     (out / f"transfer_limits{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
