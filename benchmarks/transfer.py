@@ -184,15 +184,20 @@ def answer_rows(tok, examples) -> list[tuple[torch.Tensor, int]]:
 
 
 @torch.no_grad()
-def task_scores(model, tok, examples) -> dict:
-    """Exact match of greedy decoding and the answer's summed NLL (nats, answer and newline) given the
-    prompt."""
+def answer_nll(model, tok, examples) -> float:
+    """The answer's summed NLL (nats, answer and newline) given the prompt, per example."""
     nll = 0.0
     for full, k in answer_rows(tok, examples):
         logits = model(input_ids=full[None, :-1]).logits[0]
         nll += float(F.cross_entropy(logits[k - 1:], full[k:], reduction="sum"))
+    return nll / len(examples)
+
+
+@torch.no_grad()
+def task_scores(model, tok, examples) -> dict:
+    """Exact match of greedy decoding and the answer's summed NLL (:func:`answer_nll`)."""
     em = exact_match(model, tok, [Example("\n" + e.prompt, e.answer) for e in examples])
-    return {"exact_match": em, "answer_nll": nll / len(examples)}
+    return {"exact_match": em, "answer_nll": answer_nll(model, tok, examples)}
 
 
 def load(path: Path, adapter: Path | None = None):

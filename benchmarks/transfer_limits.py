@@ -35,6 +35,7 @@ from peft import LoraConfig, get_peft_model
 sys.path.insert(0, str(Path(__file__).parent))
 import transfer as bench  # noqa: E402  (the models, their recipes, probes and scores)
 from modelcypher.measure.anchors import Segment, token_segments  # noqa: E402
+from modelcypher.measure.exact_match import Example  # noqa: E402
 from modelcypher.transfer import refine  # noqa: E402
 from modelcypher.zoo import tasks  # noqa: E402
 
@@ -66,19 +67,12 @@ def answer_losses(tok_a, tok_b, lines, probe_text: str):
     return logprobs, loss
 
 
-@torch.no_grad()
 def in_context_loss(model, tok, lines, k: int) -> float:
-    """A character model's answer loss (nats per example) on ``lines``, each read after the ``k`` lines before
-    it, as a piece of probe text cut across lines reads it (``k = 0``: alone, as the task is trained and
-    asked)."""
-    nll = 0.0
-    for i, e in enumerate(lines):
-        before = bench.task_text(lines[max(0, i - k):i])
-        ids = bench.encode(tok, before + "\n" + e.prompt + e.answer + "\n")
-        start = len(before) + 1 + len(e.prompt)  # one token a character
-        lp = torch.log_softmax(model(input_ids=ids[None, :-1]).logits[0], -1)
-        nll -= float(lp[torch.arange(start - 1, len(ids) - 1), ids[start:]].sum())
-    return nll / len(lines)
+    """A model's answer loss (nats per example) on ``lines``, each read after the ``k`` lines before it, as a
+    piece of probe text cut across lines reads it (``k = 0``: alone, as the task is trained and asked)."""
+    shown = [Example("".join(b.line + "\n" for b in lines[max(0, i - k):i]) + e.prompt, e.answer)
+             for i, e in enumerate(lines)]
+    return bench.answer_nll(model, tok, shown)
 
 
 def main() -> None:
